@@ -1,0 +1,354 @@
+"""Hugging Face checkpoints in and out: local directories, the hub cache, safetensors (single or sharded).
+
+Loading builds the model on the meta device and assigns tensors read straight from the files, so the weights
+exist once in memory. Files are read with plain reads rather than mmap: a copied-out mmap keeps the file's pages
+resident in this process as well, which would double the peak RSS until the file is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Config
+from .convert import IGNORED_HF_TENSORS, convert_hf_tensor, expected_hf_shapes, ours_to_hf
+from .errors import CheckpointError, StarCoderError
+from .model import CausalLM, build_model
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PICKLE_FILES = ("pytorch_model.bin.index.json", "pytorch_model.bin")
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """None or "auto" keeps the checkpoint's own dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPE_NAMES:
+        raise StarCoderError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    return _DTYPE_NAMES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------- finding a model
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_dir(path_or_id: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                      revision: str | None = None) -> Path:
+    """A local directory as is; a hub id (org/name) through the Hugging Face cache, downloading when online."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise StarCoderError(f"{path} is a file; pass the model directory that holds config.json")
+    name = str(path_or_id)
+    if not _HUB_ID.match(name):
+        raise StarCoderError(f"{name}: no such model directory (nor a hub id of the form org/name)")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    where = cache_dir or constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE:
+        raise StarCoderError(f"{name} is not a local directory and is not in the Hugging Face cache ({where}); "
+                             "HF_HUB_OFFLINE is set, so it was not downloaded") from None
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
+    except Exception as e:  # network, auth, missing repo: all mean the same thing to the user
+        raise StarCoderError(f"{name} is not a local directory, not in the Hugging Face cache ({where}), "
+                             f"and could not be downloaded: {type(e).__name__}: {e}") from None
+
+
+def weight_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a model directory, safetensors preferred; pickle files only when allowed."""
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        return _files_from_index(index)
+    if (model_dir / SAFETENSORS_SINGLE).is_file():
+        return [model_dir / SAFETENSORS_SINGLE]
+    others = sorted(model_dir.glob("*.safetensors"))
+    if len(others) == 1:  # e.g. TheBloke's gptq_model-4bit--1g.safetensors
+        return others
+    if len(others) > 1:
+        raise CheckpointError(f"{model_dir}: several .safetensors files and no {SAFETENSORS_INDEX} to say which "
+                              f"tensors each holds: {', '.join(p.name for p in others)}")
+    pickles = [model_dir / n for n in PICKLE_FILES if (model_dir / n).is_file()]
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{pickles[0]}: refusing to load a pickle checkpoint. Pickle files can run arbitrary code when "
+                "loaded; convert the model to safetensors, or, if you trust this file, pass allow_pickle=True "
+                "(--allow-pickle on the command line)")
+        return _files_from_index(pickles[0]) if pickles[0].name.endswith(".json") else pickles
+    raise CheckpointError(f"{model_dir}: no weights found (expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX})")
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
+    files = [index.parent / n for n in names]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------- reading tensors
+@dataclass
+class StoredTensor:
+    file: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file (safetensors); -1 for pickled tensors
+    nbytes: int
+
+
+def read_safetensors_index(path: Path) -> list[StoredTensor]:
+    """Parse and check a safetensors header: a damaged or truncated file fails here, naming file and tensor."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated ({size} bytes; not a safetensors file)")
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8 or header_len > 100 * 1024**2:
+            raise CheckpointError(f"{path}: header length {header_len} does not fit a {size}-byte file "
+                                  "(truncated or not a safetensors file)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: damaged safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: damaged safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    tensors, expected_begin = [], 0
+    try:
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, info in entries:
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            numel = 1
+            for s in shape:
+                numel *= s
+            if end - begin != numel * dtype.itemsize or begin != expected_begin:
+                raise CheckpointError(f"{path}: tensor {name!r} has inconsistent offsets {begin}..{end} for "
+                                      f"shape {list(shape)} {info['dtype']} (damaged file)")
+            if data_start + end > size:
+                raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the "
+                                      f"file has {size} bytes")
+            tensors.append(StoredTensor(path, name, dtype, shape, data_start + begin, end - begin))
+            expected_begin = end
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged safetensors header ({type(e).__name__}: {e})") from None
+    if data_start + expected_begin != size:
+        raise CheckpointError(f"{path}: {size - data_start - expected_begin} bytes after the last tensor "
+                              "(damaged file)")
+    return tensors
+
+
+class CheckpointReader:
+    """The tensors of a set of weight files, read one at a time."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self.tensors: list[StoredTensor] = []
+        for path in files:
+            if path.suffix == ".safetensors":
+                self.tensors.extend(read_safetensors_index(path))
+            else:
+                self.tensors.extend(self._index_pickle(path))
+
+    def _index_pickle(self, path: Path) -> list[StoredTensor]:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+        self._pickled[path] = state
+        return [StoredTensor(path, n, t.dtype, tuple(t.shape), -1, t.nbytes) for n, t in state.items()]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def read(self, stored: StoredTensor) -> torch.Tensor:
+        if stored.offset < 0:
+            return self._pickled[stored.file][stored.name]
+        buffer = torch.empty(stored.nbytes, dtype=torch.uint8)
+        with open(stored.file, "rb") as f:
+            f.seek(stored.offset)
+            got = f.readinto(memoryview(buffer.numpy())) if stored.nbytes else 0
+        if got != stored.nbytes:
+            raise CheckpointError(f"{stored.file}: truncated while reading tensor {stored.name!r}")
+        return buffer.view(stored.dtype).view(stored.shape)
+
+    def __iter__(self) -> Iterator[StoredTensor]:
+        return iter(self.tensors)
+
+
+# ---------------------------------------------------------------------------------------------- load
+def load_config(model_dir: Path) -> Config:
+    return Config.from_file(model_dir / "config.json")
+
+
+def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
+               allow_pickle: bool = False, cache_dir: str | os.PathLike | None = None,
+               revision: str | None = None) -> nn.Module:
+    """Load a Hugging Face StarCoder / StarCoder2 directory or hub id as our model, in eval mode.
+
+    dtype None or "auto" keeps the stored dtype. The head (causal LM or sequence classification) follows the
+    config's `architectures`.
+    """
+    model_dir = resolve_model_dir(path_or_id, cache_dir, revision)
+    config = load_config(model_dir)
+    reader = CheckpointReader(weight_files(model_dir, allow_pickle))
+    return model_from_reader(config, reader, parse_dtype(dtype), device)
+
+
+def model_from_reader(config: Config, reader: CheckpointReader, dtype: torch.dtype | None,
+                      device: str = "cpu") -> nn.Module:
+    with torch.device("meta"):
+        model = build_model(config)
+    our_shapes = [(n, p.shape) for n, p in model.state_dict(keep_vars=True).items()]
+    expected = expected_hf_shapes(config, our_shapes)
+    _check_names(config, reader, expected)
+
+    state: dict[str, torch.Tensor] = {}
+    for stored in reader:
+        if stored.name not in expected:
+            continue
+        if tuple(expected[stored.name]) != stored.shape:
+            raise CheckpointError(
+                f"{stored.file}: tensor {stored.name!r} has shape {list(stored.shape)} but config.json describes "
+                f"{list(expected[stored.name])} (does the config match the weights?)")
+        tensor = reader.read(stored)
+        target = dtype if dtype is not None else tensor.dtype
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{stored.file}: tensor {stored.name!r} is {stored.dtype}, not floating point")
+        tensor = tensor.to(device=device, dtype=target)
+        for ours, t in convert_hf_tensor(config, stored.name, tensor):
+            state[ours] = t
+    # A tied lm_head is not in the files: it becomes the embedding parameter itself once loading is done.
+    missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
+    if missing not in ([], ["lm_head.weight"]):  # unreachable after _check_names, kept as a guard
+        raise CheckpointError(f"internal: weights not loaded: {missing}")
+    if isinstance(model, CausalLM):
+        model.tie_weights()
+    return model.eval()
+
+
+def _check_names(config: Config, reader: CheckpointReader, expected: dict[str, torch.Size]) -> None:
+    present = {t.name: t.file for t in reader}
+    missing = [n for n in expected if n not in present]
+    if missing:
+        files = ", ".join(str(f) for f in reader.files)
+        raise CheckpointError(f"tensor {missing[0]!r} is missing from {files}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    tied_head = config.tie_embeddings and config.head == "causal_lm"
+    unexpected = [n for n in present if n not in expected and not IGNORED_HF_TENSORS.search(n)
+                  and not (tied_head and n == "lm_head.weight")]
+    if unexpected:
+        raise CheckpointError(f"{present[unexpected[0]]}: tensor {unexpected[0]!r} is not part of the model that "
+                              f"config.json describes ({config.n_layer} layers, {config.model_type}); "
+                              "does the config match the weights?")
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save_model(model: nn.Module, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a Hugging Face directory (config.json + safetensors, sharded above max_shard_bytes).
+
+    Every file is written under a temporary name and renamed, and stale shards of an earlier save are removed
+    only after the new ones are in place, so an interrupted save never leaves a mix that loads.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config: Config = model.config
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in ours_to_hf(config, model.state_dict()).items()}
+    dtype = next(iter(tensors.values())).dtype
+    shards = _plan_shards(tensors, max_shard_bytes)
+    names = [SAFETENSORS_SINGLE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        _write_atomic(out / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": {t: name for name, shard in zip(names, shards, strict=True) for t in shard}}
+        _write_text(out / SAFETENSORS_INDEX, json.dumps(index, indent=2))
+    else:
+        (out / SAFETENSORS_INDEX).unlink(missing_ok=True)
+    _write_text(out / "config.json", json.dumps(config.to_hf_config(dtype_name(dtype)), indent=2))
+    for stale in out.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    return out
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        if shards[-1] and size + tensor.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += tensor.nbytes
+    return shards
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))

@@ -1,0 +1,13 @@
+"""Errors that reach users. The CLI prints their message and exits non-zero instead of showing a traceback."""
+
+
+class StarCoderError(Exception):
+    """A problem the user can fix: bad input, a missing or damaged file, an unsupported setting."""
+
+
+class ConfigError(StarCoderError, ValueError):
+    """A config.json (or a Config built in code) that the package cannot use."""
+
+
+class CheckpointError(StarCoderError):
+    """Weights that are missing, damaged, or do not match their config."""

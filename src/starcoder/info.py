@@ -1,0 +1,67 @@
+"""`starcoder info`: what a model is, read from its config and file headers without loading the weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointReader, dtype_name, load_config, resolve_model_dir, weight_files
+
+
+def model_info(path_or_id: str | os.PathLike, allow_pickle: bool = False,
+               cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    model_dir = resolve_model_dir(path_or_id, cache_dir)
+    config = load_config(model_dir)
+    files = weight_files(model_dir, allow_pickle)
+    reader = CheckpointReader(files)
+    dtypes = sorted({dtype_name(t.dtype) for t in reader})
+    itemsize = max(t.dtype.itemsize for t in reader) if reader.tensors else 4
+    return {
+        "path": str(model_dir),
+        "family": config.family,
+        "model_type": config.model_type,
+        "head": config.head,
+        "parameters": config.num_parameters(),
+        "layers": config.n_layer,
+        "hidden_size": config.n_embd,
+        "heads": config.n_head,
+        "kv_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "attention": config.attention_kind,
+        "positions": "learned" if config.learned_positions else f"rotary (theta {config.rope_theta:g})",
+        "context": config.max_positions,
+        "sliding_window": config.sliding_window,
+        "vocab_size": config.vocab_size,
+        "dtype": ",".join(dtypes),
+        "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(itemsize),
+        "weight_files": [p.name for p in files],
+        "file_bytes": sum(Path(p).stat().st_size for p in files),
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    def size(n: int) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if n < 1024 or unit == "TiB":
+                return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+            n /= 1024
+        return str(n)
+
+    rows = [
+        ("model", info["path"]),
+        ("family", f"{info['family']}, {info['head'].replace('_', ' ')}"),
+        ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)"),
+        ("layers", info["layers"]),
+        ("hidden size", info["hidden_size"]),
+        ("heads", f"{info['heads']} query, {info['kv_heads']} KV ({info['attention']}), head dim {info['head_dim']}"),
+        ("positions", info["positions"]),
+        ("context", f"{info['context']:,} tokens"),
+        ("sliding window", f"{info['sliding_window']:,} tokens" if info["sliding_window"] else "none (full causal)"),
+        ("vocabulary", f"{info['vocab_size']:,}"),
+        ("dtype", info["dtype"]),
+        ("KV cache", f"{size(info['kv_cache_bytes_per_token'])} per token"),
+        ("weights", f"{size(info['file_bytes'])} in {len(info['weight_files'])} file(s)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,329 @@
+"""One decoder for StarCoder (gpt_bigcode) and StarCoder2.
+
+The two families differ in a few switches, all read from Config:
+  positions   learned table (gpt_bigcode) or rotary (starcoder2, rope_theta)
+  KV heads    1 (multi-query), a divisor of n_head (grouped-query) or n_head (multi-head)
+  window      full causal, or sliding: key j visible to query i iff 0 <= i - j < sliding_window
+  bias        on every linear, or none (starcoder2 use_bias)
+Everything else (pre-LayerNorm blocks, GELU MLP, tied embeddings) is shared.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import Config
+from .errors import StarCoderError
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, V) for a causal LM, (B, num_labels) for a classifier
+    loss: Tensor | None = None
+    # With output_hidden_states: the embeddings, then each block's output; the last one after the final norm
+    # (the convention of transformers, so the two can be compared).
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for max_len positions.
+
+    Only the KV heads are stored: (n_layer, B, n_kv_head, max_len, head_dim). A multi-query model's cache is
+    therefore 1/n_head of what a multi-head model of the same width would need.
+    """
+
+    def __init__(self, config: Config, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # positions filled; advanced by the model once all layers have written
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this step's keys/values (B, n_kv, T, hd) and return all of them so far (B, n_kv, S, hd)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def _activation(name: str):
+    if name == "gelu_pytorch_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_new":  # GPT-2's formula, written out as transformers does (not bit-equal to the tanh kernel)
+        return lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    if name == "gelu_fast":
+        return lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+    return {"relu": F.relu, "silu": F.silu}[name]
+
+
+def rotary_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin (B, T, head_dim) for the given positions, computed in float32 as transformers does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
+                                / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, T, H, hd) by the half-split convention (first half paired with second half)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, hd)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask_4d(
+    attention_mask: Tensor | None, start: int, T: int, S: int, window: int | None, device
+) -> Tensor:
+    """Boolean mask (B or 1, 1, T, S): may query start+t see key s?
+
+    Causal, optionally windowed, and blind to padded keys. A padded query still sees itself, so its (ignored)
+    output stays finite rather than NaN.
+    """
+    q_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible = visible & (q_pos - k_pos < window)
+    if attention_mask is None:
+        return visible[None, None]
+    if attention_mask.shape[-1] != S:
+        raise StarCoderError(
+            f"attention_mask covers {attention_mask.shape[-1]} positions but the cache and input hold {S}"
+        )
+    keys_valid = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+    return visible & (keys_valid | (k_pos == q_pos))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        self.q = nn.Linear(config.n_embd, q_dim, bias=config.bias)
+        self.k = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
+        self.v = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
+        self.o = nn.Linear(q_dim, config.n_embd, bias=config.bias)
+        self.scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
+
+    def forward(self, x: Tensor, mask: Tensor, rotary: tuple[Tensor, Tensor] | None,
+                cache: KVCache | None, layer: int) -> Tensor:
+        B, T, _ = x.shape
+        H, KV, hd = self.n_head, self.n_kv_head, self.head_dim
+        q = self.q(x).view(B, T, H, hd)
+        k = self.k(x).view(B, T, KV, hd)
+        v = self.v(x).view(B, T, KV, hd)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, KV, T, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, KV, S, hd)
+        S = k.shape[2]
+        # The query heads that share a KV head are folded into the sequence axis: (B, KV, G*T, hd). Attention
+        # then reads each stored KV head once, with no copy per query head (for MQA, all heads share one).
+        G = H // KV
+        q = q.view(B, T, KV, G, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
+        if G > 1:
+            mask = mask.unsqueeze(2).expand(mask.shape[0], 1, G, T, S).reshape(mask.shape[0], 1, G * T, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, KV, G*T, hd)
+        y = y.view(B, KV, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+        return self.o(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
+        self.proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
+        self.act = _activation(config.activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        # LayerNorms keep their bias even when the linears have none, as in both reference models.
+        self.attn_norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask, rotary, cache, layer):
+        x = x + self.attn(self.attn_norm(x), mask, rotary, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """Embeddings, blocks and the final norm: the body both heads share."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_embed = nn.Embedding(config.max_positions, config.n_embd) if config.learned_positions else None
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        config = self.config
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise StarCoderError(f"the KV cache holds {cache.max_len} positions; {start} used, {T} more asked")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
+        x = self.embed(input_ids)  # (B, T, D)
+        rotary = None
+        if self.pos_embed is not None:
+            if int(position_ids.max()) >= config.max_positions:
+                raise StarCoderError(
+                    f"position {int(position_ids.max())} is past the model's {config.max_positions} learned positions"
+                )
+            x = x + self.pos_embed(position_ids)
+        else:
+            rotary = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype)
+        mask = attention_mask_4d(attention_mask, start, T, start + T, config.sliding_window, x.device)
+
+        hidden = [x] if output_hidden_states else None
+        for i, block in enumerate(self.layers):
+            x = block(x, mask, rotary, cache, i)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.norm(x)
+        if cache is not None:
+            cache.length += T
+        if hidden is not None:
+            hidden[-1] = x
+        return x, tuple(hidden) if hidden is not None else None
+
+
+class CausalLM(nn.Module):
+    """The language model: decoder + lm_head (tied to the token embeddings unless the config says otherwise)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed.weight
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        weight = self.model.embed.weight
+        return KVCache(self.config, batch_size, max_len, dtype or weight.dtype, weight.device)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """logits_to_keep > 0 computes logits for the last positions only (generation needs one)."""
+        x, hidden = self.model(input_ids, attention_mask, position_ids, cache, output_hidden_states)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy: position t predicts labels[t + 1]; labels of -100 are ignored."""
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T)
+    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten().to(logits.device), ignore_index=-100)
+
+
+class SequenceClassifier(nn.Module):
+    """Decoder + a linear score read at each sequence's last non-pad token."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        x, hidden = self.model(input_ids, attention_mask, position_ids, None, output_hidden_states)
+        scores = self.score(x)  # (B, T, num_labels)
+        B, T = input_ids.shape
+        pad = self.config.pad_token_id
+        if pad is None:
+            if B != 1:
+                raise StarCoderError("classifying a batch needs pad_token_id in the config to find each last token")
+            last = torch.full((B,), T - 1, device=input_ids.device)
+        else:
+            # The rightmost non-pad token, so left and right padding both work.
+            positions = torch.arange(T, device=input_ids.device)
+            last = (positions * (input_ids != pad)).argmax(-1)  # (B,)
+        logits = scores[torch.arange(B, device=scores.device), last]  # (B, num_labels)
+        loss = classification_loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Regression for one label, cross-entropy for integer classes, BCE for multi-label targets."""
+    num_labels = logits.shape[-1]
+    if num_labels == 1:
+        return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+    if labels.dtype in (torch.long, torch.int):
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def build_model(config: Config) -> CausalLM | SequenceClassifier:
+    """An uninitialised model of the config's head (create it under `torch.device("meta")` to skip allocation)."""
+    return SequenceClassifier(config) if config.head == "sequence_classification" else CausalLM(config)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """GPT-2 initialisation: N(0, std), residual projections scaled by 1/sqrt(2 n_layer)."""
+    n_layer = model.config.n_layer
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            scaled = name.endswith(("attn.o", "mlp.proj"))
+            module.weight.normal_(0.0, std / math.sqrt(2 * n_layer) if scaled else std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()

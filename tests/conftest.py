@@ -1,0 +1,67 @@
+"""Tiny random transformers models, built in-process: the reference oracle for every model test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 96
+
+
+def hf_gpt_bigcode(multi_query: bool = True, **overrides):
+    config = transformers.GPTBigCodeConfig(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48, multi_query=multi_query,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        **overrides,
+    )
+    return _random(transformers.GPTBigCodeForCausalLM, config)
+
+
+def hf_starcoder2(n_kv_head: int = 2, use_bias: bool = True, sliding_window: int | None = None, **overrides):
+    config = transformers.Starcoder2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=n_kv_head, max_position_embeddings=64, use_bias=use_bias, sliding_window=sliding_window,
+        rope_theta=10000.0, bos_token_id=0, eos_token_id=0, pad_token_id=0, **overrides,
+    )
+    return _random(transformers.Starcoder2ForCausalLM, config)
+
+
+def _random(cls, config):
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    # Random non-trivial LayerNorm and bias values, so a wrongly mapped norm or bias cannot go unnoticed.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
+                p.normal_(0.5 if name.endswith("weight") else 0.0, 0.1)
+    return model
+
+
+HF_MODELS = {
+    "gpt_bigcode-mqa": lambda: hf_gpt_bigcode(multi_query=True),
+    "gpt_bigcode-mha": lambda: hf_gpt_bigcode(multi_query=False),
+    "starcoder2-gqa": lambda: hf_starcoder2(n_kv_head=2),
+    "starcoder2-mha": lambda: hf_starcoder2(n_kv_head=4),
+    "starcoder2-mqa": lambda: hf_starcoder2(n_kv_head=1),
+    "starcoder2-nobias": lambda: hf_starcoder2(use_bias=False),
+    "starcoder2-window": lambda: hf_starcoder2(sliding_window=8),
+}
+
+
+@pytest.fixture(params=sorted(HF_MODELS))
+def hf_model(request):
+    return HF_MODELS[request.param]()
+
+
+def ours_from_hf(hf_model, tmp_path):
+    """Our model loaded from the directory transformers saved."""
+    from starcoder import load_model
+
+    hf_model.save_pretrained(tmp_path / "hf")
+    return load_model(tmp_path / "hf")
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))

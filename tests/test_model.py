@@ -1,0 +1,169 @@
+"""Our decoder against transformers: logits, padding, caching, loss, hidden states, classification."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import HF_MODELS, hf_gpt_bigcode, hf_starcoder2, ours_from_hf, random_ids, transformers
+from starcoder import KVCache, load_model
+
+
+@torch.no_grad()
+def test_logits_match_transformers(hf_model, tmp_path):
+    ours = ours_from_hf(hf_model, tmp_path)
+    ids = random_ids(2, 20)  # longer than the sliding window of the windowed model
+    assert_close(ours(ids).logits, hf_model(ids).logits)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-gqa", "starcoder2-window"])
+@torch.no_grad()
+def test_padded_batch_matches_transformers(name, side, tmp_path):
+    hf = HF_MODELS[name]()
+    ours = ours_from_hf(hf, tmp_path)
+    ids = random_ids(3, 16)
+    mask = torch.ones_like(ids)
+    for row, pad in ((1, 5), (2, 11)):
+        if side == "left":
+            mask[row, :pad] = 0
+        else:
+            mask[row, -pad:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    # Positions as generation uses them: counted over real tokens only.
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    expected = hf(ids, attention_mask=mask, position_ids=position_ids).logits
+    got = ours(ids, attention_mask=mask, position_ids=position_ids).logits
+    real = mask.bool()
+    assert torch.isfinite(got).all()
+    assert_close(got[real], expected[real])
+
+
+@torch.no_grad()
+def test_padded_row_equals_the_row_alone(tmp_path):
+    ours = ours_from_hf(hf_starcoder2(sliding_window=6), tmp_path)
+    ids = random_ids(1, 12)
+    alone = ours(ids).logits
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    got = ours(padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    assert_close(got[:, 4:], alone)
+
+
+@pytest.mark.parametrize("name", sorted(HF_MODELS))
+@torch.no_grad()
+def test_cached_decoding_equals_full_forward(name, tmp_path):
+    ours = ours_from_hf(HF_MODELS[name](), tmp_path)
+    ids = random_ids(2, 24)  # 24 > 3x the window of starcoder2-window: decoding runs far past it
+    full = ours(ids).logits
+    cache = ours.new_cache(batch_size=2, max_len=24)
+    steps = [ours(ids[:, :5], cache=cache).logits]  # a prefill, then one token at a time
+    for t in range(5, 24):
+        steps.append(ours(ids[:, t : t + 1], cache=cache).logits)
+    assert cache.length == 24
+    assert_close(torch.cat(steps, dim=1), full)
+
+
+@torch.no_grad()
+def test_cached_decoding_with_left_padding(tmp_path):
+    ours = ours_from_hf(hf_starcoder2(sliding_window=6), tmp_path)
+    ids = random_ids(2, 14)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = ours(ids, attention_mask=mask, position_ids=positions).logits
+    cache = ours.new_cache(2, 14)
+    steps = [ours(ids[:, :6], attention_mask=mask[:, :6], position_ids=positions[:, :6], cache=cache).logits]
+    for t in range(6, 14):
+        steps.append(ours(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=positions[:, t : t + 1],
+                          cache=cache).logits)
+    got = torch.cat(steps, dim=1)
+    assert_close(got[mask.bool()], full[mask.bool()])
+
+
+def test_cache_stores_only_kv_heads():
+    from starcoder import preset
+
+    mqa = preset("starcoder-15b")
+    cache = KVCache(preset("tiny-starcoder"), batch_size=1, max_len=10, dtype=torch.float32)
+    assert cache.k.shape == (2, 1, 1, 10, 16)  # (layers, B, one KV head, positions, head_dim)
+    assert mqa.kv_cache_bytes_per_token(2) == 40 * 2 * 128 * 2  # 20 KiB/token, as published
+    multi_head = mqa.with_changes(n_kv_head=mqa.n_head)
+    assert multi_head.kv_cache_bytes_per_token(2) == mqa.n_head * mqa.kv_cache_bytes_per_token(2)
+
+
+@pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-gqa"])
+def test_loss_and_gradients_match_transformers(name, tmp_path):
+    hf = HF_MODELS[name]()
+    ours = ours_from_hf(hf, tmp_path)
+    ids = random_ids(2, 12)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    hf_out = hf(ids, labels=labels)
+    our_out = ours(ids, labels=labels)
+    assert_close(our_out.loss, hf_out.loss)
+    hf_out.loss.backward()
+    our_out.loss.backward()
+    hf_embed = hf.get_input_embeddings().weight.grad
+    assert_close(ours.model.embed.weight.grad, hf_embed)
+
+
+@pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-window"])
+@torch.no_grad()
+def test_hidden_states_match_transformers(name, tmp_path):
+    hf = HF_MODELS[name]()
+    ours = ours_from_hf(hf, tmp_path)
+    ids = random_ids(1, 10)
+    expected = hf(ids, output_hidden_states=True).hidden_states
+    got = ours(ids, output_hidden_states=True).hidden_states
+    assert len(got) == len(expected) == hf.config.num_hidden_layers + 1
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e)
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "starcoder2"])
+@torch.no_grad()
+def test_sequence_classification_matches_transformers(family, tmp_path):
+    if family == "gpt_bigcode":
+        hf_causal = hf_gpt_bigcode()
+        cls = transformers.GPTBigCodeForSequenceClassification
+    else:
+        hf_causal = hf_starcoder2()
+        cls = transformers.Starcoder2ForSequenceClassification
+    hf_causal.config.num_labels = 3
+    torch.manual_seed(1)
+    hf = cls(hf_causal.config).eval()
+    hf.save_pretrained(tmp_path / "cls")
+    ours = load_model(tmp_path / "cls")
+    assert type(ours).__name__ == "SequenceClassifier"
+    ids = random_ids(3, 10)
+    ids[1, 7:] = 0  # right padding (pad_token_id 0)
+    ids[2, :3] = 0  # left padding
+    mask = (ids != 0).long()
+    labels = torch.tensor([0, 2, 1])
+    hf_out = hf(ids, attention_mask=mask, labels=labels)
+    our_out = ours(ids, attention_mask=mask, labels=labels)
+    assert our_out.logits.shape == (3, 3)
+    assert_close(our_out.logits, hf_out.logits)
+    assert_close(our_out.loss, hf_out.loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_close_to_transformers(dtype, tmp_path):
+    hf = hf_starcoder2(sliding_window=8)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf", dtype=dtype)
+    assert ours.model.embed.weight.dtype == dtype
+    ids = random_ids(1, 16)
+    expected = hf.to(dtype)(ids).logits.float()
+    got = ours(ids).logits.float()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@torch.no_grad()
+def test_learned_positions_past_the_table_is_a_clear_error(tmp_path):
+    ours = ours_from_hf(hf_gpt_bigcode(), tmp_path)
+    with pytest.raises(Exception, match="past the model's 64 learned positions"):
+        ours(random_ids(1, 65))
