@@ -1,0 +1,75 @@
+"""The command line: init, info and bench, and clear errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from starcoder.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    assert main(["init", str(out), "--preset", "tiny-starcoder2"]) == 0
+    return out
+
+
+def test_init_then_info(tiny, capsys):
+    assert main(["info", "--model", str(tiny)]) == 0
+    text = capsys.readouterr().out
+    assert "StarCoder2" in text and "4 query, 2 KV (grouped-query)" in text and "128 tokens" in text
+    assert main(["info", "--model", str(tiny), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert info["parameters"] == 3_237_504 and info["dtype"] == "float32"
+
+
+def test_init_refuses_to_overwrite(tiny, capsys):
+    assert main(["init", str(tiny)]) == 2
+    assert "exists and is not empty; pass --force" in capsys.readouterr().err
+
+
+def test_bench(tiny, capsys):
+    assert main(["bench", "--model", str(tiny), "--prompt-tokens", "16", "--new-tokens", "4", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["prefill_tokens_per_second"] > 0 and m["decode_tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "config.json").unlink(), "config.json: no such file"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}"), "header length 16"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "bert"}'), "model_type 'bert' is not supported"),
+])
+def test_damaged_model_is_a_clear_error(tiny, tmp_path, capsys, damage, message):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy)
+    damage(copy)
+    assert main(["info", "--model", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.startswith("starcoder: error:")
+
+
+def test_console_script_resolves_a_hub_id_from_the_cache(tiny, tmp_path):
+    commit = "f" * 40
+    repo = tmp_path / "hub" / "models--bigcode--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    import shutil
+
+    shutil.copytree(tiny, repo / "snapshots" / commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "starcoder", "info", "--model", "bigcode/tiny", "--json"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["path"] == str(repo / "snapshots" / commit)
+    missing = subprocess.run([sys.executable, "-m", "starcoder", "info", "--model", "bigcode/absent"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 2 and "not in the Hugging Face cache" in missing.stderr
+    assert "Traceback" not in missing.stderr
