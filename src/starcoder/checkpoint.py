@@ -1,14 +1,14 @@
 """Hugging Face checkpoints in and out: local directories, the hub cache, safetensors (single or sharded).
 
-Loading builds the model on the meta device and assigns tensors read straight from the files, so the weights
-exist once in memory. Files are read with plain reads rather than mmap: a copied-out mmap keeps the file's pages
-resident in this process as well, which would double the peak RSS until the file is closed.
+Loading builds the model on the meta device and assigns tensors that are private mappings of the files (see
+CheckpointReader), so the weights exist once in memory and loading copies nothing it does not have to.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 import tempfile
@@ -189,10 +189,17 @@ def read_safetensors_index(path: Path) -> list[StoredTensor]:
 
 
 class CheckpointReader:
-    """The tensors of a set of weight files, read one at a time."""
+    """The tensors of a set of weight files.
+
+    safetensors files are mapped privately (copy-on-write): a tensor used as stored is a view of the file's
+    pages, shared with the page cache, so the weights exist once on the whole machine and loading costs no
+    copy. Writing to such a tensor (training) copies just the pages written. A tensor that has to be converted
+    (another dtype, a layout change) is copied, and the file pages it was read from are released again.
+    """
 
     def __init__(self, files: list[Path]):
         self.files = files
+        self._maps: dict[Path, mmap.mmap] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self.tensors: list[StoredTensor] = []
         for path in files:
@@ -214,15 +221,33 @@ class CheckpointReader:
         return sum(t.nbytes for t in self.tensors)
 
     def read(self, stored: StoredTensor) -> torch.Tensor:
+        """The tensor as stored: a view of the mapped file where its offset is aligned, else a copy."""
         if stored.offset < 0:
             return self._pickled[stored.file][stored.name]
-        buffer = torch.empty(stored.nbytes, dtype=torch.uint8)
-        with open(stored.file, "rb") as f:
-            f.seek(stored.offset)
-            got = f.readinto(memoryview(buffer.numpy())) if stored.nbytes else 0
-        if got != stored.nbytes:
-            raise CheckpointError(f"{stored.file}: truncated while reading tensor {stored.name!r}")
-        return buffer.view(stored.dtype).view(stored.shape)
+        if stored.nbytes == 0:
+            return torch.empty(stored.shape, dtype=stored.dtype)
+        raw = torch.frombuffer(self._map(stored.file), dtype=torch.uint8, count=stored.nbytes, offset=stored.offset)
+        if stored.offset % stored.dtype.itemsize:  # safetensors does not promise alignment; copy when it is off
+            raw = raw.clone()
+        return raw.view(stored.dtype).view(stored.shape)
+
+    def release(self, stored: StoredTensor) -> None:
+        """Drop the file pages of a tensor that was copied out, so they stop counting in this process's RSS."""
+        mapped = self._maps.get(stored.file)
+        if mapped is None or stored.offset < 0:
+            return
+        page = mmap.PAGESIZE
+        start = -(-stored.offset // page) * page  # whole pages inside the tensor only
+        end = (stored.offset + stored.nbytes) // page * page
+        if end > start:
+            mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def _map(self, path: Path) -> mmap.mmap:
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return self._maps[path]
 
     def __iter__(self) -> Iterator[StoredTensor]:
         return iter(self.tensors)
@@ -263,13 +288,14 @@ def model_from_reader(config: Config, reader: CheckpointReader, dtype: torch.dty
             raise CheckpointError(
                 f"{stored.file}: tensor {stored.name!r} has shape {list(stored.shape)} but config.json describes "
                 f"{list(expected[stored.name])} (does the config match the weights?)")
-        tensor = reader.read(stored)
-        target = dtype if dtype is not None else tensor.dtype
-        if not tensor.is_floating_point():
+        if not stored.dtype.is_floating_point:
             raise CheckpointError(f"{stored.file}: tensor {stored.name!r} is {stored.dtype}, not floating point")
-        tensor = tensor.to(device=device, dtype=target)
-        for ours, t in convert_hf_tensor(config, stored.name, tensor):
-            state[ours] = t
+        source = reader.read(stored)
+        tensor = source.to(device=device, dtype=dtype or stored.dtype)
+        converted = convert_hf_tensor(config, stored.name, tensor)
+        if all(not _shares_memory(t, source) for _, t in converted):
+            reader.release(stored)
+        state.update(converted)
     # A tied lm_head is not in the files: it becomes the embedding parameter itself once loading is done.
     missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
     if missing not in ([], ["lm_head.weight"]):  # unreachable after _check_names, kept as a guard
@@ -277,6 +303,10 @@ def model_from_reader(config: Config, reader: CheckpointReader, dtype: torch.dty
     if isinstance(model, CausalLM):
         model.tie_weights()
     return model.eval()
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _check_names(config: Config, reader: CheckpointReader, expected: dict[str, torch.Size]) -> None:

@@ -40,6 +40,10 @@ def model_info(path_or_id: str | os.PathLike, allow_pickle: bool = False,
     }
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 def format_info(info: dict[str, Any]) -> str:
     def size(n: int) -> str:
         for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -51,7 +55,7 @@ def format_info(info: dict[str, Any]) -> str:
     rows = [
         ("model", info["path"]),
         ("family", f"{info['family']}, {info['head'].replace('_', ' ')}"),
-        ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)"),
+        ("parameters", f"{info['parameters']:,} ({_count(info['parameters'])})"),
         ("layers", info["layers"]),
         ("hidden size", info["hidden_size"]),
         ("heads", f"{info['heads']} query, {info['kv_heads']} KV ({info['attention']}), head dim {info['head_dim']}"),
