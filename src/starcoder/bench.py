@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .checkpoint import dtype_name, load_model
+from .errors import StarCoderError
 
 
 @torch.inference_mode()
@@ -21,7 +22,7 @@ def measure(path_or_id: str | os.PathLike, prompt_tokens: int = 512, new_tokens:
     config = model.config
     total = prompt_tokens + new_tokens
     if config.learned_positions and total > config.max_positions:
-        raise ValueError(f"prompt + new tokens ({total}) exceed the model's {config.max_positions} positions")
+        raise StarCoderError(f"prompt + new tokens ({total}) exceed the model's {config.max_positions} positions")
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, config.vocab_size, (1, prompt_tokens), generator=generator)
     cache = model.new_cache(1, total)
