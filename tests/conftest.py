@@ -10,32 +10,37 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 96
 
 
-def hf_gpt_bigcode(multi_query: bool = True, **overrides):
-    config = transformers.GPTBigCodeConfig(
-        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48, multi_query=multi_query,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+def hf_gpt_bigcode(multi_query: bool = True, vocab_size: int = VOCAB, weight_std: float | None = None, **overrides):
+    config = transformers.GPTBigCodeConfig(**{
+        **dict(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48,
+               multi_query=multi_query, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+               eos_token_id=0, pad_token_id=0),
         **overrides,
-    )
-    return _random(transformers.GPTBigCodeForCausalLM, config)
+    })
+    return _random(transformers.GPTBigCodeForCausalLM, config, weight_std)
 
 
-def hf_starcoder2(n_kv_head: int = 2, use_bias: bool = True, sliding_window: int | None = None, **overrides):
-    config = transformers.Starcoder2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=n_kv_head, max_position_embeddings=64, use_bias=use_bias, sliding_window=sliding_window,
-        rope_theta=10000.0, bos_token_id=0, eos_token_id=0, pad_token_id=0, **overrides,
-    )
-    return _random(transformers.Starcoder2ForCausalLM, config)
+def hf_starcoder2(n_kv_head: int = 2, use_bias: bool = True, sliding_window: int | None = None,
+                  vocab_size: int = VOCAB, weight_std: float | None = None, **overrides):
+    config = transformers.Starcoder2Config(**{
+        **dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=n_kv_head, max_position_embeddings=64, use_bias=use_bias,
+               sliding_window=sliding_window, rope_theta=10000.0, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+        **overrides,
+    })
+    return _random(transformers.Starcoder2ForCausalLM, config, weight_std)
 
 
-def _random(cls, config):
+def _random(cls, config, weight_std: float | None = None):
     torch.manual_seed(0)
     model = cls(config).eval()
-    # Random non-trivial LayerNorm and bias values, so a wrongly mapped norm or bias cannot go unnoticed.
+    # Non-trivial LayerNorm and bias values, so that a wrongly mapped norm or bias cannot go unnoticed.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "ln_" in name or name.endswith("bias"):
                 p.normal_(0.5 if name.endswith("weight") else 0.0, 0.1)
+            elif weight_std is not None:
+                p.normal_(0.0, weight_std)
     return model
 
 

@@ -44,6 +44,15 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"wrote a random {config.family} model ({config.num_parameters():,} parameters) to {out}")
 
 
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from .tokenizer import read_text_files, train_tokenizer
+
+    texts = read_text_files(args.input, tuple(args.suffix), tuple(args.exclude))
+    tokenizer = train_tokenizer(texts, args.family, args.vocab_size, show_progress=sys.stderr.isatty())
+    tokenizer.save(args.out)
+    print(f"wrote a {args.family} tokenizer of {tokenizer.vocab_size:,} tokens to {args.out}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import format_measurement, measure
 
@@ -74,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("train-tokenizer", help="train a StarCoder-style byte-level BPE tokenizer on source files")
+    p.add_argument("--input", nargs="+", required=True, help="files or directories of training text")
+    p.add_argument("--out", required=True, help="directory to write tokenizer.json (+ configs) into")
+    p.add_argument("--family", default="starcoder2", choices=["gpt_bigcode", "starcoder2"],
+                   help="whose special tokens, in whose order")
+    p.add_argument("--vocab-size", type=int, default=49152)
+    p.add_argument("--suffix", nargs="+", default=[".py"], help="file endings to read inside directories")
+    p.add_argument("--exclude", nargs="*", default=[], help="directory names to skip (e.g. site-packages)")
+    p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("bench", help="measure load, prefill and decode speed of a model on this machine")
     p.add_argument("--model", required=True, help="model directory or hub id (org/name)")

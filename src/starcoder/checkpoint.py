@@ -343,14 +343,14 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, max_shard_bytes: in
     names = [SAFETENSORS_SINGLE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards, strict=True):
-        _write_atomic(out / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        write_atomic(out / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                  "weight_map": {t: name for name, shard in zip(names, shards, strict=True) for t in shard}}
-        _write_text(out / SAFETENSORS_INDEX, json.dumps(index, indent=2))
+        write_text_atomic(out / SAFETENSORS_INDEX, json.dumps(index, indent=2))
     else:
         (out / SAFETENSORS_INDEX).unlink(missing_ok=True)
-    _write_text(out / "config.json", json.dumps(config.to_hf_config(dtype_name(dtype)), indent=2))
+    write_text_atomic(out / "config.json", json.dumps(config.to_hf_config(dtype_name(dtype)), indent=2))
     for stale in out.glob("model*.safetensors"):
         if stale.name not in names:
             stale.unlink()
@@ -369,7 +369,7 @@ def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[
     return shards
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -380,5 +380,5 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
-def _write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cache import KVCache
 from .config import Config
 from .errors import StarCoderError
 
@@ -28,35 +29,6 @@ class ModelOutput:
     # With output_hidden_states: the embeddings, then each block's output; the last one after the final norm
     # (the convention of transformers, so the two can be compared).
     hidden_states: tuple[Tensor, ...] | None = None
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated for max_len positions.
-
-    Only the KV heads are stored: (n_layer, B, n_kv_head, max_len, head_dim). A multi-query model's cache is
-    therefore 1/n_head of what a multi-head model of the same width would need.
-    """
-
-    def __init__(self, config: Config, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0  # positions filled; advanced by the model once all layers have written
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this step's keys/values (B, n_kv, T, hd) and return all of them so far (B, n_kv, S, hd)."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 # oneDNN names for the activations it can fuse into a matmul's epilogue: (attr, algorithm).
@@ -124,11 +96,12 @@ ALL_KEYS = "all"  # every query sees every key (one new token, no window cut, no
 
 
 def attention_pattern(
-    attention_mask: Tensor | None, start: int, T: int, S: int, window: int | None, device
+    attention_mask: Tensor | None, start: int | Tensor, T: int, S: int, window: int | None, device
 ) -> Tensor | str:
     """Which keys each query may see: causal, optionally windowed, and blind to padded keys.
 
-    A padded query still sees itself, so its (ignored) output stays finite rather than NaN.
+    `start` is the position of the first new token: one int for the batch, or one per row (B,). A padded query
+    still sees itself, so its (ignored) output stays finite rather than NaN.
     """
     if attention_mask is not None and attention_mask.shape[-1] != S:
         raise StarCoderError(
@@ -136,20 +109,20 @@ def attention_pattern(
         )
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
-    if attention_mask is None and (window is None or window >= S):
+    if attention_mask is None and isinstance(start, int) and (window is None or window >= S):
         if start == 0:
             return CAUSAL
         if T == 1:
             return ALL_KEYS
-    q_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-    visible = k_pos <= q_pos
+    starts = torch.as_tensor(start, device=device).reshape(-1, 1, 1)  # (B or 1, 1, 1)
+    q_pos = starts + torch.arange(T, device=device)[None, :, None]  # (B or 1, T, 1)
+    k_pos = torch.arange(S, device=device)[None, None, :]  # (1, 1, S)
+    visible = k_pos <= q_pos  # (B or 1, T, S)
     if window is not None:
         visible = visible & (q_pos - k_pos < window)
-    if attention_mask is None:
-        return visible[None, None]
-    keys_valid = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-    return visible & (keys_valid | (k_pos == q_pos))
+    if attention_mask is not None:
+        visible = visible & (attention_mask.bool()[:, None, :] | (k_pos == q_pos))
+    return visible[:, None]  # (B or 1, 1, T, S)
 
 
 FOLD_MAX_TOKENS = 4  # up to this many new tokens (decoding), query heads are folded; beyond, KV is broadcast
@@ -192,7 +165,7 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
 
     def forward(self, x: Tensor, pattern: Tensor | str, rotary: tuple[Tensor, Tensor] | None,
-                cache: KVCache | None, layer: int) -> Tensor:
+                cache: KVCache | None, start: int | Tensor, layer: int) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -201,7 +174,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, KV, T, hd)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, KV, S, hd)
+            k, v = cache.update(layer, k, v, start)  # (B, KV, S, hd)
         return self.o(attend(q, k, v, pattern, self.scale))
 
 
@@ -225,8 +198,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, pattern, rotary, cache, layer):
-        x = x + self.attn(self.attn_norm(x), pattern, rotary, cache, layer)
+    def forward(self, x, pattern, rotary, cache, start, layer):
+        x = x + self.attn(self.attn_norm(x), pattern, rotary, cache, start, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -257,11 +230,14 @@ class Decoder(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         config = self.config
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise StarCoderError(f"the KV cache holds {cache.max_len} positions; {start} used, {T} more asked")
+        # Where the new tokens go: one start for the batch, or one per cache row when rows differ in length.
+        start = cache.start_positions(T) if cache is not None else 0
+        S = (start if isinstance(start, int) else int(start.max())) + T
         if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
+            if isinstance(start, int):
+                position_ids = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
+            else:
+                position_ids = start[:, None]  # (B, 1)
         x = self.embed(input_ids)  # (B, T, D)
         rotary = None
         if self.pos_embed is not None:
@@ -272,16 +248,16 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(position_ids)
         else:
             rotary = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype)
-        pattern = attention_pattern(attention_mask, start, T, start + T, config.sliding_window, x.device)
+        pattern = attention_pattern(attention_mask, start, T, S, config.sliding_window, x.device)
 
         hidden = [x] if output_hidden_states else None
         for i, block in enumerate(self.layers):
-            x = block(x, pattern, rotary, cache, i)
+            x = block(x, pattern, rotary, cache, start, i)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         if hidden is not None:
             hidden[-1] = x
         return x, tuple(hidden) if hidden is not None else None

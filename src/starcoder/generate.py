@@ -1,0 +1,319 @@
+"""Generation: sampling parameters, one sequence's state, and the one token generator everyone uses.
+
+The Generator keeps each sequence in a slot (a row) of one preallocated KV cache. A new prompt is prefilled
+alone into a free slot (its n samples copy that slot instead of prefilling again); then every step decodes one
+token for all slots together, each at its own position. Sequences can join between steps and leave when they
+finish (the last slot moves into the hole), so the CLI, the evaluation harness and the server's continuous
+batching all run on the same two calls: add() and step().
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import StarCoderError
+from .fim import PromptFormat
+from .tokenizer import Tokenizer
+
+FINISH_REASONS = ("length", "stop", "eos")
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # CTRL / transformers: over prompt and generated tokens
+    presence_penalty: float = 0.0  # OpenAI: over generated tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # None draws one (reported in the Completion)
+    stop: tuple[str, ...] = ()  # strings that end the generation, not included in the text
+    logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the top k alternatives
+    ignore_eos: bool = False
+    truncate: bool = False  # drop the start of a prompt that does not fit, instead of failing
+
+    def __post_init__(self) -> None:
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        checks = [
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an integer >= 1"),
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise StarCoderError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    text: str
+    special: bool = False
+    logprob: float | None = None  # under the model's own distribution (before penalties and temperature)
+    top: list[tuple[int, str, float]] | None = None  # (id, text, logprob) of the most likely alternatives
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "length", "stop" or "eos"
+    token_ids: list[int]
+    tokens: list[TokenInfo]
+    prompt_tokens: int
+    seed: int
+    request: int = 0
+    sample: int = 0
+
+
+@dataclass
+class Event:
+    """One new token of one sequence: what to show now, and the completion once it is finished."""
+
+    request: int
+    sample: int
+    token: TokenInfo
+    text: str  # newly visible text ("" while text is held back: a broken character, a possible stop string)
+    finish_reason: str | None = None
+    completion: Completion | None = None
+
+
+class Sequence:
+    """One sample being generated: its tokens, random state, penalties and stop handling."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, stop_ids: set[int],
+                 request: int = 0, sample: int = 0):
+        self.prompt_ids, self.params, self.tokenizer = prompt_ids, params, tokenizer
+        self.stop_ids = set() if params.ignore_eos else stop_ids
+        self.request, self.sample = request, sample
+        base = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63 - 1)
+        self.seed = base + sample  # n samples with one seed differ from each other and repeat run to run
+        self.rng = torch.Generator().manual_seed(self.seed)
+        self.generated: list[int] = []
+        self.tokens: list[TokenInfo] = []
+        self.decoder = tokenizer.stream()
+        self.text = ""  # decoded so far, possibly ahead of what was emitted
+        self.emitted = 0  # characters of text already shown
+        self.finish_reason: str | None = None
+        self._longest_stop = max((len(s) for s in params.stop), default=0)
+
+    # ------------------------------------------------------------------ choosing the next token
+    def choose(self, logits: Tensor) -> TokenInfo:
+        """Apply penalties, temperature, top-k and top-p to one row of logits (V,) and pick a token."""
+        p = self.params
+        raw = logits.float()
+        scores = raw
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(self.prompt_ids) | set(self.generated)), dtype=torch.long)
+            picked = scores[seen]
+            scores = scores.index_put((seen,), torch.where(picked < 0, picked * p.repetition_penalty,
+                                                           picked / p.repetition_penalty))
+        if (p.presence_penalty or p.frequency_penalty) and self.generated:
+            counts = torch.bincount(torch.tensor(self.generated), minlength=scores.shape[0])[: scores.shape[0]]
+            scores = scores - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+        if p.greedy:
+            token = int(scores.argmax())
+        else:
+            scores = scores / p.temperature
+            if p.top_k and p.top_k < scores.shape[0]:
+                kth = torch.topk(scores, p.top_k).values[-1]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            if p.top_p < 1.0:
+                ordered, order = torch.sort(scores, descending=True)
+                probs = ordered.softmax(-1)
+                # Keep the smallest set of most likely tokens whose probabilities reach top_p (at least one).
+                drop = (probs.cumsum(-1) - probs) >= p.top_p
+                scores = scores.index_put((order[drop],), torch.tensor(float("-inf")))
+            token = int(torch.multinomial(scores.softmax(-1), 1, generator=self.rng))
+        return self._info(token, raw)
+
+    def _info(self, token: int, raw: Tensor) -> TokenInfo:
+        decode = self.tokenizer.decode
+        info = TokenInfo(token, decode([token]), token in self.tokenizer.special_ids)
+        if self.params.logprobs is not None:
+            logprobs = raw.log_softmax(-1)
+            info.logprob = float(logprobs[token])
+            if self.params.logprobs:
+                values, ids = torch.topk(logprobs, self.params.logprobs)
+                info.top = [(int(i), decode([int(i)]), float(v)) for v, i in zip(values, ids, strict=True)]
+        return info
+
+    # ------------------------------------------------------------------ text, stop strings, finishing
+    def append(self, info: TokenInfo) -> str:
+        """Record the chosen token; return the text that may be shown now."""
+        self.generated.append(info.id)
+        self.tokens.append(info)
+        if info.id in self.stop_ids:
+            self.text += self.decoder.flush()
+            return self._finish("eos", len(self.text))
+        self.text += self.decoder.push(info.id)
+        out_of_tokens = len(self.generated) >= self.params.max_new_tokens
+        if out_of_tokens:
+            self.text += self.decoder.flush()
+        stop_at = self._find_stop()
+        if stop_at is not None:
+            return self._finish("stop", stop_at)
+        if out_of_tokens:
+            return self._finish("length", len(self.text))
+        visible = len(self.text) - self._held_back()
+        delta, self.emitted = self.text[self.emitted : visible], max(self.emitted, visible)
+        return delta
+
+    def _find_stop(self) -> int | None:
+        # Text before `emitted` holds no stop string nor the start of one (see _held_back), so search from there.
+        hits = [i for s in self.params.stop if (i := self.text.find(s, self.emitted)) >= 0]
+        return min(hits, default=None)
+
+    def _held_back(self) -> int:
+        """Length of the longest end of the text that could still grow into a stop string."""
+        for k in range(min(len(self.text), self._longest_stop - 1), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.params.stop):
+                return k
+        return 0
+
+    def _finish(self, reason: str, end: int) -> str:
+        self.finish_reason = reason
+        self.text = self.text[:end]
+        delta, self.emitted = self.text[self.emitted :], end
+        return delta
+
+    def completion(self) -> Completion:
+        return Completion(self.text, self.finish_reason or "length", list(self.generated), list(self.tokens),
+                          len(self.prompt_ids), self.seed, self.request, self.sample)
+
+
+class Generator:
+    """Sequences in the slots of one KV cache: add() prefills, step() decodes one token for all of them."""
+
+    def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.format = PromptFormat.for_tokenizer(tokenizer)
+        self.stop_ids = {tokenizer.token_id(t) for t in self.format.stop_tokens}
+        context = model.config.max_positions
+        self.max_len = min(max_len or context, context)
+        self.cache = model.new_cache(max_batch, self.max_len)
+        self.active: list[Sequence] = []  # active[i] lives in cache row i
+
+    @property
+    def free_slots(self) -> int:
+        return self.cache.batch_size - len(self.active)
+
+    def fit(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt, checked against the context; with params.truncate its start is dropped to fit."""
+        if not prompt_ids:
+            raise StarCoderError("the prompt is empty")
+        room = self.max_len - params.max_new_tokens
+        if len(prompt_ids) <= room:
+            return list(prompt_ids)
+        if params.truncate and room > 0:
+            return list(prompt_ids[-room:])
+        raise StarCoderError(
+            f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the "
+            f"context of {self.max_len} tokens; shorten the prompt, lower max_new_tokens, or truncate the prompt")
+
+    @torch.inference_mode()
+    def add(self, prompt_ids: list[int], params: SamplingParams, n: int = 1, request: int = 0) -> list[Event]:
+        """Prefill a prompt once for n samples; returns each sample's first token."""
+        if n < 1 or n > self.free_slots:
+            raise StarCoderError(f"{n} samples asked, {self.free_slots} free slots of {self.cache.batch_size}")
+        ids = self.fit(prompt_ids, params)
+        slot = len(self.active)
+        self.cache.clear(slot)
+        logits = self.model(torch.tensor([ids]), cache=self.cache.rows(slot), logits_to_keep=1).logits[0, -1]
+        sequences = []
+        for sample in range(n):
+            if sample:
+                self.cache.copy_row(slot, slot + sample)
+            sequences.append(Sequence(ids, params, self.tokenizer, self.stop_ids, request, sample))
+        self.active.extend(sequences)
+        events = [self._advance(seq, logits) for seq in sequences]
+        self._retire_finished()
+        return events
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One new token for every active sequence."""
+        if not self.active:
+            return []
+        last = torch.tensor([[seq.generated[-1]] for seq in self.active])  # (n, 1)
+        logits = self.model(last, cache=self.cache.rows(0, len(self.active))).logits[:, -1]  # (n, V)
+        events = [self._advance(seq, logits[i]) for i, seq in enumerate(self.active)]
+        self._retire_finished()
+        return events
+
+    def cancel(self, request: int) -> None:
+        """Stop every sequence of a request now (a client went away); its slots are free after this call."""
+        for seq in self.active:
+            if seq.request == request and seq.finish_reason is None:
+                seq.finish_reason = "stop"
+        self._retire_finished()
+
+    def _advance(self, seq: Sequence, logits: Tensor) -> Event:
+        info = seq.choose(logits)
+        text = seq.append(info)
+        done = seq.finish_reason is not None
+        return Event(seq.request, seq.sample, info, text, seq.finish_reason, seq.completion() if done else None)
+
+    def _retire_finished(self) -> None:
+        i = 0
+        while i < len(self.active):
+            if self.active[i].finish_reason is None:
+                i += 1
+                continue
+            last = len(self.active) - 1
+            if i != last:  # keep the active slots contiguous: the last one moves into the hole
+                self.cache.copy_row(last, i)
+                self.active[i] = self.active[last]
+            self.cache.clear(last)
+            self.active.pop()
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    n: int = 1
+
+
+def stream(model, tokenizer: Tokenizer, requests: Seq[Request], max_batch: int = 8) -> Iterator[Event]:
+    """Run requests through one Generator, admitting each as soon as it has slots for all its samples."""
+    if not requests:
+        return
+    longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
+    batch = max(max_batch, max(r.n for r in requests))
+    generator = Generator(model, tokenizer, max_batch=batch, max_len=longest)
+    for r in requests:  # fail before any work is done
+        generator.fit(r.prompt_ids, r.params)
+    pending = list(enumerate(requests))
+    while pending or generator.active:
+        while pending and pending[0][1].n <= generator.free_slots:
+            index, request = pending.pop(0)
+            yield from generator.add(request.prompt_ids, request.params, request.n, index)
+        yield from generator.step()
+
+
+def generate(model, tokenizer: Tokenizer, requests: Seq[Request], max_batch: int = 8) -> list[list[Completion]]:
+    """Every request's n completions, in order."""
+    results: list[list[Completion | None]] = [[None] * r.n for r in requests]
+    for event in stream(model, tokenizer, requests, max_batch):
+        if event.completion is not None:
+            results[event.request][event.sample] = event.completion
+    return results  # type: ignore[return-value]

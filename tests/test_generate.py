@@ -1,0 +1,200 @@
+"""Generation against transformers' generate, and the generator's own promises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import hf_gpt_bigcode, hf_starcoder2
+from starcoder import StarCoderError, load_model
+from starcoder.fim import PromptFormat
+from starcoder.generate import Request, SamplingParams, generate, stream
+from starcoder.tokenizer import Tokenizer
+
+# Weights of std 1: with transformers' 0.02 init a tiny model repeats one token whatever the context, and
+# token-for-token comparisons would prove little.
+FAMILIES = {
+    "gpt_bigcode": lambda: hf_gpt_bigcode(vocab_size=49152, n_positions=128, weight_std=1.0),
+    "starcoder2": lambda: hf_starcoder2(vocab_size=49152, sliding_window=16, max_position_embeddings=128,
+                                        weight_std=1.0),
+}
+CODE = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pair(request, tmp_path_factory):
+    """(transformers model, our model, tokenizer) with the same random weights."""
+    hf = FAMILIES[request.param]()
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return hf, load_model(path), Tokenizer.for_family(request.param)
+
+
+def hf_greedy(hf, tokenizer, ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy generate on a left-padded batch, new tokens only, cut at our stop tokens."""
+    stops = [tokenizer.token_id(t) for t in PromptFormat.for_tokenizer(tokenizer).stop_tokens]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[0] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    out = hf.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                      eos_token_id=stops, pad_token_id=0)
+    results = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def our_greedy(model, tokenizer, ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    return [c[0].token_ids for c in generate(model, tokenizer, [Request(x, params) for x in ids])]
+
+
+def test_greedy_equals_transformers_plain_prompt(pair):
+    hf, ours, tok = pair
+    ids = [tok.encode(CODE)]
+    ours_out = our_greedy(ours, tok, ids, 24)
+    assert len(set(ours_out[0])) > 8  # the output depends on context: the comparison means something
+    assert ours_out == hf_greedy(hf, tok, ids, 24)
+
+
+def test_greedy_equals_transformers_fim_prompt(pair):
+    hf, ours, tok = pair
+    prompt = PromptFormat.for_tokenizer(tok).infill("def add(a, b):\n    ", "\n\nprint(add(1, 2))\n")
+    ids = [tok.encode(prompt)]
+    assert ids[0][0] == tok.token_id("<fim_prefix>")
+    assert our_greedy(ours, tok, ids, 16) == hf_greedy(hf, tok, ids, 16)
+
+
+def test_greedy_equals_transformers_left_padded_batch(pair):
+    hf, ours, tok = pair
+    ids = [tok.encode(CODE), tok.encode("import os\n"), tok.encode("class Stack:\n    def push(self, x):")]
+    assert our_greedy(ours, tok, ids, 12) == hf_greedy(hf, tok, ids, 12)
+
+
+def test_greedy_past_the_sliding_window(pair):
+    hf, ours, tok = pair
+    ids = [tok.encode(CODE)[:10]]
+    assert our_greedy(ours, tok, ids, 60) == hf_greedy(hf, tok, ids, 60)  # 70 positions, window 16
+
+
+def test_batch_equals_each_prompt_alone(pair):
+    _, ours, tok = pair
+    prompts = [tok.encode(CODE), tok.encode("x = 1"), tok.encode("# a comment\n")]
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=3)
+    together = [c[0].token_ids for c in generate(ours, tok, [Request(p, params) for p in prompts], max_batch=3)]
+    alone = [generate(ours, tok, [Request(p, params)])[0][0].token_ids for p in prompts]
+    assert together == alone
+
+
+def test_seeded_sampling_is_reproducible_and_samples_differ(pair):
+    _, ours, tok = pair
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50, seed=7)
+    first = generate(ours, tok, [Request(tok.encode(CODE), params, n=3)])[0]
+    again = generate(ours, tok, [Request(tok.encode(CODE), params, n=3)])[0]
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert len({tuple(c.token_ids) for c in first}) == 3
+    assert [c.seed for c in first] == [7, 8, 9]
+
+
+def test_n_samples_share_one_prefill(pair, monkeypatch):
+    _, ours, tok = pair
+    prompt_lengths = []
+    original = ours.forward
+
+    def counting(input_ids, *args, **kwargs):
+        prompt_lengths.append(input_ids.shape[1])
+        return original(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(ours, "forward", counting)
+    ids = tok.encode(CODE)
+    generate(ours, tok, [Request(ids, SamplingParams(max_new_tokens=3, temperature=1.0, seed=0), n=4)])
+    assert prompt_lengths.count(len(ids)) == 1  # one prefill; every later call is one token per sequence
+    assert set(prompt_lengths) == {len(ids), 1}
+
+
+def test_finish_reasons_and_stop_strings(pair):
+    _, ours, tok = pair
+    ids = tok.encode(CODE)
+    free = generate(ours, tok, [Request(ids, SamplingParams(max_new_tokens=20, ignore_eos=True))])[0][0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 20
+    # A stop string made of the middle of the free text, so it is likely to span token boundaries.
+    text = free.text
+    stop = text[len(text) // 3 : len(text) // 3 + 3]
+    if len(stop) < 2 or text.find(stop) == 0:
+        pytest.skip("random text too short to cut a stop string from")
+    stopped = generate(ours, tok, [Request(ids, SamplingParams(max_new_tokens=20, ignore_eos=True,
+                                                               stop=(stop, "never-seen")))])[0][0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == text[: text.find(stop)]
+
+
+def test_streamed_text_is_the_completion_text(pair):
+    _, ours, tok = pair
+    params = SamplingParams(max_new_tokens=25, temperature=1.0, seed=1, stop=("\n\n",))
+    pieces, completion = [], None
+    for event in stream(ours, tok, [Request(tok.encode(CODE), params)]):
+        pieces.append(event.text)
+        completion = event.completion or completion
+    assert "".join(pieces) == completion.text
+    assert "\ufffd" not in "".join(pieces) or "\ufffd" in tok.decode(completion.token_ids)
+
+
+@pytest.mark.parametrize("family, stop_token", [("gpt_bigcode", "<|endoftext|>"), ("starcoder2", "<file_sep>"),
+                                               ("starcoder2", "<fim_pad>")])
+def test_end_tokens_end_generation(family, stop_token):
+    from starcoder.generate import Sequence
+
+    tok = Tokenizer.for_family(family)
+    stops = {tok.token_id(t) for t in PromptFormat.for_tokenizer(tok).stop_tokens}
+    seq = Sequence(tok.encode("x = "), SamplingParams(max_new_tokens=10), tok, stops)
+    logits = torch.zeros(tok.vocab_size)
+    logits[tok.token_id("1")] = 5.0
+    assert seq.append(seq.choose(logits)) == "1" and seq.finish_reason is None
+    logits[tok.token_id(stop_token)] = 10.0
+    assert seq.append(seq.choose(logits)) == "" and seq.finish_reason == "eos"
+    assert seq.completion().text == "1"
+
+
+def test_logprobs_with_alternatives(pair):
+    _, ours, tok = pair
+    c = generate(ours, tok, [Request(tok.encode(CODE), SamplingParams(max_new_tokens=4, logprobs=3))])[0][0]
+    for t in c.tokens:
+        assert t.logprob is not None and t.logprob <= 0 and len(t.top) == 3
+        assert t.top[0][2] >= t.top[1][2] >= t.top[2][2]
+        assert t.top[0][0] == t.id  # greedy picks the most likely token
+        assert t.logprob == pytest.approx(t.top[0][2])
+
+
+def test_penalties_change_greedy_output(pair):
+    _, ours, tok = pair
+    ids = tok.encode(CODE)
+    plain = generate(ours, tok, [Request(ids, SamplingParams(max_new_tokens=30, ignore_eos=True))])[0][0]
+    penalised = generate(ours, tok, [Request(ids, SamplingParams(max_new_tokens=30, ignore_eos=True,
+                                                                 frequency_penalty=2.0, presence_penalty=2.0))])[0][0]
+    repeats = len(plain.token_ids) - len(set(plain.token_ids))
+    if repeats == 0:
+        pytest.skip("no repetition to penalise in this random output")
+    assert len(penalised.token_ids) - len(set(penalised.token_ids)) < repeats
+
+
+def test_context_overflow(pair):
+    _, ours, tok = pair
+    long_prompt = tok.encode(CODE * 20)[:120]
+    with pytest.raises(StarCoderError, match=r"the prompt \(120 tokens\) plus max_new_tokens \(20\) exceeds the "
+                                             r"context of 128 tokens"):
+        generate(ours, tok, [Request(long_prompt, SamplingParams(max_new_tokens=20))])
+    done = generate(ours, tok, [Request(long_prompt, SamplingParams(max_new_tokens=20, truncate=True))])[0][0]
+    assert done.prompt_tokens == 108
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(temperature=-1), "temperature must be >= 0"),
+    (dict(top_p=0), r"top_p must be in \(0, 1\]"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(stop=("",)), "stop must be non-empty strings"),
+    (dict(logprobs=50), r"logprobs must be in \[0, 20\]"),
+])
+def test_bad_sampling_params(bad, message):
+    with pytest.raises(StarCoderError, match=message):
+        SamplingParams(**bad)
