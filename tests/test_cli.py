@@ -15,7 +15,8 @@ from starcoder.__main__ import main
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "tiny"
-    assert main(["init", str(out), "--preset", "tiny-starcoder2"]) == 0
+    assert main(["init", "--out", str(out), "--preset", "tiny-starcoder2"]) == 0
+    assert (out / "tokenizer.json").is_file()
     return out
 
 
@@ -73,3 +74,55 @@ def test_console_script_resolves_a_hub_id_from_the_cache(tiny, tmp_path):
                              capture_output=True, text=True, env=env, timeout=120)
     assert missing.returncode == 2 and "not in the Hugging Face cache" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_complete_from_stdin(tiny, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("def add(a, b):"))
+    assert main(["complete", "-", "--model", str(tiny), "--max-new-tokens", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    from starcoder import load_tokenizer
+
+    assert out["prompt_tokens"] == len(load_tokenizer(tiny).encode("def add(a, b):"))
+    assert 1 <= out["completion_tokens"] <= 5
+
+
+def test_complete_streams_the_same_text_as_json(tiny, capsys):
+    args = ["complete", "x = ", "--model", str(tiny), "--max-new-tokens", "9", "--temperature", "0.9", "--seed", "4"]
+    assert main(args) == 0
+    streamed = capsys.readouterr().out
+    assert main([*args, "--json"]) == 0
+    assert streamed == json.loads(capsys.readouterr().out)["text"] + "\n"
+
+
+def test_infill_from_a_file_with_a_cursor(tiny, tmp_path, capsys):
+    source = tmp_path / "a.py"
+    source.write_text("def f(x):\n    <|cursor|>\n")
+    assert main(["infill", "--file", str(source), "--model", str(tiny), "--max-new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] > 3
+    source.write_text("no marker here")
+    assert main(["infill", "--file", str(source), "--model", str(tiny)]) == 2
+    assert "needs the cursor marker '<|cursor|>' exactly once, found 0" in capsys.readouterr().err
+
+
+def test_chat_from_a_pipe(tiny, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nwrite a loop\n"))
+    assert main(["chat", "--model", str(tiny), "--max-new-tokens", "6", "--temperature", "1", "--seed", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2  # two replies
+
+
+def test_bad_sampling_flag_is_one_clear_line(tiny, capsys):
+    assert main(["complete", "x", "--model", str(tiny), "--top-p", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "starcoder: error: top_p must be in (0, 1], got 1.5"
+
+
+@pytest.mark.parametrize("command", ["info", "init", "bench", "complete", "infill", "chat", "train-tokenizer"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: starcoder " + command in capsys.readouterr().out

@@ -1,25 +1,34 @@
 """starcoder: the BigCode code models (StarCoder, StarCoder2) and everything people do with them."""
 
+from .api import StarCoder, load
 from .cache import KVCache
 from .checkpoint import load_model, save_model
 from .config import Config, preset
 from .errors import CheckpointError, ConfigError, StarCoderError
+from .generate import Completion, SamplingParams
 from .model import CausalLM, ModelOutput, SequenceClassifier, build_model, init_weights
+from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CausalLM",
     "CheckpointError",
+    "Completion",
     "Config",
     "ConfigError",
     "KVCache",
     "ModelOutput",
+    "SamplingParams",
     "SequenceClassifier",
+    "StarCoder",
     "StarCoderError",
+    "Tokenizer",
     "build_model",
     "init_weights",
+    "load",
     "load_model",
+    "load_tokenizer",
     "preset",
     "save_model",
 ]

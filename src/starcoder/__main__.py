@@ -25,8 +25,11 @@ def cmd_init(args: argparse.Namespace) -> None:
     from .checkpoint import parse_dtype, save_model
     from .config import Config, preset
     from .model import build_model, init_weights
+    from .tokenizer import Tokenizer
 
-    out = Path(args.out)
+    if (args.out is None) == (args.out_flag is None):
+        raise StarCoderError("give the output directory once: init DIR or init --out DIR")
+    out = Path(args.out or args.out_flag)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise StarCoderError(f"{out} exists and is not empty; pass --force to overwrite the model in it")
     config = Config.from_file(args.config) if args.config else preset(args.preset)
@@ -40,8 +43,100 @@ def cmd_init(args: argparse.Namespace) -> None:
     dtype = parse_dtype(args.dtype)
     if dtype is not None:
         model = model.to(dtype)
+    tokenizer = Tokenizer.for_family(config.model_type)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise StarCoderError(f"vocab_size {config.vocab_size} is smaller than the shipped {config.model_type} "
+                             f"tokenizer's {tokenizer.vocab_size} tokens")
     save_model(model, out)
-    print(f"wrote a random {config.family} model ({config.num_parameters():,} parameters) to {out}")
+    tokenizer.save(out)
+    print(f"wrote a random {config.family} model ({config.num_parameters():,} parameters) with a tokenizer to {out}")
+
+
+def _load(args: argparse.Namespace):
+    from .api import load
+
+    return load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, seed=args.seed, stop=tuple(args.stop),
+                truncate=args.truncate)
+
+
+def _show(pieces, as_json: bool, completion_of) -> None:
+    """Stream text to the terminal as it comes; with --json, print the finished completion instead."""
+    if as_json:
+        c = completion_of()
+        print(json.dumps({"text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                          "completion_tokens": len(c.token_ids), "seed": c.seed}, ensure_ascii=False))
+        return
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_complete(args: argparse.Namespace) -> None:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sc = _load(args)
+    _show(sc.stream(prompt, **_sampling(args)), args.json, lambda: sc.complete(prompt, **_sampling(args)))
+
+
+def cmd_infill(args: argparse.Namespace) -> None:
+    if args.file is not None:
+        if args.prefix is not None or args.suffix is not None:
+            raise StarCoderError("give either --file or --prefix/--suffix, not both")
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise StarCoderError(f"{args.file}: cannot read ({e})") from None
+        if text.count(args.cursor) != 1:
+            raise StarCoderError(f"{args.file}: needs the cursor marker {args.cursor!r} exactly once, found "
+                                 f"{text.count(args.cursor)}")
+        prefix, suffix = text.split(args.cursor)
+    else:
+        if args.prefix is None:
+            raise StarCoderError("give --prefix (and --suffix), or --file with a cursor marker")
+        prefix, suffix = args.prefix, args.suffix or ""
+    sc = _load(args)
+    _show(sc.stream_infill(prefix, suffix, args.mode, **_sampling(args)), args.json,
+          lambda: sc.infill(prefix, suffix, args.mode, **_sampling(args)))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """An interactive session; from a pipe, each input line is one message."""
+    sc = _load(args)
+    interactive = sys.stdin.isatty()
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    if interactive:
+        print("Chat with the model. /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        if interactive:
+            sys.stdout.write("assistant> ")
+        reply = ""
+        for piece in sc.stream_chat(messages, **_sampling(args)):
+            piece = piece.lstrip() if not reply else piece
+            reply += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply.strip()})
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
@@ -74,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (pickle) checkpoints")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("init", help="write a randomly initialised model directory")
-    p.add_argument("out", help="output directory")
+    p = sub.add_parser("init", help="write a randomly initialised model directory, with a tokenizer")
+    p.add_argument("out", nargs="?", help="output directory")
+    p.add_argument("--out", dest="out_flag", metavar="DIR", help="output directory (instead of the positional one)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--preset", default="tiny-starcoder", choices=sorted(PRESETS), help="model shape")
     source.add_argument("--config", help="a Hugging Face config.json to take the shape from")
@@ -83,6 +179,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.set_defaults(func=cmd_init)
+
+    generation = argparse.ArgumentParser(add_help=False)
+    g = generation.add_argument_group("model")
+    g.add_argument("--model", help="model directory or hub id (org/name); default: the embedded model")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (auto: as stored)")
+    g.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (pickle) checkpoints")
+    g = generation.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens whose "
+                   "probabilities reach p (1 = all)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already seen")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted once from generated tokens")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted per use of generated tokens")
+    g.add_argument("--seed", type=int, help="random seed: the same seed gives the same sample")
+    g.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
+    g.add_argument("--truncate", action="store_true", help="drop the start of a prompt too long for the context")
+    g.add_argument("--json", action="store_true", help="print the finished result as JSON instead of streaming")
+
+    p = sub.add_parser("complete", parents=[generation], help="continue a prompt")
+    p.add_argument("prompt", help="the text to continue; - reads it from standard input")
+    p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("infill", parents=[generation], help="fill in the middle between a prefix and a suffix")
+    p.add_argument("--prefix", help="the text before the gap")
+    p.add_argument("--suffix", help="the text after the gap")
+    p.add_argument("--file", help="a file with a cursor marker where the gap is (instead of --prefix/--suffix)")
+    p.add_argument("--cursor", default="<|cursor|>", help="the marker in --file (default <|cursor|>)")
+    p.add_argument("--mode", default="psm", choices=["psm", "spm"], help="prompt layout (default psm)")
+    p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("chat", parents=[generation], help="talk with the model as a technical assistant")
+    p.add_argument("--system", help="replace the assistant's preamble")
+    p.set_defaults(func=cmd_chat, max_new_tokens=512)
 
     p = sub.add_parser("train-tokenizer", help="train a StarCoder-style byte-level BPE tokenizer on source files")
     p.add_argument("--input", nargs="+", required=True, help="files or directories of training text")

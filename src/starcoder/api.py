@@ -1,0 +1,94 @@
+"""`starcoder.load()`: a model and its tokenizer, ready to complete, infill and chat."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .chat import STOP as CHAT_STOP
+from .chat import chat_prompt
+from .checkpoint import load_model, resolve_model_dir
+from .errors import StarCoderError
+from .fim import PromptFormat, RepoFile
+from .generate import Completion, Request, SamplingParams, generate, stream
+from .tokenizer import Tokenizer
+
+
+def default_model_dir() -> Path:
+    """The model shipped inside the package, used when no model is named."""
+    path = Path(str(resources.files("starcoder") / "assets" / "model"))
+    if not (path / "config.json").is_file():
+        raise StarCoderError("no model given, and this installation has no embedded default model; "
+                             "pass a model directory or hub id (--model)")
+    return path
+
+
+class StarCoder:
+    """A model and its tokenizer. Sampling options are SamplingParams' fields, passed as keywords."""
+
+    def __init__(self, model, tokenizer: Tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.format = PromptFormat.for_tokenizer(tokenizer)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise StarCoderError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                                 f"{model.config.vocab_size}: they do not belong together")
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # ------------------------------------------------------------------ prompts
+    def infill_prompt(self, prefix: str, suffix: str, mode: str = "psm") -> str:
+        return self.format.infill(prefix, suffix, mode)
+
+    def repository_prompt(self, repo: str, files: Sequence[RepoFile], path: str, prefix: str,
+                          suffix: str | None = None) -> str:
+        return self.format.repository(repo, list(files), path, prefix, suffix)
+
+    # ------------------------------------------------------------------ whole answers
+    def generate(self, prompts: Sequence[str], n: int = 1, **sampling: Any) -> list[list[Completion]]:
+        params = SamplingParams(**sampling)
+        requests = [Request(self.tokenizer.encode(p), params, n) for p in prompts]
+        return generate(self.model, self.tokenizer, requests)
+
+    def complete(self, prompt: str, **sampling: Any) -> Completion:
+        return self.generate([prompt], **sampling)[0][0]
+
+    def infill(self, prefix: str, suffix: str, mode: str = "psm", **sampling: Any) -> Completion:
+        """The middle between prefix and suffix (the model's FIM answer, end token excluded)."""
+        return self.complete(self.infill_prompt(prefix, suffix, mode), **sampling)
+
+    def chat(self, messages: Sequence[dict[str, str]], **sampling: Any) -> Completion:
+        completion = self.complete(chat_prompt(messages), **_with_chat_stops(sampling))
+        completion.text = completion.text.strip()
+        return completion
+
+    # ------------------------------------------------------------------ streams of text
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        request = Request(self.tokenizer.encode(prompt), SamplingParams(**sampling))
+        for event in stream(self.model, self.tokenizer, [request]):
+            if event.text:
+                yield event.text
+
+    def stream_infill(self, prefix: str, suffix: str, mode: str = "psm", **sampling: Any) -> Iterator[str]:
+        return self.stream(self.infill_prompt(prefix, suffix, mode), **sampling)
+
+    def stream_chat(self, messages: Sequence[dict[str, str]], **sampling: Any) -> Iterator[str]:
+        return self.stream(chat_prompt(messages), **_with_chat_stops(sampling))
+
+
+def _with_chat_stops(sampling: dict[str, Any]) -> dict[str, Any]:
+    stop = sampling.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    return {**sampling, "stop": stop + tuple(s for s in CHAT_STOP if s not in stop)}
+
+
+def load(model: str | os.PathLike | None = None, dtype: str | None = None, device: str = "cpu",
+         allow_pickle: bool = False) -> StarCoder:
+    """A model directory or hub id with its tokenizer; None means the embedded default model."""
+    model_dir = default_model_dir() if model is None else resolve_model_dir(model)
+    return StarCoder(load_model(model_dir, dtype=dtype, device=device, allow_pickle=allow_pickle),
+                     Tokenizer.from_dir(model_dir))

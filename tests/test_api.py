@@ -1,0 +1,46 @@
+"""starcoder.load(): complete, infill, chat and their streams on a tiny model the test creates."""
+
+from __future__ import annotations
+
+import pytest
+
+import starcoder
+from starcoder.__main__ import main
+from starcoder.chat import chat_prompt
+
+
+@pytest.fixture(scope="module")
+def sc(tmp_path_factory):
+    out = tmp_path_factory.mktemp("api") / "tiny"
+    assert main(["init", str(out), "--preset", "tiny-starcoder2"]) == 0
+    return starcoder.load(out)
+
+
+def test_complete_and_stream_agree(sc):
+    done = sc.complete("def add(a, b):", max_new_tokens=12, ignore_eos=True)
+    assert done.finish_reason == "length" and len(done.token_ids) == 12
+    assert "".join(sc.stream("def add(a, b):", max_new_tokens=12, ignore_eos=True)) == done.text
+
+
+def test_infill_uses_the_fim_prompt(sc):
+    done = sc.infill("def f(x):\n    ", "\n", max_new_tokens=5)
+    assert done.prompt_tokens == len(sc.tokenizer.encode(sc.infill_prompt("def f(x):\n    ", "\n")))
+
+
+def test_chat_prompt_and_reply(sc):
+    prompt = chat_prompt([{"role": "user", "content": "Hello?"}])
+    assert prompt.endswith("Human: Hello?\n\nAssistant:") and "-----" in prompt
+    reply = sc.chat([{"role": "user", "content": "Hello?"}], max_new_tokens=8, temperature=1.0, seed=0)
+    assert reply.text == reply.text.strip() and "\nHuman:" not in reply.text
+
+
+def test_chat_errors():
+    with pytest.raises(starcoder.StarCoderError, match="last message of a chat must be the user's"):
+        chat_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    with pytest.raises(starcoder.StarCoderError, match="message 0: role must be one of"):
+        chat_prompt([{"role": "robot", "content": "a"}])
+
+
+def test_no_default_model_yet_is_a_clear_error():
+    with pytest.raises(starcoder.StarCoderError, match="no embedded default model"):
+        starcoder.load()
