@@ -11,43 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-
-
-def make_checkpoint(preset_name: str, dtype_name: str) -> Path:
-    import torch
-
-    from starcoder import build_model, init_weights, preset, save_model
-
-    out = RESULTS / f"{preset_name}-{dtype_name}"
-    if (out / "config.json").exists():
-        return out
-    config = preset(preset_name)
-    with torch.device("meta"):
-        model = build_model(config)
-    model = model.to(getattr(torch, dtype_name)).to_empty(device="cpu")
-    model.tie_weights()
-    torch.manual_seed(0)
-    init_weights(model)
-    save_model(model, out)
-    return out
-
-
-def peak_rss() -> int:
-    """This process's peak resident set (VmHWM), file-backed pages of mapped weights included.
-
-    (getrusage's ru_maxrss is not used: Linux carries it over from the parent across exec.)
-    """
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from common import RESULTS, make_checkpoint, peak_rss, run_child
 
 
 def child(side: str, model_dir: str, tokens: int, repeats: int, dtype_name: str) -> dict:
@@ -86,13 +53,6 @@ def child(side: str, model_dir: str, tokens: int, repeats: int, dtype_name: str)
     }
 
 
-def run_side(side: str, model_dir: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--model-dir", str(model_dir), "--tokens", str(args.tokens),
-           "--repeats", str(args.repeats), "--dtype", args.dtype]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="starcoderbase-1b")
@@ -112,7 +72,8 @@ def main() -> None:
     checkpoint_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     results = {}
     for side in ("transformers", "ours"):  # alternate order does not matter: each is a fresh process
-        results[side] = run_side(side, model_dir, args)
+        results[side] = run_child(__file__, side, ["--model-dir", str(model_dir), "--tokens", str(args.tokens),
+                                                   "--repeats", str(args.repeats), "--dtype", args.dtype])
     ours, hf = results["ours"], results["transformers"]
     diff = (torch.load(model_dir / ".logits-ours.pt") - torch.load(model_dir / ".logits-transformers.pt")).abs().max()
 

@@ -207,3 +207,33 @@ def test_onednn_linear_is_used_for_cpu_inference_only():
     y = layer(x)  # gradients needed: the ordinary path, which has a backward
     y.sum().backward()
     assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-window"])
+@torch.no_grad()
+def test_packed_weights_give_the_same_logits(name, tmp_path):
+    hf = HF_MODELS[name]()
+    hf.save_pretrained(tmp_path / "hf")
+    plain, packed = load_model(tmp_path / "hf"), load_model(tmp_path / "hf", pack=True)
+    from starcoder.model import is_packed
+
+    assert is_packed(packed) and not is_packed(plain)
+    ids = random_ids(2, 12)
+    assert_close(packed(ids).logits, plain(ids).logits)
+    cache = packed.new_cache(2, 12)
+    steps = [packed(ids[:, :4], cache=cache).logits] + [packed(ids[:, t : t + 1], cache=cache).logits
+                                                         for t in range(4, 12)]
+    assert_close(torch.cat(steps, 1), plain(ids).logits)
+
+
+def test_packed_models_refuse_training_and_saving(tmp_path):
+    from starcoder import StarCoderError, save_model
+
+    HF_MODELS["starcoder2-gqa"]().save_pretrained(tmp_path / "hf")
+    packed = load_model(tmp_path / "hf", pack=True)
+    with pytest.raises(StarCoderError, match="cannot be saved; load it without pack=True"):
+        save_model(packed, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    x = packed.model.embed(random_ids(1, 4)).requires_grad_()
+    with pytest.raises(StarCoderError, match="packed for CPU inference"):
+        packed.model.layers[0].mlp.fc(x)

@@ -17,7 +17,7 @@ def measure(path_or_id: str | os.PathLike, prompt_tokens: int = 512, new_tokens:
             dtype: str | None = None, seed: int = 0) -> dict[str, Any]:
     """Load the model, prefill a random prompt, then decode greedily with the KV cache."""
     start = time.perf_counter()
-    model = load_model(path_or_id, dtype=dtype)
+    model = load_model(path_or_id, dtype=dtype, pack=True)
     load_seconds = time.perf_counter() - start
     config = model.config
     total = prompt_tokens + new_tokens
@@ -36,7 +36,7 @@ def measure(path_or_id: str | os.PathLike, prompt_tokens: int = 512, new_tokens:
     for _ in range(new_tokens):
         token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
     decode_seconds = time.perf_counter() - start
-    weight = next(model.parameters())
+    weight = model.model.embed.weight
     return {
         "dtype": dtype_name(weight.dtype),
         "threads": torch.get_num_threads(),

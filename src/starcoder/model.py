@@ -46,19 +46,39 @@ class Linear(nn.Linear):
     faster than the sgemm behind F.linear, and about as fast in bfloat16; fusing GELU saves a pass over the
     MLP's widest tensor. Results equal F.linear's to float32 rounding. Training (gradients needed), other
     dtypes and other devices take the ordinary path.
+
+    A packed Linear (see pack_weight) holds its weight in oneDNN's blocked layout: decoding reads it at close to
+    memory bandwidth, about 1.5x the plain layout, but it is opaque, so such a layer serves inference only.
     """
 
     use_onednn = _onednn_ready()
 
+    @property
+    def packed(self) -> bool:
+        return self.weight.is_mkldnn
+
     def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
-        if (self.use_onednn and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16)
-                and self.weight.dtype == x.dtype
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+        if self.packed and torch.is_grad_enabled() and x.requires_grad:
+            raise StarCoderError("this model's weights are packed for CPU inference; load it without pack=True "
+                                 "to train it")
+        if self.packed or (self.use_onednn and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16)
+                           and self.weight.dtype == x.dtype
+                           and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             attr, algorithm = _FUSABLE.get(activation, ("none", ""))
             y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
             return y if activation is None or activation in _FUSABLE else _activation(activation)(y)
         y = F.linear(x, self.weight, self.bias)
         return y if activation is None else _activation(activation)(y)
+
+
+def can_pack(weight: Tensor) -> bool:
+    return _onednn_ready() and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16) and weight.dim() == 2
+
+
+def pack_weight(weight: Tensor) -> Tensor:
+    """The weight (out, in) in oneDNN's blocked layout, tuned for one row of input (decoding), which is also
+    as fast as the plain layout for long prompts. The result has the same shape but is not readable as such."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
 
 
 def _activation(name: str):
@@ -274,7 +294,7 @@ class CausalLM(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and not self.lm_head.packed:
             self.lm_head.weight = self.model.embed.weight
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
@@ -348,6 +368,10 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     if labels.dtype in (torch.long, torch.int):
         return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(isinstance(m, Linear) and m.packed for m in model.modules())
 
 
 def build_model(config: Config) -> CausalLM | SequenceClassifier:

@@ -1,0 +1,53 @@
+"""What the benchmarks share: the random checkpoints they run on, running a side in a fresh process, peak RSS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_checkpoint(preset_name: str, dtype_name: str) -> Path:
+    """A random checkpoint of a preset's shape, with its family's tokenizer, written once under bench/results/."""
+    import torch
+
+    from starcoder import Tokenizer, build_model, init_weights, preset, save_model
+
+    out = RESULTS / f"{preset_name}-{dtype_name}"
+    config = preset(preset_name)
+    if (out / "config.json").exists():
+        if not (out / "tokenizer.json").exists():
+            Tokenizer.for_family(config.model_type).save(out)
+        return out
+    with torch.device("meta"):
+        model = build_model(config)
+    model = model.to(getattr(torch, dtype_name)).to_empty(device="cpu")
+    model.tie_weights()
+    torch.manual_seed(0)
+    init_weights(model)
+    save_model(model, out)
+    Tokenizer.for_family(config.model_type).save(out)
+    return out
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM), file-backed pages of mapped weights included.
+
+    (getrusage's ru_maxrss is not used: Linux carries it over from the parent across exec.)
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run_child(script: str, side: str, args: list[str]) -> dict:
+    """Run `script --child SIDE ARGS` in a fresh process and return the JSON it prints last."""
+    out = subprocess.run([sys.executable, script, "--child", side, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{side} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,48 @@
+/* Peak memory read bandwidth, STREAM style: each thread XOR-reduces its part of a buffer far larger than the
+ * caches, reading it as several interleaved streams (one sequential stream per core leaves bandwidth unused on
+ * many CPUs); the best pass over 1, 2, 4, 8 and 16 streams is printed in GB/s. Built and run by
+ * bench/generation.py, whose decoding roofline is this bandwidth over the bytes a decode step must read. */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+static double best_pass(const __m512i *buffer, size_t n, int streams, long long *sink) {
+    double best = 0;
+    for (int pass = 0; pass < 6; pass++) {
+        double start = omp_get_wtime();
+        long long local = 0;
+        #pragma omp parallel reduction(^ : local)
+        {
+            size_t per = n / omp_get_num_threads(), first = omp_get_thread_num() * per, len = per / streams;
+            __m512i acc[16];
+            for (int s = 0; s < 16; s++) acc[s] = _mm512_setzero_si512();
+            for (size_t i = 0; i < len; i++)
+                for (int s = 0; s < streams; s++)
+                    acc[s] = _mm512_xor_si512(acc[s], _mm512_load_si512(&buffer[first + s * len + i]));
+            for (int s = 1; s < streams; s++) acc[0] = _mm512_xor_si512(acc[0], acc[s]);
+            local ^= _mm512_reduce_add_epi64(acc[0]);
+        }
+        double rate = n * 64.0 / (omp_get_wtime() - start);
+        *sink ^= local;
+        if (rate > best) best = rate;
+    }
+    return best;
+}
+
+int main(int argc, char **argv) {
+    size_t bytes = (size_t)(argc > 1 ? atoi(argv[1]) : 2048) << 20, n = bytes / 64;
+    __m512i *buffer = aligned_alloc(4096, bytes);
+    if (!buffer) return 1;
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) buffer[i] = _mm512_set1_epi64((long long)i);
+    double best = 0;
+    long long sink = 0;
+    for (int streams = 1; streams <= 16; streams *= 2) {
+        double rate = best_pass(buffer, n, streams, &sink);
+        if (rate > best) best = rate;
+    }
+    printf("%.3f %d %lld\n", best / 1e9, omp_get_max_threads(), sink & 1);
+    free(buffer);
+    return 0;
+}
