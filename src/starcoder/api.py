@@ -87,8 +87,13 @@ def _with_chat_stops(sampling: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(model: str | os.PathLike | None = None, dtype: str | None = None, device: str = "cpu",
-         allow_pickle: bool = False) -> StarCoder:
-    """A model directory or hub id with its tokenizer; None means the embedded default model."""
+         allow_pickle: bool = False, pack: bool = True) -> StarCoder:
+    """A model directory or hub id with its tokenizer, for inference; None means the embedded default model.
+
+    On the CPU the weights are packed for oneDNN (pack=True), which decodes about 1.5x faster; pass pack=False
+    to get a model that can also be trained or saved (as `.model`).
+    """
     model_dir = default_model_dir() if model is None else resolve_model_dir(model)
-    return StarCoder(load_model(model_dir, dtype=dtype, device=device, allow_pickle=allow_pickle),
-                     Tokenizer.from_dir(model_dir))
+    model = load_model(model_dir, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                       pack=pack and device == "cpu")
+    return StarCoder(model, Tokenizer.from_dir(model_dir))
