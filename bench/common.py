@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -51,3 +52,13 @@ def run_child(script: str, side: str, args: list[str]) -> dict:
     if out.returncode:
         raise RuntimeError(f"{side} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The flags every benchmark takes: the checkpoint's shape and dtype, and the child-process plumbing."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", default="starcoderbase-1b", help="shape of the random checkpoint")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    return p

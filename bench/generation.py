@@ -15,7 +15,6 @@ prefill >= 1.0x.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, make_checkpoint, run_child
+from common import parser as common_parser
 
 REPEATS = 3  # every figure is the best of this many runs: memory bandwidth on a shared machine is noisy
 
@@ -102,13 +102,9 @@ def memory_bandwidth(binary: Path, threads: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="starcoderbase-1b")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=32)
-    parser.add_argument("--child")
-    parser.add_argument("--model-dir")
     args = parser.parse_args()
     if args.child:
         run = child_ours if args.child == "ours" else child_transformers

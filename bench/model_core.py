@@ -9,12 +9,12 @@ bytes, load time <= transformers', forward tokens/s >= 1.0x transformers'.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 from common import RESULTS, make_checkpoint, peak_rss, run_child
+from common import parser as common_parser
 
 
 def child(side: str, model_dir: str, tokens: int, repeats: int, dtype_name: str) -> dict:
@@ -54,13 +54,9 @@ def child(side: str, model_dir: str, tokens: int, repeats: int, dtype_name: str)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="starcoderbase-1b")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child")
-    parser.add_argument("--model-dir")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.model_dir, args.tokens, args.repeats, args.dtype)))
