@@ -148,6 +148,42 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     print(f"wrote a {args.family} tokenizer of {tokenizer.vocab_size:,} tokens to {args.out}")
 
 
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from .tokenizer import load_tokenizer
+    from .train.data import read_corpus, tokenize_corpus
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    documents = read_corpus(args.input, set(args.language) if args.language else None, tuple(args.exclude))
+    summary = tokenize_corpus(documents, tokenizer, args.out, args.val_fraction, args.test_fraction, args.seed,
+                              args.repo_context)
+    for split, counts in summary.items():
+        print(f"{split:5}  {counts['documents']:8,} documents  {counts['tokens']:12,} tokens")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train.loop import TrainConfig, train
+
+    overrides = _pairs(args.overrides)
+    result = train(TrainConfig.from_file(args.config, overrides), progress=sys.stderr.isatty() or args.progress)
+    last = result["history"][-1] if result["history"] else {}
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"trained to step {result['steps']}: loss {last.get('loss', float('nan')):.4f}; "
+              f"model in {result['final']}")
+
+
+def _pairs(tokens: list[str]) -> dict[str, str]:
+    """--field value pairs after the config file."""
+    pairs = {}
+    i = 0
+    while i < len(tokens):
+        key = tokens[i]
+        if not key.startswith("--") or i + 1 >= len(tokens):
+            raise StarCoderError(f"overrides are --field value pairs; got {' '.join(tokens[i:])!r}")
+        pairs[key[2:].replace("-", "_")] = tokens[i + 1]
+        i += 2
+    return pairs
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import format_measurement, measure
 
@@ -224,6 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suffix", nargs="+", default=[".py"], help="file endings to read inside directories")
     p.add_argument("--exclude", nargs="*", default=[], help="directory names to skip (e.g. site-packages)")
     p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("tokenize", help="tokenize a corpus once into uint16 training shards")
+    p.add_argument("--input", nargs="+", required=True, help="directories of source files, or JSONL files")
+    p.add_argument("--tokenizer", required=True, help="a model directory (or hub id) whose tokenizer to use")
+    p.add_argument("--out", required=True, help="new directory for train/, val/, test/ and manifest.jsonl")
+    p.add_argument("--language", nargs="*", help="keep only these languages (from file extensions)")
+    p.add_argument("--exclude", nargs="*", default=[], help="directory names to skip")
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--test-fraction", type=float, default=0.01)
+    p.add_argument("--repo-context", action="store_true", help="StarCoder2 layout: one document per repository")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("train", help="train or fine-tune with the FIM objective (torchrun for several processes)",
+                       description="Every field of the config file can be overridden: --field value "
+                                   "(e.g. --max-steps 100 --lr 1e-4).")
+    p.add_argument("config", help="a YAML or TOML training config")
+    p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--field value pairs")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="measure load, prefill and decode speed of a model on this machine")
     p.add_argument("--model", required=True, help="model directory or hub id (org/name)")

@@ -130,3 +130,79 @@ STARCODER2 = PromptFormat("<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_
                           (ENDOFTEXT, "<file_sep>", "<fim_pad>"))
 SANTACODER = PromptFormat("<fim-prefix>", "<fim-middle>", "<fim-suffix>", "<fim-pad>", None,
                           (ENDOFTEXT, "<fim-pad>"))
+
+
+# ---------------------------------------------------------------------------------------------- training transform
+@dataclass(frozen=True)
+class FimIds:
+    """Token ids the training transform writes."""
+
+    prefix: int
+    middle: int
+    suffix: int
+    pad: int
+    eos: int
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Tokenizer) -> FimIds:
+        fmt = PromptFormat.for_tokenizer(tokenizer)
+        fmt._require_fim()
+        if fmt.fim_pad is None:
+            raise StarCoderError("this tokenizer has no <fim_pad> token to pad FIM training contexts with")
+        ids = [tokenizer.token_id(t) for t in (fmt.fim_prefix, fmt.fim_middle, fmt.fim_suffix, fmt.fim_pad)]
+        return cls(*ids, eos=tokenizer.eos_id)
+
+
+def fim_document(tokens: list[int], tokenizer: Tokenizer, ids: FimIds, rng, fim_rate: float = 0.5,
+                 spm_rate: float = 0.5) -> list[int]:
+    """StarCoder's per-document FIM (BigCode's Megatron `permute`): with probability fim_rate, detokenize, cut
+    the text at two uniform character positions into prefix / middle / suffix, re-tokenize each part and lay
+    them out as SPM (probability spm_rate) or PSM:
+
+        PSM  <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle
+        SPM  <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle
+
+    `rng` is a numpy Generator; the draws happen in the reference's order (fim?, cut points, spm?).
+    """
+    if not tokens or rng.random() >= fim_rate:
+        return tokens
+    text = tokenizer.decode(tokens)
+    lo, hi = sorted(int(x) for x in rng.integers(0, len(text) + 1, size=2))
+    prefix, middle, suffix = (tokenizer.encode(part) for part in (text[:lo], text[lo:hi], text[hi:]))
+    if rng.random() < spm_rate:
+        return [ids.prefix, ids.suffix, *suffix, ids.middle, *prefix, *middle]
+    return [ids.prefix, *prefix, ids.suffix, *suffix, ids.middle, *middle]
+
+
+def fim_context(tokens: list[int], tokenizer: Tokenizer, ids: FimIds, rng, fim_rate: float = 0.5,
+                spm_rate: float = 0.5) -> list[int]:
+    """FIM applied to each document of a packed training context (documents end at <|endoftext|>), then the
+    context cut back to its length or right-padded with <fim_pad> (which stays in the loss, as in StarCoder)."""
+    length = len(tokens)
+    out: list[int] = []
+    start = 0
+    for i, token in enumerate(tokens):
+        if token == ids.eos:
+            if i > start:
+                out += fim_document(tokens[start:i], tokenizer, ids, rng, fim_rate, spm_rate)
+            out.append(ids.eos)
+            start = i + 1
+    if start < length:
+        out += fim_document(tokens[start:], tokenizer, ids, rng, fim_rate, spm_rate)
+    return out[:length] + [ids.pad] * (length - len(out))
+
+
+def document_text(repo: str | None, path: str | None, content: str, stars: int | None, fmt: PromptFormat,
+                  rng, metadata_rate: float = 0.2) -> str:
+    """A training document with StarCoder's metadata: each of repository, file name and stars prepended with
+    probability metadata_rate (when known). Formats without those tokens get the content alone."""
+    if fmt.repo_style != "starcoder":
+        return content
+    keep = [rng.random() < metadata_rate for _ in range(3)]
+    header = fmt.file_header(path if keep[1] else None, repo if keep[0] else None, stars if keep[2] else None)
+    return header + content
+
+
+def repository_text(repo: str, files: list[RepoFile]) -> str:
+    """StarCoder2's repository context: <repo_name>{repo}<file_sep>{path}\\n{code}... as one training document."""
+    return STARCODER2.repository(repo, files[:-1], files[-1].path, files[-1].content)

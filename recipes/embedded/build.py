@@ -1,0 +1,118 @@
+"""Build the embedded default model from scratch: corpus -> tokenizer -> token shards -> training -> package assets.
+
+    python recipes/embedded/build.py [--work /tmp/starcoder-embedded] [--stage all|data|train|export]
+
+The corpus is permissively licensed Python available offline: the CPython standard library this interpreter
+ships (Lib/, PSF-2.0) and the installed packages in PACKAGES (licenses read from their metadata at build time
+and recorded per document in the manifest), without caches, test suites and vendored third-party code.
+Files are split into train / val / test by a hash of their path (1% / 2% held out).
+A 16,384-token StarCoder2-family tokenizer is trained on the train split only. Training follows train.yaml
+(FIM rate 0.5, SPM rate 0.5) and fits a background run of at most 90 minutes on a 2-core CPU. The final model
+is exported in bfloat16 to src/starcoder/assets/model/ with its tokenizer and the data manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).parent
+ASSETS = HERE.parent.parent / "src" / "starcoder" / "assets" / "model"
+EXCLUDE = ("site-packages", "__pycache__", "test", "tests", "testing", "idle_test", "_vendor", "vendored",
+           "externals")
+VAL, TEST = 0.01, 0.02
+# (distribution, import name, SPDX id as declared): permissive licenses only, mostly original code.
+PACKAGES = [
+    ("numpy", "numpy", "BSD-3-Clause"),
+    ("networkx", "networkx", "BSD-3-Clause"),
+    ("sympy", "sympy", "BSD-3-Clause"),
+    ("huggingface_hub", "huggingface_hub", "Apache-2.0"),
+    ("setuptools", "setuptools", "MIT"),
+    ("PyYAML", "yaml", "MIT"),
+    ("matplotlib", "matplotlib", "PSF-2.0"),  # the matplotlib license, PSF-based
+]
+
+
+def _declared_license(distribution: str) -> str:
+    from importlib import metadata
+
+    meta = metadata.metadata(distribution)
+    classifiers = [c for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
+    return meta.get("License-Expression") or (meta.get("License") or "").splitlines()[0] or "; ".join(classifiers)
+
+
+def corpus():
+    import importlib.util
+    from importlib import metadata
+
+    from starcoder.train.data import read_corpus
+
+    for doc in read_corpus([sysconfig.get_paths()["stdlib"]], {"python"}, EXCLUDE):
+        yield replace(doc, repo=f"cpython-{sys.version.split()[0]}/Lib", license="PSF-2.0")
+    for distribution, module, spdx in PACKAGES:
+        declared = _declared_license(distribution)
+        root = Path(list(importlib.util.find_spec(module).submodule_search_locations)[0])
+        repo = f"{distribution}-{metadata.version(distribution)}"
+        for doc in read_corpus([root], {"python"}, EXCLUDE):
+            yield replace(doc, repo=repo, license=f"{spdx} (declared: {declared[:60]})")
+
+
+def stage_data(work: Path) -> None:
+    from starcoder import Config, build_model, init_weights, save_model
+    from starcoder.train.data import split_of, tokenize_corpus
+    from starcoder.tokenizer import train_tokenizer
+
+    train_texts = (d.content for d in corpus() if split_of(d, VAL, TEST) == "train")
+    tokenizer = train_tokenizer(train_texts, "starcoder2", vocab_size=16384)
+    tokenize_corpus(corpus(), tokenizer, work / "data", VAL, TEST, seed=0)
+    config = Config.from_file(HERE / "config.json")
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model(config)
+    init_weights(model)
+    save_model(model, work / "init")
+    tokenizer.save(work / "init")
+
+
+def stage_train(work: Path) -> None:
+    subprocess.run([sys.executable, "-m", "starcoder", "train", "--progress", str(HERE / "train.yaml"), "--model",
+                    str(work / "init"), "--data", str(work / "data"), "--out", str(work / "run")], check=True)
+
+
+def stage_export(work: Path) -> None:
+    from starcoder import load_model, load_tokenizer, save_model
+
+    model = load_model(work / "run" / "final", dtype="bfloat16")
+    tmp = ASSETS.with_name(".model.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    load_tokenizer(work / "run" / "final").save(tmp)
+    shutil.copy(work / "data" / "manifest.jsonl", tmp / "manifest.jsonl")
+    shutil.copy(work / "data" / "summary.json", tmp / "data_summary.json")
+    shutil.copy(work / "run" / "history.json", tmp / "training_history.json")
+    shutil.rmtree(ASSETS, ignore_errors=True)
+    tmp.rename(ASSETS)
+    print(f"exported to {ASSETS}: {sum(p.stat().st_size for p in ASSETS.iterdir()) / 1e6:.1f} MB")
+    print(json.dumps(json.loads((ASSETS / "data_summary.json").read_text())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/starcoder-embedded", type=Path)
+    parser.add_argument("--stage", default="all", choices=["all", "data", "train", "export"])
+    args = parser.parse_args()
+    stages = {"data": stage_data, "train": stage_train, "export": stage_export}
+    for name, stage in stages.items():
+        if args.stage in ("all", name):
+            stage(args.work)
+
+
+if __name__ == "__main__":
+    main()
