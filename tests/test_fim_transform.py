@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from starcoder.fim import STARCODER, FimIds, PromptFormat, document_text, fim_context, fim_document, repository_text
-from starcoder.fim import RepoFile
+from starcoder.fim import (
+    STARCODER,
+    FimIds,
+    PromptFormat,
+    RepoFile,
+    document_text,
+    fim_context,
+    fim_document,
+    repository_text,
+)
 from starcoder.tokenizer import Tokenizer
 
 DOC = "def mean(xs):\n    total = sum(xs)\n    return total / len(xs)  # naïve ✓\n"

@@ -65,8 +65,8 @@ def corpus():
 
 def stage_data(work: Path) -> None:
     from starcoder import Config, build_model, init_weights, save_model
-    from starcoder.train.data import split_of, tokenize_corpus
     from starcoder.tokenizer import train_tokenizer
+    from starcoder.train.data import split_of, tokenize_corpus
 
     train_texts = (d.content for d in corpus() if split_of(d, VAL, TEST) == "train")
     tokenizer = train_tokenizer(train_texts, "starcoder2", vocab_size=16384)

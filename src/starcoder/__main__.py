@@ -14,7 +14,9 @@ from .errors import StarCoderError
 def cmd_info(args: argparse.Namespace) -> None:
     from .info import format_info, model_info
 
-    info = model_info(args.model, allow_pickle=args.allow_pickle)
+    from .api import default_model_dir
+
+    info = model_info(args.model or default_model_dir(), allow_pickle=args.allow_pickle)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
 
 
@@ -187,7 +189,9 @@ def _pairs(tokens: list[str]) -> dict[str, str]:
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import format_measurement, measure
 
-    m = measure(args.model, args.prompt_tokens, args.new_tokens, args.dtype)
+    from .api import default_model_dir
+
+    m = measure(args.model or default_model_dir(), args.prompt_tokens, args.new_tokens, args.dtype)
     print(json.dumps(m, indent=2) if args.json else format_measurement(m))
 
 
@@ -200,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="describe a model: family, size, heads, context, KV-cache cost")
-    p.add_argument("--model", required=True, help="model directory or hub id (org/name)")
+    p.add_argument("--model", help="model directory or hub id (org/name); default: the embedded model")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (pickle) checkpoints")
     p.set_defaults(func=cmd_info)
@@ -282,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="measure load, prefill and decode speed of a model on this machine")
-    p.add_argument("--model", required=True, help="model directory or hub id (org/name)")
+    p.add_argument("--model", help="model directory or hub id (org/name); default: the embedded model")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
