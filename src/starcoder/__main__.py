@@ -12,9 +12,8 @@ from .errors import StarCoderError
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .info import format_info, model_info
-
     from .api import default_model_dir
+    from .info import format_info, model_info
 
     info = model_info(args.model or default_model_dir(), allow_pickle=args.allow_pickle)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
@@ -187,9 +186,8 @@ def _pairs(tokens: list[str]) -> dict[str, str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import format_measurement, measure
-
     from .api import default_model_dir
+    from .bench import format_measurement, measure
 
     m = measure(args.model or default_model_dir(), args.prompt_tokens, args.new_tokens, args.dtype)
     print(json.dumps(m, indent=2) if args.json else format_measurement(m))
