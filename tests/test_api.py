@@ -41,6 +41,24 @@ def test_chat_errors():
         chat_prompt([{"role": "robot", "content": "a"}])
 
 
-def test_no_default_model_yet_is_a_clear_error():
+def test_the_embedded_model_is_the_default():
+    from starcoder.api import default_model_dir
+
+    assets = default_model_dir()
+    assert sum(p.stat().st_size for p in assets.iterdir()) <= 30 * 1024**2  # it ships inside the package
+    sc = starcoder.load()
+    assert sc.config.model_type == "starcoder2" and sc.format.fim_prefix == "<fim_prefix>"
+    done = sc.complete("def add(a, b):\n", max_new_tokens=24)
+    assert done.token_ids and done.finish_reason in ("length", "eos")
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(assets)  # a Hugging Face directory like any other
+    assert hf.config.model_type == "starcoder2"
+
+
+def test_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(starcoder.api, "resources", SimpleNamespace(files=lambda _: tmp_path))
     with pytest.raises(starcoder.StarCoderError, match="no embedded default model"):
         starcoder.load()

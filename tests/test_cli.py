@@ -126,3 +126,10 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert exit_.value.code == 0
     assert "usage: starcoder " + command in capsys.readouterr().out
+
+
+def test_commands_use_the_embedded_model_by_default(capsys):
+    assert main(["complete", "import os\n", "--max-new-tokens", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completion_tokens"] >= 1
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_type"] == "starcoder2"

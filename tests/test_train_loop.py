@@ -138,6 +138,11 @@ def test_config_files_and_overrides(setup, tmp_path):
         TrainConfig.from_file(tmp_path / "bad.yaml")
 
 
+def test_default_means_the_embedded_model(tmp_path):
+    (tmp_path / "run.yaml").write_text("model: default\ndata: d\nout: o\n")
+    assert TrainConfig.from_file(tmp_path / "run.yaml").model == "default"
+
+
 def test_schedule():
     config = TrainConfig(model="m", data="d", out="o", max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
     assert learning_rate(config, 0) == pytest.approx(0.1)

@@ -150,10 +150,11 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
+    from .api import default_model_dir
     from .tokenizer import load_tokenizer
     from .train.data import read_corpus, tokenize_corpus
 
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer or default_model_dir())
     documents = read_corpus(args.input, set(args.language) if args.language else None, tuple(args.exclude))
     summary = tokenize_corpus(documents, tokenizer, args.out, args.val_fraction, args.test_fraction, args.seed,
                               args.repo_context)
@@ -265,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokenize", help="tokenize a corpus once into uint16 training shards")
     p.add_argument("--input", nargs="+", required=True, help="directories of source files, or JSONL files")
-    p.add_argument("--tokenizer", required=True, help="a model directory (or hub id) whose tokenizer to use")
+    p.add_argument("--tokenizer", help="a model directory (or hub id) whose tokenizer to use; default: the "
+                   "embedded model's")
     p.add_argument("--out", required=True, help="new directory for train/, val/, test/ and manifest.jsonl")
     p.add_argument("--language", nargs="*", help="keep only these languages (from file extensions)")
     p.add_argument("--exclude", nargs="*", default=[], help="directory names to skip")

@@ -27,17 +27,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..api import default_model_dir
 from ..checkpoint import load_model, save_model
 from ..errors import StarCoderError
 from ..tokenizer import Tokenizer
 from .data import TokenDataset
 
 log = logging.getLogger(__name__)
+DEFAULT_MODEL = "default"  # `model: default` fine-tunes the embedded model
 
 
 @dataclass
 class TrainConfig:
-    model: str  # the model directory to start from (`starcoder init`, or a trained model to fine-tune)
+    model: str  # the model to start from: a directory (`starcoder init`, a trained model), or "default" (embedded)
     data: str  # the directory `starcoder tokenize` wrote
     out: str  # the run directory: checkpoints/, final/, loss.png, log.jsonl
     seq_len: int = 512
@@ -103,6 +105,8 @@ class TrainConfig:
         for key, value in (overrides or {}).items():
             raw[key] = _convert(key, value, known[key].type)
         for key in ("model", "data", "out"):  # paths in the file are relative to the file
+            if raw.get(key) == DEFAULT_MODEL and key == "model":
+                continue
             if key in raw and key not in (overrides or {}) and not os.path.isabs(str(raw[key])):
                 raw[key] = str((path.parent / str(raw[key])).resolve())
         try:
@@ -270,7 +274,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     data = Path(config.data)
     tokenizer = Tokenizer.from_dir(data / "tokenizer")
     resume = latest_checkpoint(checkpoints)
-    model = load_model(resume / "model" if resume else config.model, dtype="float32", device=d.device)
+    start_from = default_model_dir() if config.model == DEFAULT_MODEL else config.model
+    model = load_model(resume / "model" if resume else start_from, dtype="float32", device=d.device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise StarCoderError(f"the data's tokenizer has {tokenizer.vocab_size} tokens; the model only "
                              f"{model.config.vocab_size}")
