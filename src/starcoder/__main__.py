@@ -140,6 +140,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": reply.strip()})
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    try:
+        from .server.app import serve
+    except ImportError as e:
+        raise StarCoderError(f"the server needs its extra: pip install 'starcoder[serve]' ({e})") from None
+    serve(args.model, args.host, args.port, args.api_key or os.environ.get("STARCODER_API_KEY"), args.max_batch,
+          args.max_queue, args.timeout, args.dtype)
+
+
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from .tokenizer import read_text_files, train_tokenizer
 
@@ -253,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", parents=[generation], help="talk with the model as a technical assistant")
     p.add_argument("--system", help="replace the assistant's preamble")
     p.set_defaults(func=cmd_chat, max_new_tokens=512)
+
+    p = sub.add_parser("serve", help="serve OpenAI- and TGI-compatible HTTP APIs and a playground")
+    p.add_argument("--model", help="model directory or hub id (org/name); default: the embedded model")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (auto: as stored)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health "
+                   "(default: $STARCODER_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait for its next token")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train-tokenizer", help="train a StarCoder-style byte-level BPE tokenizer on source files")
     p.add_argument("--input", nargs="+", required=True, help="files or directories of training text")

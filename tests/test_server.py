@@ -1,0 +1,290 @@
+"""The HTTP server with real clients on loopback: openai, huggingface_hub, and raw requests for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+import starcoder
+from conftest import hf_starcoder2
+from starcoder.tokenizer import Tokenizer
+
+pytest.importorskip("fastapi")
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("served")
+    hf_starcoder2(vocab_size=49152, max_position_embeddings=1024, weight_std=1.0).save_pretrained(path)
+    Tokenizer.for_family("starcoder2").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    from starcoder.server.app import create_app
+
+    live = LiveServer(create_app(starcoder.load(model_dir), "tiny", api_key=API_KEY, max_batch=8, max_queue=32))
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def client(server):
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+
+
+def openai_client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
+
+
+# ------------------------------------------------------------------------------------------- OpenAI
+def test_openai_completion_with_suffix_is_fim(server, model_dir):
+    oai = openai_client(server)
+    done = oai.completions.create(model="tiny", prompt="def add(a, b):\n    ", suffix="\n", max_tokens=8,
+                                  temperature=0)
+    sc = starcoder.load(model_dir)
+    assert done.choices[0].text == sc.infill("def add(a, b):\n    ", "\n", max_new_tokens=8).text
+    assert done.usage.prompt_tokens == len(sc.tokenizer.encode(sc.infill_prompt("def add(a, b):\n    ", "\n")))
+    assert done.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_streaming_equals_whole(server):
+    oai = openai_client(server)
+    whole = oai.completions.create(model="tiny", prompt="import os\n", max_tokens=12, temperature=0)
+    pieces = [c.choices[0].text for c in oai.completions.create(model="tiny", prompt="import os\n", max_tokens=12,
+                                                                temperature=0, stream=True)]
+    assert "".join(pieces) == whole.choices[0].text
+
+
+def test_openai_list_prompt_n_logprobs_echo(server):
+    oai = openai_client(server)
+    done = oai.completions.create(model="tiny", prompt=["a = 1\n", "b = 2\n"], n=2, max_tokens=4, temperature=0.9,
+                                  seed=3, logprobs=2, echo=True)
+    assert [c.index for c in done.choices] == [0, 1, 2, 3]
+    assert done.choices[0].text.startswith("a = 1\n") and done.choices[2].text.startswith("b = 2\n")
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) and len(lp.top_logprobs[0]) == 2
+
+
+def test_openai_chat_and_streaming_chat(server):
+    oai = openai_client(server)
+    messages = [{"role": "user", "content": "How do I sort a list?"}]
+    done = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert done.choices[0].message.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True))
+    assert streamed.strip() == done.choices[0].message.content
+    assert [m.id for m in oai.models.list().data] == ["tiny"]
+
+
+# ------------------------------------------------------------------------------------------- TGI
+def test_tgi_routes_with_huggingface_hub(server):
+    from huggingface_hub import InferenceClient
+
+    hub = InferenceClient(base_url=server.url, api_key=API_KEY)
+    text = hub.text_generation("def f(x):", max_new_tokens=8)
+    details = hub.text_generation("def f(x):", max_new_tokens=8, details=True)
+    assert details.generated_text == text and details.details.generated_tokens == len(details.details.tokens)
+    assert details.details.finish_reason in ("length", "eos_token", "stop_sequence")
+    streamed = list(hub.text_generation("def f(x):", max_new_tokens=8, stream=True, details=True))
+    assert "".join(s.token.text for s in streamed if not s.token.special) == text or streamed[-1].generated_text == text
+
+
+def test_tgi_generate_and_stream_raw(client):
+    body = {"inputs": "x = ", "parameters": {"max_new_tokens": 6, "details": True, "decoder_input_details": True,
+                                             "return_full_text": True, "top_n_tokens": 2}}
+    done = client.post("/generate", json=body).json()
+    assert done["generated_text"].startswith("x = ") and len(done["details"]["tokens"]) == 6
+    assert done["details"]["prefill"][0]["text"] == "x" and len(done["details"]["top_tokens"][0]) == 2
+    events = []
+    with client.stream("POST", "/generate_stream", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+    assert events[-1]["generated_text"] == done["generated_text"]
+    assert events[-1]["details"]["generated_tokens"] == 6 and events[0]["details"] is None
+
+
+def test_info_health_tokenize_metrics(client, server):
+    info = client.get("/info").json()
+    assert info["model_id"] == "tiny" and info["max_total_tokens"] == 1024 and info["max_stop_sequences"] == 4
+    assert httpx.get(server.url + "/health").status_code == 200  # no key needed
+    tokens = client.post("/tokenize", json={"inputs": "def f(x):"}).json()
+    assert "".join(t["text"] for t in tokens) == "def f(x):" and tokens[0]["start"] == 0
+    metrics = client.get("/metrics").text
+    assert "starcoder_requests_total" in metrics and "# TYPE starcoder_queue_size gauge" in metrics
+
+
+def test_llama_cpp_infill(client):
+    done = client.post("/infill", json={"input_prefix": "def f(x):\n    return ", "input_suffix": "\n",
+                                        "n_predict": 5, "temperature": 0}).json()
+    assert done["tokens_predicted"] <= 5 and isinstance(done["content"], str)
+
+
+def test_playground_page(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "starcoder playground" in page.text and "/v1/completions" in page.text
+
+
+# ------------------------------------------------------------------------------------------- batching
+def test_sixteen_concurrent_streams_each_equal_alone(server):
+    import openai
+
+    prompts = [f"def function_{i}(x):\n    return x * {i}\n\n" for i in range(16)]
+    oai = openai_client(server)
+    alone = [oai.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0).choices[0].text
+             for p in prompts]
+
+    async def stream_one(client, prompt):
+        text = ""
+        async for chunk in await client.completions.create(model="tiny", prompt=prompt, max_tokens=10,
+                                                           temperature=0, stream=True):
+            text += chunk.choices[0].text
+        return text
+
+    async def all_at_once():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY)
+        return await asyncio.gather(*(stream_one(client, p) for p in prompts))
+
+    assert asyncio.run(all_at_once()) == alone
+
+
+def test_a_client_that_disconnects_frees_its_slot(server, client):
+    body = {"prompt": "while True:", "max_tokens": 200, "stream": True, "temperature": 0}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        next(response.iter_lines())  # one chunk, then hang up
+    engine = server.server.config.app.state.engine
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.active == 0
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def openai_error(response, status, contains):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert contains in error["message"] and {"message", "type", "param", "code"} <= error.keys()
+
+
+def tgi_error(response, status, contains):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert contains in body["error"] and "error_type" in body
+
+
+def test_malformed_json(client):
+    openai_error(client.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"}),
+                 400, "not valid JSON")
+    tgi_error(client.post("/generate", content=b"[1,", headers={"Content-Type": "application/json"}), 422,
+              "not valid JSON")
+
+
+def test_wrong_types_and_unknown_fields(client):
+    openai_error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": "many"}), 400, "max_tokens")
+    openai_error(client.post("/v1/completions", json={"prompt": "x", "temprature": 0.5}), 400, "temprature")
+    tgi_error(client.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": -1}}), 422,
+              "max_new_tokens")
+    tgi_error(client.post("/generate", json={"inputs": "x", "parameters": {"unknown": 1}}), 422, "unknown")
+
+
+def test_empty_prompt(client):
+    openai_error(client.post("/v1/completions", json={"prompt": ""}), 400, "prompt must not be empty")
+    tgi_error(client.post("/generate", json={"inputs": ""}), 422, "must not be empty")
+
+
+def test_prompt_longer_than_the_context(client):
+    openai_error(client.post("/v1/completions", json={"prompt": "x = 1\n" * 400, "max_tokens": 4}), 400,
+                 "exceeds the context of 1024 tokens")
+    tgi_error(client.post("/generate", json={"inputs": "x = 1\n" * 400}), 422, "exceeds the context")
+
+
+def test_out_of_range_values(client):
+    openai_error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}), 400, "max_tokens")
+    openai_error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 5000}), 400, "exceeds the context")
+    openai_error(client.post("/v1/completions", json={"prompt": "x", "n": 50}), 400, "n must be at most 8")
+    openai_error(client.post("/v1/completions", json={"prompt": "x", "temperature": 3}), 400, "temperature")
+
+
+def test_too_many_stop_strings(client):
+    openai_error(client.post("/v1/completions", json={"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400,
+                 "at most 4 stop sequences")
+    tgi_error(client.post("/generate", json={"inputs": "x", "parameters": {"stop": list("abcde")}}), 422,
+              "at most 4 stop sequences")
+
+
+def test_unknown_model_name(client):
+    response = client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})
+    openai_error(response, 404, "the model 'gpt-4' does not exist")
+
+
+def test_api_key_is_required(server):
+    openai_error(httpx.post(server.url + "/v1/completions", json={"prompt": "x"}), 401, "API key")
+    tgi_error(httpx.post(server.url + "/generate", json={"inputs": "x"},
+                         headers={"Authorization": "Bearer wrong"}), 401, "API key")
+
+
+def test_full_queue_answers_429_and_503(model_dir):
+    from starcoder.server.app import create_app
+
+    app = create_app(starcoder.load(model_dir), "tiny", max_batch=1, max_queue=1)
+    engine = app.state.engine
+    step = engine.generator.step
+    engine.generator.step = lambda: (time.sleep(0.05), step())[1]  # a slow model: the slot stays busy
+    live = LiveServer(app)
+    try:
+        long_body = {"prompt": "x", "max_tokens": 500, "temperature": 0, "stream": True}
+        with httpx.Client(base_url=live.url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json=long_body) as running:
+                next(running.iter_lines())  # the one slot is busy
+                with c.stream("POST", "/v1/completions", json=long_body) as waiting:
+                    assert waiting.status_code == 200  # the one queue place is taken
+                    tgi_error(c.post("/generate", json={"inputs": "x"}), 429, "the server is busy")
+                    openai_error(c.post("/v1/completions", json={"prompt": "x"}), 503, "the server is busy")
+            deadline = time.monotonic() + 10  # the closed streams free their places at the engine's next step
+            while (engine.active or engine.waiting) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+        assert engine.stats.rejected == 2 and engine.stats.cancelled >= 2
+    finally:
+        live.stop()
+
+
+def test_server_keeps_serving_after_errors(client):
+    for _ in range(3):
+        client.post("/v1/completions", content=b"{")
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
