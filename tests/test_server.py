@@ -288,3 +288,49 @@ def test_server_keeps_serving_after_errors(client):
     for _ in range(3):
         client.post("/v1/completions", content=b"{")
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_playground_streams_in_headless_chromium(model_dir, tmp_path):
+    import shutil
+
+    chromium = shutil.which("chromium")
+    assert chromium, "the playground test needs Debian's chromium: apt-get install chromium"
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    from starcoder.server.app import create_app
+
+    app = create_app(starcoder.load(model_dir), "tiny", api_key=API_KEY)
+    step = app.state.engine.generator.step
+    app.state.engine.generator.step = lambda: (time.sleep(0.03), step())[1]  # slow enough to watch it stream
+    live = LiveServer(app)
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync"]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=flags)
+            page = browser.new_context(extra_http_headers={"Authorization": f"Bearer {API_KEY}"}).new_page()
+            page.goto(live.url + "/")
+            page.fill("#max_tokens", "24")
+            page.fill("#temperature", "0")
+            page.fill("#prompt", "def add(a, b):\n")
+            page.click("#run_complete")
+            page.wait_for_function("document.querySelector('#complete_out .generated')?.textContent.length > 0")
+            status_while_streaming = page.text_content("#status")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
+                                   timeout=60_000)
+            completed = page.text_content("#complete_out .generated")
+
+            page.click("nav button[data-pane=infill]")
+            page.fill("#prefix", "def f(x):\n    return ")
+            page.fill("#suffix", "\n")
+            page.click("#run_infill")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
+                                   timeout=60_000)
+            middle = page.text_content("#infill_out .generated")
+            page.screenshot(path=str(tmp_path / "playground.png"))
+            browser.close()
+    finally:
+        live.stop()
+    sc = starcoder.load(model_dir)
+    assert status_while_streaming == "generating..."  # text appeared before the answer was complete
+    assert completed == sc.complete("def add(a, b):\n", max_new_tokens=24).text
+    assert middle == sc.infill("def f(x):\n    return ", "\n", max_new_tokens=24).text
