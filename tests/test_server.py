@@ -212,6 +212,7 @@ def test_malformed_json(client):
                  400, "not valid JSON")
     tgi_error(client.post("/generate", content=b"[1,", headers={"Content-Type": "application/json"}), 422,
               "not valid JSON")
+    openai_error(client.post("/v1/completions", content=b"oops"), 400, "request body must be a JSON object")
 
 
 def test_wrong_types_and_unknown_fields(client):
