@@ -5,7 +5,9 @@
   held-out loss     mean next-token cross-entropy over the test split (512-token windows, no FIM), and its
                     perplexity
   function bodies   100 functions from held-out files: the prompt is the file up to the end of the function's
-                    signature (and docstring); greedy completion of at most 128 tokens, cut where the body ends
+                    signature (and docstring), trailing whitespace stripped as HumanEval prompts are (a newline
+                    and the next line's indentation are one token, so a prompt ending in a bare newline would
+                    be out of distribution); greedy completion of at most 128 tokens, cut where the body ends
                     (the first non-blank line indented no deeper than the `def`); the function must parse with ast
   FIM examples      a line masked in held-out functions, filled in greedily
 """
@@ -77,9 +79,11 @@ def function_prompts(sources, count: int, seed: int = 0) -> list[dict]:
 
 
 def body_of(completion: str, indent: int) -> str:
-    """The completion up to the first non-blank line indented no deeper than the def."""
-    kept = []
-    for line in completion.splitlines(keepends=True):
+    """The completion up to the first non-blank line indented no deeper than the def (its first line is the rest
+    of the signature's line, normally empty)."""
+    first, *rest = completion.splitlines(keepends=True) or [""]
+    kept = [first]
+    for line in rest:
         if line.strip() and len(line) - len(line.lstrip()) <= indent:
             break
         kept.append(line)
@@ -102,12 +106,12 @@ def main() -> None:
 
     functions = function_prompts(held_out_sources(), 100)
     params = SamplingParams(max_new_tokens=128, truncate=True)
-    requests = [Request(sc.tokenizer.encode(f["prompt"])[-(4096 - 129):], params) for f in functions]
+    requests = [Request(sc.tokenizer.encode(f["prompt"].rstrip())[-(4096 - 129):], params) for f in functions]
     completions = generate(sc.model, sc.tokenizer, requests)
     parsed, samples = 0, []
     for f, (c,) in zip(functions, completions, strict=True):
         body = body_of(c.text, f["indent"])
-        source = textwrap.dedent(f["header"] + body)
+        source = textwrap.dedent(f["header"].rstrip() + body)
         try:
             ast.parse(source)
             ok = bool(body.strip())
@@ -115,7 +119,7 @@ def main() -> None:
             ok = False
         parsed += ok
         if len(samples) < 3:
-            samples.append({"file": f["file"], "signature": f["header"], "completion": body, "parses": ok})
+            samples.append({"file": f["file"], "signature": f["header"].rstrip(), "completion": body, "parses": ok})
     results["function_bodies"] = {"functions": len(functions), "parse_fraction": parsed / max(1, len(functions)),
                                   "examples": samples}
 
