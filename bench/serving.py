@@ -3,7 +3,8 @@
     python bench/serving.py [--model embedded|1b] [--requests-per-client 2] [--max-tokens 64]
 
 `starcoder serve` runs in its own process (max batch 16); each client sends its requests one after another
-(OpenAI /v1/completions, greedy, a different ~100-token code prompt each), all clients at once. Reported per
+(OpenAI /v1/completions, greedy, exactly max_tokens new tokens each with the `ignore_eos` extension, a different
+~100-token code prompt each), all clients at once. Reported per
 level: aggregate completion tokens/s over the level's wall time, and p50 / p99 request latency. The baseline
 is the same server with one client. Target (issue 5): 16 clients >= 6x the aggregate tokens/s of 1 client.
 """
@@ -56,7 +57,8 @@ async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dic
         for r in range(per_client):
             start = time.perf_counter()
             response = await http.post("/v1/completions", json={"prompt": PROMPT.format(i=c * 100 + r),
-                                                                 "max_tokens": max_tokens, "temperature": 0})
+                                                                 "max_tokens": max_tokens, "temperature": 0,
+                                                                 "ignore_eos": True})
             response.raise_for_status()
             latencies.append(time.perf_counter() - start)
             tokens += response.json()["usage"]["completion_tokens"]
@@ -74,7 +76,7 @@ async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dic
 def main() -> None:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded", help="embedded, or 1b for a random StarCoderBase-1B shape")
-    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     model = "embedded" if args.model == "embedded" else str(make_checkpoint("starcoderbase-1b", "bfloat16"))

@@ -335,3 +335,27 @@ def test_playground_streams_in_headless_chromium(model_dir, tmp_path):
     assert status_while_streaming == "generating..."  # text appeared before the answer was complete
     assert completed == sc.complete("def add(a, b):\n", max_new_tokens=24).text
     assert middle == sc.infill("def f(x):\n    return ", "\n", max_new_tokens=24).text
+
+
+def test_request_timeout_is_a_504_and_frees_the_slot(model_dir):
+    from starcoder.server.app import create_app
+
+    app = create_app(starcoder.load(model_dir), "tiny", timeout=0.2)
+    step = app.state.engine.generator.step
+    app.state.engine.generator.step = lambda: (time.sleep(0.5), step())[1]  # slower than the timeout
+    live = LiveServer(app)
+    try:
+        response = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 50}, timeout=30)
+        openai_error(response, 504, "no token within 0.2 s")
+        deadline = time.monotonic() + 10
+        while app.state.engine.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.state.engine.active == 0
+    finally:
+        live.stop()
+
+
+def test_ignore_eos_extension_generates_max_tokens(client):
+    done = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 30, "temperature": 0,
+                                                "ignore_eos": True}).json()
+    assert done["usage"]["completion_tokens"] == 30 and done["choices"][0]["finish_reason"] == "length"

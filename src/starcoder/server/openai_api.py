@@ -42,7 +42,8 @@ def add_routes(app: FastAPI, s: Service) -> None:
             prompts = [sc.tokenizer.encode(sc.infill_prompt(body.prompt, body.suffix))]
         params = SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                                seed=body.seed, stop=tuple(body.stop or ()), logprobs=body.logprobs)
+                                seed=body.seed, stop=tuple(body.stop or ()), logprobs=body.logprobs,
+                                ignore_eos=body.ignore_eos)
         jobs = submit_all(prompts, params, body.n)
         rid, model = f"cmpl-{secrets.token_hex(12)}", model_name
         echoes = [sc.tokenizer.decode(p) if body.echo else "" for p in prompts]

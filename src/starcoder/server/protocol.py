@@ -46,6 +46,7 @@ class CompletionRequest(Strict):
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     user: str | None = None
+    ignore_eos: bool = False  # an extension (as in vLLM): generate max_tokens whatever the model says
 
     _stops = field_validator("stop")(lambda cls, v: _stop_list(v))
 
