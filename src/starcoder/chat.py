@@ -60,7 +60,3 @@ def chat_prompt(messages: Sequence[dict[str, Any]]) -> str:
     examples = [f"{USER} {q}\n\n{ASSISTANT} {a}" for q, a in EXAMPLES]
     conversation = "\n\n".join([*turns, ASSISTANT])
     return SEPARATOR.join([preamble, *examples, conversation])
-
-
-def clean_reply(text: str) -> str:
-    return text.strip()

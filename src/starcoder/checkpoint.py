@@ -216,10 +216,6 @@ class CheckpointReader:
         self._pickled[path] = state
         return [StoredTensor(path, n, t.dtype, tuple(t.shape), -1, t.nbytes) for n, t in state.items()]
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
     def read(self, stored: StoredTensor) -> torch.Tensor:
         """The tensor as stored: a view of the mapped file where its offset is aligned, else a copy."""
         if stored.offset < 0:

@@ -56,10 +56,6 @@ def _tables(config: Config) -> tuple[str, dict[str, str], str, dict[str, str]]:
     return "model.", _STARCODER2, "model.layers.", _STARCODER2_LAYER
 
 
-def hf_prefix(config: Config) -> str:
-    return _tables(config)[0]
-
-
 def convert_hf_tensor(config: Config, name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
     """One HF tensor -> our (name, tensor) pairs (several for a fused c_attn). Unknown names give []."""
     prefix, top, layer_prefix, layer = _tables(config)

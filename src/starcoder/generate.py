@@ -21,7 +21,6 @@ from .errors import StarCoderError
 from .fim import PromptFormat
 from .tokenizer import Tokenizer
 
-FINISH_REASONS = ("length", "stop", "eos")
 MAX_LOGPROBS = 20
 
 
