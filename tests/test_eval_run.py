@@ -15,6 +15,7 @@ from starcoder import StarCoderError
 from starcoder.__main__ import main
 from starcoder.eval.execute import check_toolchain, sandbox_path
 from starcoder.eval.run import EvalConfig, evaluate
+from starcoder.eval.tasks import MULTIPLE_LANGUAGES
 from test_eval_tasks import JS_ROW
 
 
@@ -105,19 +106,52 @@ SH_ROW = {"name": "HumanEval_53_add", "language": "sh",
                    "    [[ $(candidate \"0\" \"1\") = \"1\" ]]\n"
                    "    [[ $(candidate \"5\" \"7\") = \"12\" ]]\n}\n\nrun_test",
           "stop_tokens": ["\n}"]}
+LUA_ROW = {"name": "HumanEval_53_add", "language": "lua",
+           "prompt": "-- Add two numbers x and y\nlocal function add(x, y)\n",
+           "tests": "lu = require('luaunit')\n\nfunction test_humaneval()\nlocal candidate = add\n"
+                    "    lu.assertEquals(candidate(0, 1), 1)\n    lu.assertEquals(candidate(5, 7), 12)\nend\n\n"
+                    "os.exit(lu.LuaUnit.run())",
+           "stop_tokens": ["\nlocal", "\nfunction", "\n--", "\n\n"]}
+PHP_ROW = {"name": "HumanEval_53_add", "language": "php",
+           "prompt": "<?php\n// Add two numbers x and y\nfunction add($x, $y) {\n",
+           "tests": "}\n\nfunction candidate(...$args) {\n    return add(...$args);\n}\n\nfunction test(): void {\n"
+                    "    if (candidate(0, 1) !== 1) { throw new Exception(\"Test failed!\"); }\n"
+                    "    if (candidate(5, 7) !== 12) { throw new Exception(\"Test failed!\"); }\n}\n\ntest();",
+           "stop_tokens": ["\nfunction", "\n?>", "\n//", "\n#"]}
+RUBY_ROW = {"name": "HumanEval_53_add", "language": "rb", "prompt": "# Add two numbers x and y\ndef add(x, y)\n",
+            "tests": "require 'test/unit'\nclass TestHumanEval < Test::Unit::TestCase\n  def test_add\n"
+                     "    candidate = method(:add)\n    assert_equal(1, candidate.call(0, 1))\n"
+                     "    assert_equal(12, candidate.call(5, 7))\n  end\nend\n",
+            "stop_tokens": ["\nclass", "\ndef", "\n#", "\n\n"]}
+PERL_ROW = {"name": "HumanEval_53_add", "language": "pl",
+            "prompt": "# Add two numbers x and y\nsub add {\n    my($x, $y) = @_;\n",
+            "tests": "}\n\nuse Test::Deep;\n\n\nsub testhumaneval {\n    my $candidate = \\&add;\n"
+                     "        if(eq_deeply($candidate->(0, 1),1)) {\n        print \"ok!\" }else{\n        exit 1;\n"
+                     "        }\n        if(eq_deeply($candidate->(5, 7),12)) {\n        print \"ok!\" }else{\n"
+                     "        exit 1;\n        }\n}\n\ntesthumaneval();",
+            "stop_tokens": ["\nsub", "\n#", "\n\n"]}
+PY_ROW = {"name": "HumanEval_53_add", "language": "py",
+          "prompt": "def add(x: int, y: int) -> int:\n    \"\"\"Add two numbers x and y\"\"\"\n",
+          "tests": "def check(candidate):\n    assert candidate(0, 1) == 1\n    assert candidate(5, 7) == 12\n\n"
+                   "def test_check():\n    check(add)\n\ntest_check()\n",
+          "stop_tokens": ["\ndef", "\n#", "\nif", "\nclass"]}
 MULTIPLE = {  # task -> (row, right completion, wrong completion), completions as MultiPL-E files hold them
     "multiple-js": (JS_ROW, "  return x + y;\n}\n", "  return x - y;\n}\n"),
     "multiple-cpp": (CPP_ROW, "    return x + y;", "    return x * y;"),
     "multiple-java": (JAVA_ROW, "        return x + y;", "        return x - y;"),
     "multiple-sh": (SH_ROW, "    echo $(( $1 + $2 ))", "    echo $(( $1 - $2 ))"),
+    "multiple-lua": (LUA_ROW, "    return x + y\nend", "    return x - y\nend"),
+    "multiple-php": (PHP_ROW, "    return $x + $y;", "    return $x - $y;"),
+    "multiple-rb": (RUBY_ROW, "  x + y\nend", "  x - y\nend"),
+    "multiple-pl": (PERL_ROW, "    return $x + $y;", "    return $x - $y;"),
+    "multiple-py": (PY_ROW, "    return x + y\n", "    return x - y\n"),
 }
 
 
 @pytest.mark.parametrize("task", sorted(MULTIPLE))
 def test_multiple_languages_run_their_own_tests(tmp_path, task):
     row, right, wrong = MULTIPLE[task]
-    language = task.removeprefix("multiple-")
-    if not available({"js": "javascript", "cpp": "cpp", "java": "java", "sh": "bash"}[language]):
+    if not available(MULTIPLE_LANGUAGES[task.removeprefix("multiple-")]):
         pytest.skip(f"{task}: toolchain not installed")
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps(row) + "\n")

@@ -43,6 +43,7 @@ class Language:
     file: str
     commands: tuple[tuple[str, ...], ...]
     debian: str
+    libraries: tuple[str, ...] = ()  # files MultiPL-E's tests need beside the toolchain (its test libraries)
     # Wall-clock seconds per program: HumanEval's 3 for Python; compiled and JVM languages need more, as in
     # MultiPL-E's own evaluator.
     timeout: float = 15.0
@@ -75,12 +76,13 @@ LANGUAGES = {lang.name: lang for lang in [
                "-cp", "/usr/share/java/javatuples.jar", "{file}"),
               ("java", "-Xmx512m", "-XX:CompressedClassSpaceSize=64m", "-XX:ReservedCodeCacheSize=64m",
                "-XX:+UseSerialGC", "-ea", "-cp", ".:/usr/share/java/javatuples.jar", "Problem")),
-             "default-jdk-headless libjavatuples-java"),
+             "default-jdk-headless libjavatuples-java", ("/usr/share/java/javatuples.jar",)),
     Language("rust", "rs", "program.rs", (("rustc", "-O", "-o", "program", "{file}"), ("./program",)), "rustc"),
     Language("go", "go", "program_test.go", (("go", "test", "{file}"),), "golang-go"),
-    Language("lua", "lua", "program.lua", (("lua", "{file}"),), "lua5.4"),
+    Language("lua", "lua", "program.lua", (("lua", "{file}"),), "lua5.4 lua-unit", ("/usr/share/lua/5.4/luaunit.lua",)),
     Language("php", "php", "program.php", (("php", "{file}"),), "php-cli"),
-    Language("perl", "pl", "program.pl", (("perl", "{file}"),), "perl"),
+    Language("perl", "pl", "program.pl", (("perl", "{file}"),), "perl libtest-deep-perl",
+             ("/usr/share/perl5/Test/Deep.pm",)),
     Language("r", "r", "program.r", (("Rscript", "{file}"),), "r-base-core"),
     Language("ruby", "rb", "program.rb", (("ruby", "{file}"),), "ruby"),
     Language("racket", "rkt", "program.rkt", (("racket", "{file}"),), "racket"),
@@ -121,6 +123,10 @@ def check_toolchain(language: str) -> Language:
         if not tool.startswith("./") and shutil.which(tool, path=sandbox_path()) is None:
             raise StarCoderError(f"{lang.name} needs {tool!r}, which is not installed where the sandbox can run it "
                                  f"({sandbox_path()}): apt-get install {lang.debian}")
+    for library in lang.libraries:
+        if not os.path.exists(library):
+            raise StarCoderError(f"{lang.name} programs need {library}, which is not installed: "
+                                 f"apt-get install {lang.debian}")
     return lang
 
 
