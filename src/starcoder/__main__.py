@@ -223,6 +223,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"\nper-problem results, summary.json and pass_at_k.png in {config.out}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .api import default_model_dir
+    from .quantize.gptq import QuantSettings
+    from .quantize.run import quantize_model
+
+    settings = QuantSettings(bits=args.bits, group_size=args.group_size, act_order=args.act_order, sym=args.sym,
+                             damp=args.damp, static_groups=args.static_groups,
+                             true_sequential=not args.no_true_sequential, checkpoint_format=args.format)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise StarCoderError(f"{out} exists and is not empty; pass --force to write into it")
+    stats = quantize_model(args.model or str(default_model_dir()), out, settings,
+                           [Path(p) for p in args.calibration] if args.calibration else None, args.n_samples,
+                           args.seq_len, args.seed, args.method, progress=True if args.progress else None)
+    print(f"quantized {stats['layers']} linear layers to {args.bits} bits ({args.method}) in "
+          f"{stats['seconds']:.1f} s; wrote {out}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .api import default_model_dir
     from .bench import format_measurement, measure
@@ -359,6 +377,34 @@ def build_parser() -> argparse.ArgumentParser:
                    "--save-generations) instead of generating")
     p.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("quantize", help="GPTQ-quantize a model to 4 or 8 bits (AutoGPTQ-compatible files)")
+    p.add_argument("--model", help="model directory or hub id (org/name); default: the embedded model")
+    p.add_argument("--out", required=True, help="directory for the quantized model")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=-1, help="inputs sharing a scale and zero (-1: per output "
+                   "channel; 32, 64, 128, 256)")
+    p.add_argument("--act-order", action="store_true", help="quantize columns by descending Hessian diagonal "
+                   "(desc_act)")
+    p.add_argument("--static-groups", action="store_true", help="fix group parameters before act-order reordering")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric, with a zero point per group")
+    p.add_argument("--damp", type=float, default=0.01, help="dampening, a fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--calibration", nargs="+", help="code to calibrate on: directories of source files or JSONL "
+                   "(default: this Python's standard library)")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048, capped at the "
+                   "model's context)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="rtn: round to nearest (baseline)")
+    p.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"], help="tensor format (default: "
+                   "AutoGPTQ's v1, which transformers reads)")
+    p.add_argument("--no-true-sequential", action="store_true", help="one Hessian pass per block instead of one "
+                   "per group of layers")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="measure load, prefill and decode speed of a model on this machine")
     p.add_argument("--model", help="model directory or hub id (org/name); default: the embedded model")

@@ -266,7 +266,23 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = 
     model_dir = resolve_model_dir(path_or_id, cache_dir, revision)
     config = load_config(model_dir)
     reader = CheckpointReader(weight_files(model_dir, allow_pickle))
+    from .quantize.files import read_quant_config
+
+    quant = read_quant_config(model_dir)
+    if quant is not None:
+        from .quantize.files import load_quantized
+
+        return load_quantized(config, quant, reader, _quantized_dtype(parse_dtype(dtype), reader))
     return model_from_reader(config, reader, parse_dtype(dtype), device, pack)
+
+
+def _quantized_dtype(asked: torch.dtype | None, reader: CheckpointReader) -> torch.dtype:
+    """The activations' dtype of a quantized model: as asked, else the stored one, but bfloat16 for float16
+    files (GPTQ files are float16; the CPU computes bfloat16 much faster)."""
+    if asked is not None:
+        return asked
+    stored = next((t.dtype for t in reader if t.dtype.is_floating_point and t.name.endswith("weight")), None)
+    return torch.bfloat16 if stored in (None, torch.float16) else stored
 
 
 def model_from_reader(config: Config, reader: CheckpointReader, dtype: torch.dtype | None,
@@ -349,16 +365,27 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, max_shard_bytes: in
     Every file is written under a temporary name and renamed, and stale shards of an earlier save are removed
     only after the new ones are in place, so an interrupted save never leaves a mix that loads.
     """
-    from safetensors.torch import save_file
-
     if is_packed(model):
         raise StarCoderError("this model's weights are packed for CPU inference and cannot be saved; load it "
                              "without pack=True to save it")
+    if any(type(m).__name__ == "QuantLinear" for m in model.modules()):
+        raise StarCoderError("this model is quantized; its directory already holds it (starcoder quantize writes "
+                             "quantized models)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config: Config = model.config
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in ours_to_hf(config, model.state_dict()).items()}
     dtype = next(iter(tensors.values())).dtype
+    write_tensors(out, tensors, max_shard_bytes)
+    write_text_atomic(out / "config.json", json.dumps(config.to_hf_config(dtype_name(dtype)), indent=2))
+    return out
+
+
+def write_tensors(out: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """model.safetensors, or shards and their index above max_shard_bytes; each file written atomically, and
+    stale shards of an earlier save removed only after the new ones are in place."""
+    from safetensors.torch import save_file
+
     shards = _plan_shards(tensors, max_shard_bytes)
     names = [SAFETENSORS_SINGLE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -370,11 +397,9 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, max_shard_bytes: in
         write_text_atomic(out / SAFETENSORS_INDEX, json.dumps(index, indent=2))
     else:
         (out / SAFETENSORS_INDEX).unlink(missing_ok=True)
-    write_text_atomic(out / "config.json", json.dumps(config.to_hf_config(dtype_name(dtype)), indent=2))
     for stale in out.glob("model*.safetensors"):
         if stale.name not in names:
             stale.unlink()
-    return out
 
 
 def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

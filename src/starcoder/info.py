@@ -16,7 +16,18 @@ def model_info(path_or_id: str | os.PathLike, allow_pickle: bool = False,
     files = weight_files(model_dir, allow_pickle)
     reader = CheckpointReader(files)
     dtypes = sorted({dtype_name(t.dtype) for t in reader})
-    itemsize = max(t.dtype.itemsize for t in reader) if reader.tensors else 4
+    floats = [t.dtype.itemsize for t in reader if t.dtype.is_floating_point]
+    itemsize = max(floats) if floats else 4
+    from .quantize.files import read_quant_config
+
+    quant = read_quant_config(model_dir)
+    quantization = None
+    if quant is not None:
+        q = quant.settings
+        quantization = (f"GPTQ {q.bits}-bit, group {'per channel' if q.group_size == -1 else q.group_size}"
+                        f"{', act-order' if q.act_order else ''}{', symmetric' if q.sym else ', asymmetric'} "
+                        f"({q.checkpoint_format})")
+        itemsize = 2  # runs in bfloat16
     return {
         "path": str(model_dir),
         "family": config.family,
@@ -34,6 +45,7 @@ def model_info(path_or_id: str | os.PathLike, allow_pickle: bool = False,
         "sliding_window": config.sliding_window,
         "vocab_size": config.vocab_size,
         "dtype": ",".join(dtypes),
+        "quantization": quantization,
         "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(itemsize),
         "weight_files": [p.name for p in files],
         "file_bytes": sum(Path(p).stat().st_size for p in files),
@@ -64,6 +76,7 @@ def format_info(info: dict[str, Any]) -> str:
         ("sliding window", f"{info['sliding_window']:,} tokens" if info["sliding_window"] else "none (full causal)"),
         ("vocabulary", f"{info['vocab_size']:,}"),
         ("dtype", info["dtype"]),
+        *([("quantization", info["quantization"])] if info.get("quantization") else []),
         ("KV cache", f"{size(info['kv_cache_bytes_per_token'])} per token"),
         ("weights", f"{size(info['file_bytes'])} in {len(info['weight_files'])} file(s)"),
     ]

@@ -1,0 +1,178 @@
+"""GPTQ: quality on the embedded model, speed and memory on a StarCoderBase-1B-shaped model.
+
+    python bench/quantization.py quality     # held-out perplexity: bf16 vs GPTQ vs round-to-nearest 4-bit
+    python bench/quantization.py speed       # 1B shape: decode / prefill tokens/s, resident memory, quantize time
+
+quality: the embedded model's held-out code (the CPython files of its test split, as its manifest records them)
+is scored in 512-token windows: bfloat16, then GPTQ and round-to-nearest at 4 bits for group sizes -1 and 128,
+calibrated on 128 x 512 tokens of its training split.
+
+speed: a random checkpoint of StarCoderBase-1B's shape in bfloat16 (loaded as `starcoder.load` does, weights
+packed for oneDNN) against GPTQ int4 (group 128, act-order; quantized here with 16 x 512 calibration tokens, timed)
+and int8 (per channel): each side in a fresh process, best of 3 runs, alternating. Resident memory is the
+process's RSS after loading minus before (the model's own memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, make_checkpoint, run_child  # noqa: E402
+
+EMBEDDED = Path(__file__).parents[1] / "src" / "starcoder" / "assets" / "model"
+
+
+# ---------------------------------------------------------------------------------------------------- quality
+def cpython_split(split: str) -> list[Path]:
+    """This interpreter's standard-library files that the embedded model's manifest puts in `split`."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    rows = [json.loads(line) for line in (EMBEDDED / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    files = [stdlib / r["path"] for r in rows if r["repo"].startswith("cpython") and r["split"] == split]
+    return [f for f in files if f.is_file()]
+
+
+def perplexity(model, tokenizer, files: list[Path], seq_len: int = 512) -> float:
+    ids: list[int] = []
+    for f in files:
+        ids += tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")) + [tokenizer.eos_id]
+    windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in windows.split(8):
+            logits = model(batch[:, :-1]).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+            total, count = total + float(loss), count + batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def quality() -> None:
+    from starcoder import load_model, load_tokenizer
+    from starcoder.quantize.gptq import QuantSettings
+    from starcoder.quantize.run import quantize_model
+
+    tokenizer = load_tokenizer(EMBEDDED)
+    held_out, train = cpython_split("test"), cpython_split("train")
+    with tempfile.TemporaryDirectory() as tmp:
+        calibration = Path(tmp) / "calibration.jsonl"
+        calibration.write_text("".join(json.dumps({"content": f.read_text(encoding="utf-8", errors="replace")})
+                                       + "\n" for f in train))
+        rows = [("bfloat16", "", perplexity(load_model(EMBEDDED), tokenizer, held_out), None)]
+        for group in (-1, 128):
+            for method in ("rtn", "gptq"):
+                out = Path(tmp) / f"{method}{group}"
+                start = time.perf_counter()
+                quantize_model(str(EMBEDDED), out, QuantSettings(bits=4, group_size=group, act_order=True),
+                               [calibration], n_samples=128, seq_len=512, method=method, progress=False)
+                seconds = time.perf_counter() - start
+                rows.append((f"4-bit {method.upper()}", f"{group}",
+                             perplexity(load_model(out), tokenizer, held_out), seconds))
+    base = rows[0][2]
+    print(f"embedded model, held-out CPython code ({len(held_out)} files), 512-token windows")
+    print(f"{'weights':<16}{'group':>7}{'perplexity':>12}{'vs bf16':>9}{'quantize s':>12}")
+    for name, group, ppl, seconds in rows:
+        print(f"{name:<16}{group:>7}{ppl:>12.3f}{ppl / base:>8.3f}x{'' if seconds is None else f'{seconds:12.1f}'}")
+    for group in ("-1", "128"):
+        r = next(p for n, g, p, _ in rows if g == group and "RTN" in n)
+        g = next(p for n, gg, p, _ in rows if gg == group and "GPTQ" in n)
+        print(f"group {group}: GPTQ closes {(r - g) / (r - base):.0%} of round-to-nearest's perplexity gap")
+
+
+# ---------------------------------------------------------------------------------------------------- speed
+def rss() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def child(path: str, prompt_tokens: int, new_tokens: int) -> dict:
+    from starcoder import load
+
+    before = rss()
+    start = time.perf_counter()
+    sc = load(path)
+    load_seconds = time.perf_counter() - start
+    model_bytes = rss() - before
+    model = sc.model
+    ids = torch.randint(100, 40000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(ids[:, :16], cache=model.new_cache(1, 32))  # warm up
+        start = time.perf_counter()
+        cache = model.new_cache(1, prompt_tokens + new_tokens + 8)
+        model(ids, cache=cache, logits_to_keep=1)
+        prefill = prompt_tokens / (time.perf_counter() - start)
+        token = ids[:, -1:]
+        for _ in range(4):
+            model(token, cache=cache, logits_to_keep=1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            model(token, cache=cache, logits_to_keep=1)
+        decode = new_tokens / (time.perf_counter() - start)
+    return {"load_seconds": load_seconds, "model_bytes": model_bytes, "prefill": prefill, "decode": decode}
+
+
+def speed(rounds: int, requantize: bool) -> None:
+    from starcoder.quantize.gptq import QuantSettings
+    from starcoder.quantize.run import quantize_model
+
+    bf16 = make_checkpoint("starcoderbase-1b", "bfloat16")
+    sides = {"bfloat16": bf16, "int4 (GPTQ g128 act-order)": RESULTS / "starcoderbase-1b-gptq4-g128-act",
+             "int8 (per channel)": RESULTS / "starcoderbase-1b-int8-rtn"}
+    timing = {}
+    for name, settings, method, samples in [
+        ("int4 (GPTQ g128 act-order)", QuantSettings(bits=4, group_size=128, act_order=True), "gptq", 16),
+        ("int8 (per channel)", QuantSettings(bits=8), "rtn", 1),  # its speed does not depend on the method
+    ]:
+        out = sides[name]
+        if requantize or not (out / "quantize_config.json").exists():
+            stats = quantize_model(str(bf16), out, settings, n_samples=samples, seq_len=512, method=method,
+                                   progress=False)
+            timing[name] = stats["seconds"]
+            (out / "bench_quantize.json").write_text(json.dumps({"seconds": stats["seconds"]}))
+        else:
+            timing[name] = json.loads((out / "bench_quantize.json").read_text())["seconds"]
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, path in sides.items():
+            r = run_child(__file__, "speed", ["--path", str(path)])
+            for key, value in r.items():
+                keep = min if key in ("load_seconds", "model_bytes") else max
+                best.setdefault(name, {})[key] = keep(value, best.get(name, {}).get(key, value))
+    base = best["bfloat16"]
+    print(f"StarCoderBase-1B shape, random weights; prompt 512 tokens, 64 new tokens, batch 1, 2 cores; best of "
+          f"{rounds}")
+    print(f"{'weights':<28}{'decode tok/s':>13}{'vs bf16':>9}{'prefill tok/s':>15}{'vs bf16':>9}{'model MB':>10}"
+          f"{'vs bf16':>9}{'load s':>8}{'quantize s':>12}")
+    for name, r in best.items():
+        q = f"{timing[name]:12.0f}" if name in timing else ""
+        print(f"{name:<28}{r['decode']:>13.1f}{r['decode'] / base['decode']:>8.2f}x{r['prefill']:>15.1f}"
+              f"{r['prefill'] / base['prefill']:>8.2f}x{r['model_bytes'] / 2**20:>10.0f}"
+              f"{r['model_bytes'] / base['model_bytes']:>8.2f}x{r['load_seconds']:>8.1f}{q}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("part", nargs="?", choices=["quality", "speed"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--requantize", action="store_true", help="quantize the 1B checkpoint again (and time it)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.path, 512, 64)))
+    elif args.part == "quality":
+        quality()
+    else:
+        speed(args.rounds, args.requantize)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""GPTQ (Frantar et al. 2022) for one linear layer, and round-to-nearest as its baseline.
+
+GPTQ quantizes W (N, K) one input column at a time and spreads each column's rounding error over the columns
+not yet quantized, weighted by the inverse Hessian of the layer's loss ||WX - QX||^2, H = 2 X X^T:
+
+    for each column i:   q_i = quant(w_i);   e = (w_i - q_i) / Hinv[i, i];   W[:, i:] -= e Hinv[i, i:]
+
+with Hinv the upper Cholesky factor of H^-1 (numerically stable, computed once). Columns are processed in
+blocks of 128 with lazy updates of the rest; act-order (desc_act) takes columns by descending diag(H), the
+most sensitive first; groups give each run of group_size input columns its own scale and zero, found when
+the run starts (or up front, from the unquantized weight, with static groups).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import StarCoderError
+from .pack import SUPPORTED_BITS, QuantizedWeight
+
+GROUP_SIZES = (-1, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    bits: int = 4
+    group_size: int = -1
+    act_order: bool = False  # desc_act
+    sym: bool = True
+    damp: float = 0.01  # damp_percent: a fraction of the mean of diag(H)
+    static_groups: bool = False
+    true_sequential: bool = True
+    block_size: int = 128
+    checkpoint_format: str = "gptq"  # v1: zeros are kept >= 1 so that zero - 1 can be stored
+
+    def check(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise StarCoderError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size not in GROUP_SIZES:
+            raise StarCoderError(f"group size must be one of {GROUP_SIZES}, got {self.group_size}")
+        if not 0 < self.damp < 1:
+            raise StarCoderError(f"damp must be in (0, 1), got {self.damp}")
+        if self.bits == 8 and self.group_size != -1:
+            raise StarCoderError("8-bit weights run on PyTorch's per-channel int8 kernel: use --group-size -1")
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        if self.group_size != -1 and in_features % self.group_size:
+            raise StarCoderError(f"group size {self.group_size} does not divide {name}'s {in_features} inputs")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+
+def find_params(w: Tensor, settings: QuantSettings) -> tuple[Tensor, Tensor]:
+    """Scale and zero (N,) for the columns w (N, C), as AutoGPTQ's Quantizer finds them: a range that includes
+    0; symmetric: zero in the middle, scale = 2 max|w| / maxq."""
+    maxq = settings.maxq
+    lo = torch.clamp(w.min(dim=1).values, max=0)
+    hi = torch.clamp(w.max(dim=1).values, min=0)
+    if settings.sym:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = torch.where(lo < 0, -hi, lo)
+    empty = (lo == 0) & (hi == 0)
+    lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
+    scale = (hi - lo) / maxq
+    if settings.sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-lo / scale)
+        if settings.checkpoint_format == "gptq":
+            zero = zero.clamp(min=1)  # v1 cannot store a zero of 0
+    return scale, zero
+
+
+def quantize_column(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """(integers, dequantized values) of w under scale and zero."""
+    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return q, scale * (q - zero)
+
+
+def _pack_result(Q: Tensor, scales: list[Tensor], zeros: list[Tensor], g_idx: Tensor,
+                 settings: QuantSettings) -> QuantizedWeight:
+    return QuantizedWeight(Q.to(torch.uint8), torch.stack(scales), torch.stack(zeros).to(torch.int32),
+                           g_idx.to(torch.int32), settings.bits, settings.group_size)
+
+
+def rtn(weight: Tensor, settings: QuantSettings) -> QuantizedWeight:
+    """Round-to-nearest: each group's scale and zero from its own columns, no error correction."""
+    W = weight.float()
+    N, K = W.shape
+    g = K if settings.group_size == -1 else settings.group_size
+    Q = torch.empty_like(W)
+    scales, zeros = [], []
+    for start in range(0, K, g):
+        scale, zero = find_params(W[:, start : start + g], settings)
+        Q[:, start : start + g] = quantize_column(W[:, start : start + g], scale[:, None], zero[:, None],
+                                                  settings.maxq)[0]
+        scales.append(scale)
+        zeros.append(zero)
+    return _pack_result(Q, scales, zeros, torch.arange(K) // g, settings)
+
+
+class Hessian:
+    """H = 2 X X^T averaged over every calibration row the layer saw (float32)."""
+
+    def __init__(self, in_features: int):
+        self.H = torch.zeros(in_features, in_features)
+        self.rows = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (rows, K)
+        n = x.shape[0]
+        self.H *= self.rows / (self.rows + n)
+        self.rows += n
+        x = x * (2 / self.rows) ** 0.5
+        self.H += x.T @ x
+
+
+def gptq(weight: Tensor, H: Tensor, settings: QuantSettings) -> tuple[QuantizedWeight, float]:
+    """GPTQ-quantize weight (N, K) given its layer's Hessian (K, K); returns the result and the summed
+    squared error the algorithm saw ((w - q)^2 / Hinv_ii^2 / 2), for progress reports."""
+    W = weight.float().clone()
+    N, K = W.shape
+    H = H.clone()
+    maxq, g = settings.maxq, (K if settings.group_size == -1 else settings.group_size)
+
+    dead = torch.diag(H) == 0  # inputs that were always zero: nothing to preserve there
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static: list[tuple[Tensor, Tensor]] = []
+    if settings.static_groups and settings.group_size != -1:
+        static = [find_params(W[:, s : s + g], settings) for s in range(0, K, g)]
+    perm = torch.argsort(torch.diag(H), descending=True) if settings.act_order else torch.arange(K)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = _inverse_cholesky(H, settings.damp)
+
+    Q = torch.zeros_like(W)
+    scales, zeros = [], []
+    scale = zero = None
+    if settings.group_size == -1:
+        scale, zero = find_params(W, settings)
+        scales, zeros = [scale], [zero]
+    loss = 0.0
+    for i1 in range(0, K, settings.block_size):
+        i2 = min(i1 + settings.block_size, K)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            column = i1 + i
+            if settings.group_size != -1:
+                if static:
+                    scale, zero = static[int(perm[column]) // g]
+                elif column % g == 0:
+                    # From W as the block started, as AutoGPTQ does (the in-block updates live in W1).
+                    scale, zero = find_params(W[:, column : column + g], settings)
+                    scales.append(scale)
+                    zeros.append(zero)
+            w, d = W1[:, i], Hinv1[i, i]
+            q, dq = quantize_column(w, scale, zero, maxq)
+            Q[:, column] = q
+            loss += float(((w - dq) ** 2 / d**2).sum()) / 2
+            err = (w - dq) / d
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    invperm = torch.argsort(perm)
+    Q = Q[:, invperm]
+    if static:
+        scales, zeros = [s for s, _ in static], [z for _, z in static]
+        g_idx = torch.arange(K) // g
+    else:
+        g_idx = (torch.arange(K) // g)[invperm]  # column j was quantized at position invperm[j]
+    return _pack_result(Q, scales, zeros, g_idx, settings), loss
+
+
+def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damping)^-1; more damping when H is too ill-conditioned to factor."""
+    mean_diag = torch.mean(torch.diag(H))
+    for attempt in range(6):
+        damped = H + torch.eye(H.shape[0]) * (damp * 10**attempt * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return U
+    raise StarCoderError("the layer's Hessian is not positive definite even with 10^5 times the damping: the "
+                         "calibration data does not exercise this layer (too few or degenerate samples)")

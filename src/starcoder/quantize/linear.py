@@ -1,0 +1,207 @@
+"""Linear layers with 4- or 8-bit weights for CPU inference.
+
+Act-order is handled once, at load: the input rows are sorted by group so that groups are contiguous, and the
+activations are permuted the same way at run time. Then, by what the machine and the shapes allow:
+
+  native    bfloat16 models on AVX512-BF16 CPUs: our kernels (native.py, kernels.cpp) decode from half a byte
+            (or one byte) per weight at close to memory bandwidth; long prompts dequantize the layer to
+            bfloat16 once per call and run one oneDNN matmul.
+  stock     PyTorch's kernels: `_weight_int4pack_mm_for_cpu` for decoding (long prompts dequantize from its
+            layout block by block), `_weight_int8pack_mm` for 8 bits.
+  dequantized  shapes neither takes: the weight is kept dequantized (correct, not compact).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import native
+from .pack import QuantizedWeight
+
+DECODE_ROWS = 8  # up to this many input rows, the int4 kernel; beyond, dequantize block by block
+KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernel takes
+BLOCK_N = 64  # the kernel's layout packs 64 output channels at a time: [K, 32] bytes, low nibbles first
+INNER_K_TILES = 2
+
+
+def _kernels_available() -> bool:
+    return hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and hasattr(torch, "_weight_int8pack_mm")
+
+
+@functools.cache
+def _layout_understood() -> bool:
+    """Whether this PyTorch packs int4 weights as unpack_int4() reads them (checked once on a probe)."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
+    return torch.equal(unpack_int4(packed, 128, 64).to(torch.int32), q.view(2, 64, 64).transpose(1, 2))
+
+
+def unpack_int4(packed: Tensor, N: int, K: int) -> Tensor:
+    """The kernel's packed bytes (N, K/2) -> the integers as (N/64, K, 64): block b holds output channels
+    64b .. 64b+63 (byte j of a row = channel j in the low nibble, channel j + 32 in the high one)."""
+    blocks = packed.view(N // BLOCK_N, K, BLOCK_N // 2)
+    return torch.cat((blocks & 15, blocks >> 4), dim=-1)
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for model.Linear at inference: forward(x, activation=None)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        N, K = weight.shape
+        self.in_features, self.out_features, self.bits, self.dtype = K, N, weight.bits, dtype
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        order = torch.argsort(weight.g_idx, stable=True)
+        self.perm = None if torch.equal(order, torch.arange(K)) else order
+        sorted_groups = weight.g_idx[order].long()
+        q = weight.q[:, order]
+        self.mode = "dequantized"
+        self.native = native.kernels() if dtype == torch.bfloat16 else None
+        if self.native is not None:
+            if weight.bits == 4:
+                self._setup_native_int4(q, weight, sorted_groups)
+            elif weight.bits == 8 and weight.group_size == -1:
+                self._setup_native_int8(q, weight)
+        if self.mode == "dequantized" and _kernels_available():
+            if weight.bits == 4:
+                self._setup_int4(q, weight, sorted_groups)
+            elif weight.bits == 8 and weight.group_size == -1:
+                self._setup_int8(q, weight)
+        if self.mode == "dequantized":
+            sorted_weight = QuantizedWeight(q, weight.scales, weight.zeros, sorted_groups, weight.bits,
+                                            weight.group_size)
+            self.register_buffer("weight", sorted_weight.dequantize(dtype))
+
+    def _setup_native_int4(self, q: Tensor, weight: QuantizedWeight, groups: Tensor) -> None:
+        N, K = q.shape
+        sizes = torch.bincount(groups)
+        size = K if weight.group_size == -1 else int(sizes[0])
+        if K % 64 or size % 64 or not bool((sizes == size).all()):
+            return
+        blocks = q.view(N, K // 64, 2, 32).to(torch.uint8)  # kernels.cpp's layout: k0 + j low, k0 + 32 + j high
+        self.register_buffer("native_packed", (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2))
+        chunk_group = groups[::size]
+        scales = weight.scales.float()[chunk_group].contiguous()  # (K / size, N)
+        self.register_buffer("native_scales", scales)
+        self.register_buffer("native_offsets", (-weight.zeros.float()[chunk_group] * scales).contiguous())
+        self.kernel_group = size
+        self.mode = "native-int4"
+
+    def _setup_native_int8(self, q: Tensor, weight: QuantizedWeight) -> None:
+        self.register_buffer("int8_weight", (q.to(torch.int16) - 128).to(torch.int8).contiguous())
+        scale = weight.scales.float()[0].contiguous()
+        self.register_buffer("native_scales", scale)
+        self.register_buffer("native_offsets", ((128 - weight.zeros.float()[0]) * scale).contiguous())
+        self.mode = "native-int8"
+
+    def _setup_int4(self, q: Tensor, weight: QuantizedWeight, groups: Tensor) -> None:
+        N, K = q.shape
+        sizes = torch.bincount(groups)
+        size = K if weight.group_size == -1 else int(sizes[0])
+        kernel_group = next((g for g in KERNEL_GROUPS if size % g == 0 and K % g == 0), None)
+        if kernel_group is None or N % BLOCK_N or not bool((sizes == size).all()):
+            return
+        chunk_group = groups[::kernel_group]  # the GPTQ group of each run of kernel_group input rows
+        scales = weight.scales.float()[chunk_group]  # (K / kernel_group, N)
+        # The kernel computes (q - 8) * scale + offset; GPTQ's (q - zero) * scale needs offset = (8 - zero) * scale.
+        offsets = (8 - weight.zeros.float()[chunk_group]) * scales
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32).contiguous(), INNER_K_TILES))
+        self.register_buffer("scales_and_zeros", torch.stack((scales, offsets), dim=-1).to(self.dtype).contiguous())
+        self.kernel_group = kernel_group
+        self.mode = "int4"
+
+    def _setup_int8(self, q: Tensor, weight: QuantizedWeight) -> None:
+        # (q - zero) * scale = (q - 128) * scale + (128 - zero) * scale: int8 weights, per-channel scale, and an
+        # offset per channel that multiplies the sum of the inputs.
+        self.register_buffer("int8_weight", (q.to(torch.int16) - 128).to(torch.int8).contiguous())
+        scale = weight.scales.float()[0]
+        self.register_buffer("int8_scale", scale.to(self.dtype))
+        offset = (128 - weight.zeros.float()[0]) * scale
+        self.register_buffer("int8_offset", None if bool((offset == 0).all()) else offset.to(self.dtype))
+        self.mode = "int8"
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {self.mode}"
+
+    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
+        from ..model import _activation
+
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.dtype)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        if self.mode == "native-int4":
+            if x2.shape[0] <= DECODE_ROWS:
+                y = self.native.int4_matvec(x2.contiguous(), self.native_packed, self.native_scales,
+                                            self.native_offsets, self.kernel_group)
+            else:
+                w = self.native.int4_dequantize(self.native_packed, self.native_scales, self.native_offsets,
+                                                self.kernel_group)
+                y = _matmul(x2, w)
+        elif self.mode == "native-int8":
+            if x2.shape[0] <= DECODE_ROWS:
+                y = self.native.int8_matvec(x2.contiguous(), self.int8_weight, self.native_scales,
+                                            self.native_offsets)
+            else:
+                w = torch.addcmul(self.native_offsets[:, None], self.int8_weight, self.native_scales[:, None])
+                y = _matmul(x2, w.to(self.dtype))
+        elif self.mode == "int4":
+            if x2.shape[0] <= DECODE_ROWS or not _layout_understood():
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.kernel_group,
+                                                              self.scales_and_zeros)
+            else:
+                y = self._dequantized_matmul(x2)
+        elif self.mode == "int8":
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.int8_weight, self.int8_scale)
+            if self.int8_offset is not None:
+                y = y + x2.sum(dim=1, keepdim=True) * self.int8_offset
+        else:
+            y = F.linear(x2, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.view(*shape[:-1], self.out_features).to(x.dtype)
+        return y if activation is None else _activation(activation)(y)
+
+    def _dequantized_matmul(self, x: Tensor) -> Tensor:
+        """x (M, K) @ W^T for long inputs on the stock layout: W rebuilt in bfloat16 from the packed bytes, 64
+        channels a block, each block's matmul one slice of a batched matmul."""
+        N, K, g = self.out_features, self.in_features, self.kernel_group
+        q = unpack_int4(self.packed, N, K)  # (N/64, K, 64) uint8
+        sz = self.scales_and_zeros.view(K // g, N // BLOCK_N, BLOCK_N, 2).transpose(0, 1)  # (N/64, K/g, 64, 2)
+        scale, offset = sz[..., 0].unsqueeze(2), sz[..., 1].unsqueeze(2)  # (N/64, K/g, 1, 64)
+        # (q - 8) * scale + offset = q * scale + (offset - 8 * scale)
+        w = torch.empty(N // BLOCK_N, K // g, g, BLOCK_N, dtype=self.dtype)
+        torch.addcmul(offset - 8 * scale, q.view(N // BLOCK_N, K // g, g, BLOCK_N), scale, out=w)
+        y = torch.matmul(x.unsqueeze(0), w.view(N // BLOCK_N, K, BLOCK_N))  # (N/64, M, 64)
+        return y.transpose(0, 1).reshape(x.shape[0], N)
+
+
+def _matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x (M, K) @ w (N, K)^T on oneDNN where it can (much faster than MKL's path on AMD CPUs)."""
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return F.linear(x, w)
+
+
+class DecodeHead(nn.Module):
+    """The (unquantized, usually tied) lm_head of a quantized bfloat16 model: our bf16 matrix-vector kernel for
+    decoding reads the embedding matrix in place, where oneDNN would need a packed copy of it to be as fast."""
+
+    packed = False  # for CausalLM.tie_weights, which re-ties a plain head
+
+    def __init__(self, weight: nn.Parameter, kernels):
+        super().__init__()
+        self.weight, self.kernels = weight, kernels
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= DECODE_ROWS and x2.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
+            y = self.kernels.bf16_matvec(x2.contiguous(), self.weight).to(x.dtype)
+        else:
+            y = _matmul(x2, self.weight.to(x2.dtype))
+        return y.view(*x.shape[:-1], -1)

@@ -1,0 +1,47 @@
+"""Our int4/int8 decode kernels (kernels.cpp), compiled on first use for this CPU.
+
+They need AVX-512 with BF16 (Zen 4 and later, Sapphire Rapids and later) and a C++ compiler; the build is cached
+(torch's extension directory, ~/.cache/torch_extensions) and takes about a minute once. Elsewhere, or with
+STARCODER_NATIVE_KERNELS=0, QuantLinear uses PyTorch's own int4/int8 kernels instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+SOURCE = Path(__file__).with_name("kernels.cpp")
+
+
+def cpu_supported() -> bool:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    have = set(flags.split(":", 1)[1].split())
+    return all(flag in have for flag in REQUIRED_FLAGS)
+
+
+@functools.cache
+def kernels():
+    """The compiled module, or None when this machine cannot build or run it."""
+    if os.environ.get("STARCODER_NATIVE_KERNELS", "1") == "0" or not cpu_supported():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        # The name carries a hash of the source, so an edited kernel is rebuilt rather than a stale one loaded.
+        digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+        return load(name=f"starcoder_quant_{digest}", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"],
+                    extra_ldflags=["-fopenmp"], verbose=False)  # at::parallel_for is OpenMP: serial without it
+    except Exception as e:  # no compiler, no headers, a failed build: the stock kernels still work
+        log.warning("could not build the int4/int8 kernels (%s: %s); using PyTorch's, which decode slower",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None

@@ -1,0 +1,139 @@
+"""Quantized weights and AutoGPTQ's tensor layout, both ways (pure functions, used by the writer, the loader and
+the tests).
+
+A QuantizedWeight is the integer form of one linear layer's weight W (N outputs, K inputs):
+
+    W[n, k] ~= scales[g_idx[k], n] * (q[n, k] - zeros[g_idx[k], n])
+
+AutoGPTQ "gptq" files store, per layer (bits b, f = 32 / b values per int32 word, G groups):
+    qweight  int32 [K / f, N]   f consecutive input rows per word, the lowest row in the lowest bits
+    qzeros   int32 [G, N / f]   f consecutive output columns per word; v1 stores zero - 1, v2 the zero itself
+    scales   fp16  [G, N]
+    g_idx    int32 [K]          the group of each input row (absent in old files: row // group_size)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+
+SUPPORTED_BITS = (4, 8)
+FORMATS = ("gptq", "gptq_v2")  # v1 (AutoGPTQ, transformers) and v2 (GPTQModel's internal format)
+
+
+@dataclass
+class QuantizedWeight:
+    q: Tensor  # (N, K) integers in [0, 2**bits)
+    scales: Tensor  # (G, N) float
+    zeros: Tensor  # (G, N) integers
+    g_idx: Tensor  # (K,) int32, the group of each input column
+    bits: int
+    group_size: int  # -1: one group for all K inputs
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight (N, K) this stands for."""
+        g = self.g_idx.long()
+        scales = self.scales.float()[g].T  # (N, K)
+        zeros = self.zeros.float()[g].T
+        return (scales * (self.q.float() - zeros)).to(dtype)
+
+
+def _per_word(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise CheckpointError(f"{bits}-bit weights are not supported; supported: {SUPPORTED_BITS}")
+    return 32 // bits
+
+
+def pack_rows(values: Tensor, bits: int) -> Tensor:
+    """(R, C) integers in [0, 2**bits) -> int32 (R / f, C): f consecutive rows per word, lowest row lowest."""
+    f = _per_word(bits)
+    rows = values.to(torch.int64).reshape(-1, f, values.shape[1])  # (R/f, f, C)
+    shifts = (torch.arange(f, dtype=torch.int64) * bits).view(1, f, 1)
+    words = (rows << shifts).sum(dim=1)  # disjoint bit fields: the sum is the bitwise or
+    return _to_int32(words)
+
+
+def unpack_rows(words: Tensor, bits: int) -> Tensor:
+    """The inverse of pack_rows: int32 (R / f, C) -> int32 (R, C)."""
+    f = _per_word(bits)
+    shifts = (torch.arange(f, dtype=torch.int32) * bits).view(1, f, 1)
+    fields = (words.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)  # (R/f, f, C)
+    return fields.reshape(-1, words.shape[1])
+
+
+def pack_columns(values: Tensor, bits: int) -> Tensor:
+    """(R, C) -> int32 (R, C / f): f consecutive columns per word."""
+    return pack_rows(values.T.contiguous(), bits).T.contiguous()
+
+
+def unpack_columns(words: Tensor, bits: int) -> Tensor:
+    return unpack_rows(words.T.contiguous(), bits).T.contiguous()
+
+
+def _to_int32(words: Tensor) -> Tensor:
+    """Unsigned 32-bit values (int64) reinterpreted as the int32 the files hold."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def to_gptq_tensors(weight: QuantizedWeight, checkpoint_format: str = "gptq") -> dict[str, Tensor]:
+    """qweight, qzeros, scales and g_idx as AutoGPTQ writes them (v1) or GPTQModel's v2."""
+    N, K = weight.shape
+    f = _per_word(weight.bits)
+    if K % f or N % f:
+        raise CheckpointError(f"a {N}x{K} weight cannot be packed {f} values per word: both sides must divide by {f}")
+    zeros = weight.zeros.to(torch.int64)
+    if checkpoint_format == "gptq":
+        # v1 stores zero - 1 (an off-by-one every reader undoes), so it cannot hold a zero of 0: the quantizer
+        # keeps zeros >= 1 when it writes v1.
+        if bool((zeros < 1).any()):
+            raise CheckpointError("a zero point of 0 cannot be stored in the gptq (v1) format; use gptq_v2")
+        zeros = zeros - 1
+    return {
+        "qweight": pack_rows(weight.q.T.contiguous(), weight.bits),
+        "qzeros": pack_columns(zeros, weight.bits),
+        "scales": weight.scales.to(torch.float16),
+        "g_idx": weight.g_idx.to(torch.int32),
+    }
+
+
+def from_gptq_tensors(tensors: dict[str, Tensor], bits: int, group_size: int, checkpoint_format: str = "gptq",
+                      name: str = "") -> QuantizedWeight:
+    """The inverse of to_gptq_tensors, checking every shape against the others (a damaged or inconsistent file
+    is an error naming the layer, never a wrong model)."""
+    f = _per_word(bits)
+    missing = [k for k in ("qweight", "qzeros", "scales") if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{name}: quantized layer without {', '.join(missing)}")
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise CheckpointError(f"{name}: qweight and qzeros must be int32, got {qweight.dtype} and {qzeros.dtype}")
+    K, N = qweight.shape[0] * f, qweight.shape[1]
+    if checkpoint_format not in FORMATS:
+        raise CheckpointError(f"{name}: checkpoint_format {checkpoint_format!r} is not one of {FORMATS}")
+    G = K if group_size == -1 else group_size
+    groups = 1 if group_size == -1 else -(-K // group_size)
+    if tuple(scales.shape) != (groups, N) or tuple(qzeros.shape) != (groups, N // f):
+        raise CheckpointError(
+            f"{name}: scales {list(scales.shape)} and qzeros {list(qzeros.shape)} do not fit a {K}x{N} layer with "
+            f"group size {group_size} and {bits} bits (expected scales [{groups}, {N}], qzeros [{groups}, {N // f}])")
+    g_idx = tensors.get("g_idx")
+    if g_idx is None:  # old files: groups in row order
+        g_idx = torch.arange(K, dtype=torch.int32) // G
+    elif tuple(g_idx.shape) != (K,):
+        raise CheckpointError(f"{name}: g_idx has shape {list(g_idx.shape)}, expected [{K}]")
+    g_idx = g_idx.to(torch.int32)
+    if K and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise CheckpointError(f"{name}: g_idx points outside the {groups} groups")
+    zeros = unpack_columns(qzeros, bits)
+    if checkpoint_format == "gptq":
+        zeros = zeros + 1  # as AutoGPTQ's and transformers' kernels read v1 (a stored 0xF means 16)
+    q = unpack_rows(qweight, bits).T.contiguous()
+    return QuantizedWeight(q.to(torch.uint8), scales.float(), zeros.to(torch.int32), g_idx, bits, group_size)

@@ -1,0 +1,154 @@
+"""`starcoder quantize`: GPTQ over a whole model, one block at a time.
+
+Calibration windows go through the embeddings once; then each block is copied to float32, its linear layers are
+quantized in true-sequential order (q, k, v -> o -> fc -> proj: each group's Hessian is collected with the
+groups before it already quantized), and the block's quantized outputs become the next block's inputs. Only one
+block and the calibration activations are in memory at a time; the rest of the model stays in its memory-mapped
+files.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import load_config, load_model, resolve_model_dir
+from ..errors import StarCoderError
+from ..model import CAUSAL, rotary_cos_sin
+from ..tokenizer import Tokenizer
+from .files import LINEARS, read_quant_config, save_quantized
+from .gptq import Hessian, QuantSettings, gptq, rtn
+
+log = logging.getLogger(__name__)
+
+# Groups of a block's linears that are quantized together; q, k and v share their input (and so one Hessian).
+SEQUENTIAL_GROUPS = (("attn.q", "attn.k", "attn.v"), ("attn.o",), ("mlp.fc",), ("mlp.proj",))
+
+
+def default_calibration() -> list[Path]:
+    """Code every machine has offline: the Python standard library of this interpreter (PSF-licensed)."""
+    return [Path(sysconfig.get_paths()["stdlib"])]
+
+
+def calibration_windows(tokenizer: Tokenizer, paths: list[Path], n_samples: int, seq_len: int,
+                        seed: int = 0) -> torch.Tensor:
+    """n_samples windows of seq_len tokens (n, L) from the code files (or JSONL rows) at paths: documents in a
+    seeded random order, joined by the end token, cut into consecutive windows."""
+    from ..train.data import read_corpus
+
+    if n_samples < 1 or seq_len < 2:
+        raise StarCoderError(f"calibration needs n_samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
+    documents = [d.content for d in read_corpus(paths, exclude=("test", "tests", "site-packages", "idlelib"))]
+    random.Random(seed).shuffle(documents)
+    need = n_samples * seq_len
+    tokens: list[int] = []
+    for text in documents:
+        tokens.extend(tokenizer.encode(text))
+        tokens.append(tokenizer.eos_id)
+        if len(tokens) >= need:
+            break
+    if len(tokens) < need:
+        raise StarCoderError(f"the calibration data ({', '.join(map(str, paths))}) has {len(tokens):,} tokens; "
+                             f"{n_samples} samples of {seq_len} need {need:,}: give more code (--calibration) or "
+                             "lower --n-samples / --seq-len")
+    return torch.tensor(tokens[:need]).view(n_samples, seq_len)
+
+
+@torch.no_grad()
+def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibration: list[Path] | None = None,
+                   n_samples: int = 128, seq_len: int = 2048, seed: int = 0, method: str = "gptq",
+                   progress: bool | None = None) -> dict:
+    """Quantize a model directory or hub id into `out` (an AutoGPTQ-compatible directory); returns statistics."""
+    settings.check()
+    if method not in ("gptq", "rtn"):
+        raise StarCoderError(f"method must be gptq or rtn, got {method!r}")
+    model_dir = resolve_model_dir(model)
+    if read_quant_config(model_dir) is not None:
+        raise StarCoderError(f"{model_dir} is already quantized")
+    out = Path(out)
+    if out.resolve() == model_dir.resolve():
+        raise StarCoderError("--out must be a new directory, not the model's own")
+    config = load_config(model_dir)
+    if config.head != "causal_lm":
+        raise StarCoderError("only causal language models can be quantized")
+    shapes = {"attn.q": config.n_embd, "attn.k": config.n_embd, "attn.v": config.n_embd,
+              "attn.o": config.n_head * config.head_dim, "mlp.fc": config.n_embd, "mlp.proj": config.n_inner}
+    for linear in LINEARS:
+        settings.check_layer(linear, shapes[linear])
+    tokenizer = Tokenizer.from_dir(model_dir)
+    seq_len = min(seq_len, config.max_positions)
+    windows = calibration_windows(tokenizer, calibration or default_calibration(), n_samples, seq_len, seed)
+
+    start_time = time.perf_counter()
+    lm = load_model(model_dir)  # memory-mapped: a block's weights are read when the block is reached
+    decoder, stored = lm.model, lm.model.embed.weight.dtype
+    positions = torch.arange(seq_len)[None]
+    hidden = []
+    for window in windows:
+        x = decoder.embed(window[None])
+        if decoder.pos_embed is not None:
+            x = x + decoder.pos_embed(positions)
+        hidden.append(x.to(stored))
+    rotary = None if decoder.pos_embed is not None else rotary_cos_sin(positions, config.head_dim, config.rope_theta,
+                                                                        torch.float32)
+    quantized, losses, kept = {}, {}, {}
+    groups = SEQUENTIAL_GROUPS if settings.true_sequential else (LINEARS,)
+    bar = tqdm(total=config.n_layer, desc=f"{method} {settings.bits}-bit", unit="block",
+               disable=None if progress is None else not progress)
+    for index, block in enumerate(decoder.layers):
+        work = copy.deepcopy(block).float()
+
+        def run(x: torch.Tensor, work=work, index=index) -> torch.Tensor:
+            return work(x.float(), CAUSAL, rotary, None, 0, index)
+
+        for group in groups:
+            hessians = _collect_hessians(work, group, hidden, run) if method == "gptq" else {}
+            for name in group:
+                module = work.get_submodule(name)
+                if method == "gptq":
+                    weight, losses[f"{index}.{name}"] = gptq(module.weight, hessians[name].H, settings)
+                else:
+                    weight = rtn(module.weight, settings)
+                quantized[f"model.layers.{index}.{name}"] = weight
+                module.weight.data = weight.dequantize(torch.float32)  # later groups see the quantized layer
+        hidden = [run(x).to(stored) for x in hidden]
+        del work
+        kept.update({f"model.layers.{index}.{n}": t.clone() for n, t in block.state_dict().items()
+                     if not n.endswith(tuple(f"{linear}.weight" for linear in LINEARS))})  # norms, biases
+        block.to_empty(device="meta")  # done with the original weights: let their pages go
+        bar.update()
+    bar.close()
+
+    state = {n: t for n, t in lm.state_dict().items() if not t.is_meta} | kept
+    save_quantized(out, config, state, quantized, settings, str(model))
+    tokenizer.save(out)
+    return {"seconds": time.perf_counter() - start_time, "layers": len(quantized), "gptq_loss": losses}
+
+
+def _collect_hessians(work, group: tuple[str, ...], hidden: list[torch.Tensor], run) -> dict[str, Hessian]:
+    """One Hessian per distinct input of the group's linears (q, k and v share one), over every calibration
+    window passed through the block."""
+    hessians: dict[str, Hessian] = {}
+    handles = []
+    shared: dict[str, str] = {}
+    for name in group:
+        source = "attn.q" if name in ("attn.k", "attn.v") and "attn.q" in group else name
+        shared[name] = source
+        if source == name:
+            module = work.get_submodule(name)
+            hessian = hessians[name] = Hessian(module.in_features)
+            handles.append(module.register_forward_pre_hook(lambda _m, args, h=hessian: h.add(args[0])))
+    try:
+        for x in hidden:
+            run(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: hessians[shared[name]] for name in group}

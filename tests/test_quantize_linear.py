@@ -1,0 +1,82 @@
+"""Quantized linear layers: every runtime path against the dequantize-then-matmul reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from starcoder.quantize import native
+from starcoder.quantize.linear import DecodeHead, QuantLinear, _layout_understood
+from test_quantize_gptq import random_weight
+
+SHAPES = [(4, -1, 128, 512), (4, 64, 128, 256), (4, 128, 192, 256), (4, 32, 128, 256), (8, -1, 64, 256),
+          (4, 32, 48, 64)]
+
+
+def reference(weight, bias, x):
+    return x.double() @ weight.dequantize().double().T + bias.double()
+
+
+@pytest.mark.parametrize("bits, group_size, N, K", SHAPES)
+def test_float32_paths_equal_the_reference(bits, group_size, N, K):
+    """float32 models take PyTorch's kernels (or keep the dequantized weight): tight agreement, act-order and
+    groups included (random_weight's g_idx is a random permutation of the groups)."""
+    weight, bias = random_weight(N, K, bits, group_size), torch.randn(N)
+    layer = QuantLinear(weight, bias, torch.float32)
+    expected_mode = {(4, 48): "dequantized"}.get((bits, N), "int4" if bits == 4 else "int8")
+    assert layer.mode == expected_mode
+    for rows in (1, 3, 40):  # decode kernels and the long-prompt path
+        x = torch.randn(2, rows, K)
+        torch.testing.assert_close(layer(x).double(), reference(weight, bias, x).view(2, rows, N), rtol=2e-5,
+                                   atol=2e-5 * float(reference(weight, bias, x).abs().max()))
+
+
+def test_pytorch_packs_int4_the_way_we_read_it():
+    assert _layout_understood()
+
+
+needs_native = pytest.mark.skipif(native.kernels() is None, reason="no AVX512-BF16 CPU or no compiler")
+
+
+@needs_native
+@pytest.mark.parametrize("bits, group_size, N, K", SHAPES[:5])
+def test_native_kernels_equal_the_reference(bits, group_size, N, K):
+    """Our kernels on bfloat16 activations: float32 accumulation of exact products, so before the output is
+    rounded to bfloat16 they agree with a float64 reference to float32 rounding."""
+    weight, bias = random_weight(N, K, bits, group_size), torch.zeros(N)
+    layer = QuantLinear(weight, bias, torch.bfloat16)
+    assert layer.mode == ("native-int4" if bits == 4 and group_size in (-1, 64, 128) else
+                          "native-int8" if bits == 8 else "int4")
+    if not layer.mode.startswith("native"):
+        return
+    kernels = native.kernels()
+    for rows in (1, 2, 5, 8):
+        x = torch.randn(rows, K).bfloat16()
+        xp = x if layer.perm is None else x.index_select(1, layer.perm)
+        if bits == 4:
+            y = kernels.int4_matvec(xp.contiguous(), layer.native_packed, layer.native_scales, layer.native_offsets,
+                                    layer.kernel_group)
+        else:
+            y = kernels.int8_matvec(xp.contiguous(), layer.int8_weight, layer.native_scales, layer.native_offsets)
+        expected = reference(weight, bias, x.float())
+        assert float((y.double() - expected).abs().max() / expected.abs().max()) < 1e-5
+    if bits == 4:  # the long-prompt path's dequantized weight is the weight, rounded to bfloat16
+        w = kernels.int4_dequantize(layer.native_packed, layer.native_scales, layer.native_offsets, layer.kernel_group)
+        sorted_weight = weight.dequantize()[:, layer.perm] if layer.perm is not None else weight.dequantize()
+        torch.testing.assert_close(w.float(), sorted_weight.bfloat16().float(), rtol=0, atol=1e-6)
+    # decode and long inputs agree through the layer itself (the long path rounds the weight to bfloat16)
+    x = torch.randn(12, K).bfloat16()
+    short, long = layer(x[:3]).float(), layer(x)[:3].float()
+    assert float((short - long).abs().max() / long.abs().max()) < 2e-2
+
+
+@needs_native
+def test_decode_head_reads_the_embedding_in_place():
+    embedding = torch.nn.Parameter(torch.randn(320, 128).bfloat16(), requires_grad=False)
+    head = DecodeHead(embedding, native.kernels())
+    x = torch.randn(1, 3, 128).bfloat16()
+    expected = x.double() @ embedding.double().T
+    assert float((head(x).double() - expected).abs().max() / expected.abs().max()) < 1e-2
+    y = native.kernels().bf16_matvec(x[0].contiguous(), embedding)
+    assert float((y.double() - expected[0]).abs().max() / expected.abs().max()) < 1e-5
+    torch.testing.assert_close(head(torch.randn(1, 20, 128).bfloat16()).shape, torch.Size([1, 20, 320]))
