@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from . import native
 from .pack import QuantizedWeight
 
-DECODE_ROWS = 8  # up to this many input rows, the int4 kernel; beyond, dequantize block by block
+DECODE_ROWS = 8  # up to this many input rows, the decode kernels; beyond, dequantize and run one matmul
+_NATIVE_ACTIVATIONS = {None: 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # what kernels.cpp applies itself
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernel takes
 BLOCK_N = 64  # the kernel's layout packs 64 output channels at a time: [K, 32] bytes, low nibbles first
 INNER_K_TILES = 2
@@ -61,6 +62,8 @@ class QuantLinear(nn.Module):
         q = weight.q[:, order]
         self.mode = "dequantized"
         self.native = native.kernels() if dtype == torch.bfloat16 else None
+        if self.native is not None and bias is not None:
+            self.register_buffer("native_bias", bias.float().contiguous())
         if self.native is not None:
             if weight.bits == 4:
                 self._setup_native_int4(q, weight, sorted_groups)
@@ -85,9 +88,10 @@ class QuantLinear(nn.Module):
         blocks = q.view(N, K // 64, 2, 32).to(torch.uint8)  # kernels.cpp's layout: k0 + j low, k0 + 32 + j high
         self.register_buffer("native_packed", (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2))
         chunk_group = groups[::size]
-        scales = weight.scales.float()[chunk_group].contiguous()  # (K / size, N)
-        self.register_buffer("native_scales", scales)
-        self.register_buffer("native_offsets", (-weight.zeros.float()[chunk_group] * scales).contiguous())
+        scales = weight.scales.float()[chunk_group]  # (G, N)
+        # (N, G): a row's scales and offsets share a cache line instead of G lines N * 4 bytes apart.
+        self.register_buffer("native_scales", scales.T.contiguous())
+        self.register_buffer("native_offsets", (-weight.zeros.float()[chunk_group] * scales).T.contiguous())
         self.kernel_group = size
         self.mode = "native-int4"
 
@@ -135,21 +139,22 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        if self.mode == "native-int4":
-            if x2.shape[0] <= DECODE_ROWS:
+        if self.mode.startswith("native") and x2.shape[0] <= DECODE_ROWS and activation in _NATIVE_ACTIVATIONS:
+            # Decoding: one call does the product, the bias and the activation, and writes bfloat16.
+            bias = None if self.bias is None else self.native_bias
+            if self.mode == "native-int4":
                 y = self.native.int4_matvec(x2.contiguous(), self.native_packed, self.native_scales,
-                                            self.native_offsets, self.kernel_group)
+                                            self.native_offsets, self.kernel_group, bias,
+                                            _NATIVE_ACTIVATIONS[activation])
             else:
-                w = self.native.int4_dequantize(self.native_packed, self.native_scales, self.native_offsets,
-                                                self.kernel_group)
-                y = _matmul(x2, w)
-        elif self.mode == "native-int8":
-            if x2.shape[0] <= DECODE_ROWS:
                 y = self.native.int8_matvec(x2.contiguous(), self.int8_weight, self.native_scales,
-                                            self.native_offsets)
-            else:
-                w = torch.addcmul(self.native_offsets[:, None], self.int8_weight, self.native_scales[:, None])
-                y = _matmul(x2, w.to(self.dtype))
+                                            self.native_offsets, bias, _NATIVE_ACTIVATIONS[activation])
+            return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        if self.mode == "native-int4":
+            y = _matmul(x2, self.native.int4_dequantize(self.native_packed, self.native_scales,
+                                                        self.native_offsets, self.kernel_group))
+        elif self.mode == "native-int8":
+            y = _matmul(x2, self.native.int8_dequantize(self.int8_weight, self.native_scales, self.native_offsets))
         elif self.mode == "int4":
             if x2.shape[0] <= DECODE_ROWS or not _layout_understood():
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.kernel_group,

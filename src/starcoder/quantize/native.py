@@ -42,6 +42,8 @@ def kernels():
                     extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"],
                     extra_ldflags=["-fopenmp"], verbose=False)  # at::parallel_for is OpenMP: serial without it
     except Exception as e:  # no compiler, no headers, a failed build: the stock kernels still work
+        lines = str(e).splitlines()
+        reason = next((line for line in lines if "error" in line.lower() and ".cpp" in line), lines[0] if lines else "")
         log.warning("could not build the int4/int8 kernels (%s: %s); using PyTorch's, which decode slower",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                    type(e).__name__, reason)
         return None
