@@ -136,9 +136,11 @@ def speed(rounds: int, requantize: bool) -> None:
             stats = quantize_model(str(bf16), out, settings, n_samples=samples, seq_len=512, method=method,
                                    progress=False)
             timing[name] = stats["seconds"]
-            (out / "bench_quantize.json").write_text(json.dumps({"seconds": stats["seconds"]}))
+            (out / "bench_quantize.json").write_text(json.dumps({"seconds": stats["seconds"],
+                                                                 "block_peak_rss": stats["block_peak_rss"]}))
         else:
             timing[name] = json.loads((out / "bench_quantize.json").read_text())["seconds"]
+    peaks = json.loads((sides["int4 (GPTQ g128 act-order)"] / "bench_quantize.json").read_text())["block_peak_rss"]
     best: dict[str, dict] = {}
     for _ in range(rounds):
         for name, path in sides.items():
@@ -151,6 +153,8 @@ def speed(rounds: int, requantize: bool) -> None:
           f"{rounds}")
     print(f"{'weights':<28}{'decode tok/s':>13}{'vs bf16':>9}{'prefill tok/s':>15}{'vs bf16':>9}{'model MB':>10}"
           f"{'vs bf16':>9}{'load s':>8}{'quantize s':>12}")
+    print(f"GPTQ peak resident memory per block (process, MB): max {max(peaks) / 2**20:.0f}, "
+          f"blocks {', '.join(f'{p / 2**20:.0f}' for p in peaks[:4])}, ...")
     for name, r in best.items():
         q = f"{timing[name]:12.0f}" if name in timing else ""
         print(f"{name:<28}{r['decode']:>13.1f}{r['decode'] / base['decode']:>8.2f}x{r['prefill']:>15.1f}"

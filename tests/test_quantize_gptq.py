@@ -19,14 +19,16 @@ from starcoder.quantize.pack import (
 )
 
 
-def random_weight(N, K, bits, group_size, seed=0):
+def random_weight(N, K, bits, group_size, seed=0, act_order=True):
+    """A random quantized weight; with act_order, the groups are spread over the inputs in a random order."""
     g = torch.Generator().manual_seed(seed)
     groups = 1 if group_size == -1 else K // group_size
+    g_idx = torch.arange(K) // (K if group_size == -1 else group_size)
     return QuantizedWeight(
         q=torch.randint(0, 2**bits, (N, K), generator=g).to(torch.uint8),
         scales=(torch.rand(groups, N, generator=g) + 0.01).half().float(),
         zeros=torch.randint(1, 2**bits, (groups, N), generator=g).to(torch.int32),
-        g_idx=(torch.arange(K) // (K if group_size == -1 else group_size))[torch.randperm(K, generator=g)].int(),
+        g_idx=(g_idx[torch.randperm(K, generator=g)] if act_order else g_idx).int(),
         bits=bits, group_size=group_size)
 
 

@@ -17,11 +17,12 @@ def reference(weight, bias, x):
     return x.double() @ weight.dequantize().double().T + bias.double()
 
 
+@pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("bits, group_size, N, K", SHAPES)
-def test_float32_paths_equal_the_reference(bits, group_size, N, K):
-    """float32 models take PyTorch's kernels (or keep the dequantized weight): tight agreement, act-order and
-    groups included (random_weight's g_idx is a random permutation of the groups)."""
-    weight, bias = random_weight(N, K, bits, group_size), torch.randn(N)
+def test_float32_paths_equal_the_reference(bits, group_size, N, K, act_order):
+    """float32 models take PyTorch's kernels (or keep the dequantized weight): tight agreement with and without
+    act-order (a g_idx that spreads the groups over the inputs in a random order) and groups."""
+    weight, bias = random_weight(N, K, bits, group_size, act_order=act_order), torch.randn(N)
     layer = QuantLinear(weight, bias, torch.float32)
     expected_mode = {(4, 48): "dequantized"}.get((bits, N), "int4" if bits == 4 else "int8")
     assert layer.mode == expected_mode
@@ -45,6 +46,7 @@ def test_native_kernels_equal_the_reference(bits, group_size, N, K):
     reference up to the final rounding to bfloat16."""
     weight, bias = random_weight(N, K, bits, group_size), torch.zeros(N)
     layer = QuantLinear(weight, bias, torch.bfloat16)
+    assert (layer.perm is not None) == (group_size != -1)  # act-order: inputs sorted by group at load
     assert layer.mode == ("native-int4" if bits == 4 and group_size in (-1, 64, 128) else
                           "native-int8" if bits == 8 else "int4")
     if not layer.mode.startswith("native"):
@@ -63,7 +65,8 @@ def test_native_kernels_equal_the_reference(bits, group_size, N, K):
         # float32 sums of exact products, rounded once to bfloat16 (relative error <= 2^-9)
         torch.testing.assert_close(y.double(), expected, rtol=2**-8, atol=1e-4 * float(expected.abs().max()))
     if bits == 4:  # the long-prompt path's dequantized weight is the weight, rounded to bfloat16
-        w = kernels.int4_dequantize(layer.native_packed, layer.native_scales, layer.native_offsets, layer.kernel_group)
+        w = torch.empty(N, K, dtype=torch.bfloat16)
+        kernels.int4_dequantize(layer.native_packed, layer.native_scales, layer.native_offsets, layer.kernel_group, w)
         sorted_weight = weight.dequantize()[:, layer.perm] if layer.perm is not None else weight.dequantize()
         torch.testing.assert_close(w.float(), sorted_weight.bfloat16().float(), rtol=0, atol=1e-6)
     # decode and long inputs agree through the layer itself (the long path rounds the weight to bfloat16), with

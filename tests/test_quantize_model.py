@@ -25,6 +25,15 @@ def tiny(request, tmp_path_factory):
     return path
 
 
+def read_all(out):
+    """Every tensor of a (sharded) quantized directory, and which shard holds each."""
+    tensors, where = {}, {}
+    for shard in sorted(out.glob("model-*.safetensors")):
+        for name, tensor in load_file(shard).items():
+            tensors[name], where[name] = tensor, shard
+    return tensors, where
+
+
 def relative_error(a, b):
     return float((a.float() - b.float()).norm() / a.float().norm())
 
@@ -42,7 +51,8 @@ def test_quantize_reload_and_generate(tiny, tmp_path, bits, group_size, act_orde
     quant = json.loads((out / "quantize_config.json").read_text())
     assert quant | {"bits": bits, "group_size": group_size, "desc_act": act_order, "quant_method": "gptq"} == quant
     assert json.loads((out / "config.json").read_text())["quantization_config"] == quant
-    tensors = load_file(out / "model.safetensors")
+    assert len(list(out.glob("model-*.safetensors"))) == 3  # one shard per block, then the rest
+    tensors, _ = read_all(out)
     family = json.loads((tiny / "config.json").read_text())["model_type"]
     first = "transformer.h.0.attn.c_attn" if family == "gpt_bigcode" else "model.layers.0.self_attn.q_proj"
     assert tensors[f"{first}.qweight"].dtype == torch.int32 and tensors[f"{first}.scales"].dtype == torch.float16
@@ -84,13 +94,14 @@ def test_readers_accept_thebloke_v2_meta_and_missing_g_idx(tiny, tmp_path):
     quantize_model(str(tiny), out, QuantSettings(group_size=32), n_samples=4, seq_len=64, progress=False)
     reference = logits(load_model(out, dtype="float32"), ids := torch.randint(0, 1000, (1, 16)))
 
-    bloke = tmp_path / "bloke"  # TheBloke: gptq_model-4bit--1g.safetensors, settings only in quantize_config.json
+    bloke = tmp_path / "bloke"  # TheBloke: one gptq_model-4bit-32g.safetensors, settings only in quantize_config.json
     shutil.copytree(out, bloke)
-    (bloke / "model.safetensors").rename(bloke / "gptq_model-4bit-32g.safetensors")
+    tensors, _ = read_all(bloke)
+    for stale in [*bloke.glob("model-*.safetensors"), bloke / "model.safetensors.index.json"]:
+        stale.unlink()
     config = json.loads((bloke / "config.json").read_text())
     del config["quantization_config"]
     (bloke / "config.json").write_text(json.dumps(config))
-    tensors = load_file(bloke / "gptq_model-4bit-32g.safetensors")
     save_file({n: t for n, t in tensors.items() if not n.endswith("g_idx")}, bloke / "gptq_model-4bit-32g.safetensors")
     torch.testing.assert_close(logits(load_model(bloke, dtype="float32"), ids), reference)
 
@@ -112,21 +123,23 @@ def test_readers_accept_thebloke_v2_meta_and_missing_g_idx(tiny, tmp_path):
 def test_damaged_or_inconsistent_quantized_checkpoints(tiny, tmp_path):
     out = tmp_path / "q"
     quantize_model(str(tiny), out, QuantSettings(group_size=32), n_samples=4, seq_len=64, progress=False)
-    tensors = load_file(out / "model.safetensors")
-    name = next(n for n in tensors if n.endswith(".qzeros"))
+    _, where = read_all(out)
+    name = next(n for n in where if n.endswith(".qzeros"))
+    shard = where[name]
+    tensors = load_file(shard)
 
     broken = dict(tensors)
     del broken[name]
-    save_file(broken, out / "model.safetensors")
+    save_file(broken, shard)
     with pytest.raises(CheckpointError, match="without qzeros"):
         load_model(out)
 
     broken = dict(tensors, **{name.replace("qzeros", "scales"): tensors[name.replace("qzeros", "scales")][:1]})
-    save_file(broken, out / "model.safetensors")
+    save_file(broken, shard)
     with pytest.raises(CheckpointError, match="do not fit"):
         load_model(out)
 
-    save_file(tensors, out / "model.safetensors")
+    save_file(tensors, shard)
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"]["group_size"] = 64  # settings that do not match the tensors
     (out / "config.json").write_text(json.dumps(config))
@@ -168,6 +181,6 @@ def test_calibration_from_a_given_directory(tiny, tmp_path):
     (code / "a.py").write_text("def f(x):\n    return x + 1\n" * 200)
     out = tmp_path / "q"
     quantize_model(str(tiny), out, QuantSettings(), calibration=[code], n_samples=2, seq_len=64, progress=False)
-    assert (out / "model.safetensors").exists()
+    assert (out / "model.safetensors.index.json").exists()
     with pytest.raises(StarCoderError, match="has .* tokens; 50 samples of 64 need 3,200"):
         quantize_model(str(tiny), tmp_path / "q2", QuantSettings(), calibration=[code], n_samples=50, seq_len=64)

@@ -120,12 +120,14 @@ class Hessian:
         self.H += x.T @ x
 
 
-def gptq(weight: Tensor, H: Tensor, settings: QuantSettings) -> tuple[QuantizedWeight, float]:
+def gptq(weight: Tensor, H: Tensor, settings: QuantSettings, overwrite: bool = False) -> tuple[QuantizedWeight, float]:
     """GPTQ-quantize weight (N, K) given its layer's Hessian (K, K); returns the result and the summed
-    squared error the algorithm saw ((w - q)^2 / Hinv_ii^2 / 2), for progress reports."""
+    squared error the algorithm saw ((w - q)^2 / Hinv_ii^2 / 2), for progress reports. overwrite=True lets it
+    use H as its working copy (saving a K x K matrix)."""
     W = weight.float().clone()
     N, K = W.shape
-    H = H.clone()
+    if not overwrite:
+        H = H.clone()
     maxq, g = settings.maxq, (K if settings.group_size == -1 else settings.group_size)
 
     dead = torch.diag(H) == 0  # inputs that were always zero: nothing to preserve there
@@ -136,8 +138,10 @@ def gptq(weight: Tensor, H: Tensor, settings: QuantSettings) -> tuple[QuantizedW
     if settings.static_groups and settings.group_size != -1:
         static = [find_params(W[:, s : s + g], settings) for s in range(0, K, g)]
     perm = torch.argsort(torch.diag(H), descending=True) if settings.act_order else torch.arange(K)
-    W, H = W[:, perm], H[perm][:, perm]
+    if settings.act_order:
+        W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_cholesky(H, settings.damp)
+    del H
 
     Q = torch.zeros_like(W)
     scales, zeros = [], []
@@ -180,14 +184,21 @@ def gptq(weight: Tensor, H: Tensor, settings: QuantSettings) -> tuple[QuantizedW
 
 
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + damping)^-1; more damping when H is too ill-conditioned to factor."""
+    """Upper Cholesky factor of (H + damping)^-1; more damping when H is too ill-conditioned to factor.
+
+    At most three K x K matrices are alive at once (H, and two of damped / L / inverse / U): for StarCoder-15B's
+    MLP projection (K = 24,576) each is 2.4 GB, so copies are freed as soon as they are used."""
     mean_diag = torch.mean(torch.diag(H))
     for attempt in range(6):
-        damped = H + torch.eye(H.shape[0]) * (damp * 10**attempt * mean_diag)
+        damped = H.clone()
+        damped.diagonal().add_(damp * 10**attempt * mean_diag)
         L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             inverse = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0:
                 return U
     raise StarCoderError("the layer's Hessian is not positive definite even with 10^5 times the damping: the "

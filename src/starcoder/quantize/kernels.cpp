@@ -155,11 +155,13 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   return y;
 }
 
-// The int4 weight as bfloat16 [N, K], for long inputs (a matmul reads it once per prompt).
-torch::Tensor int4_dequantize(torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets, int64_t group) {
+// The int4 weight as bfloat16 [N, K] into `w`, for long inputs (a matmul reads it once per prompt). The caller
+// reuses one buffer: fresh memory would cost a page fault every 4 KB, more than the work itself.
+torch::Tensor int4_dequantize(torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets, int64_t group,
+                              torch::Tensor w) {
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
   TORCH_CHECK(K % 64 == 0 && group % 64 == 0 && K % group == 0, "int4_dequantize shapes");
-  auto w = torch::empty({N, K}, torch::kBFloat16);
+  TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.is_contiguous() && w.numel() == N * K, "w: bf16 [N, K]");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* op = offsets.data_ptr<float>();
@@ -169,11 +171,18 @@ torch::Tensor int4_dequantize(torch::Tensor packed, torch::Tensor scales, torch:
       const uint8_t* row = pp + n * (K / 2);
       at::BFloat16* out = wp + n * K;
       for (int64_t k0 = 0; k0 < K; k0 += 64) {
-        const float s = sp[n * (K / group) + k0 / group], o = op[n * (K / group) + k0 / group];
-        for (int j = 0; j < 32; ++j) {
-          const uint8_t b = row[k0 / 2 + j];
-          out[k0 + j] = at::BFloat16(static_cast<float>(b & 15) * s + o);
-          out[k0 + 32 + j] = at::BFloat16(static_cast<float>(b >> 4) * s + o);
+        const __m512 s = _mm512_set1_ps(sp[n * (K / group) + k0 / group]);
+        const __m512 o = _mm512_set1_ps(op[n * (K / group) + k0 / group]);
+        // 64 nibbles -> 4 x 16 floats: zero-extend the 32 bytes to 32-bit lanes twice (low and high nibbles).
+        const __m128i* src = reinterpret_cast<const __m128i*>(row + k0 / 2);
+        for (int half = 0; half < 2; ++half) {
+          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(src + half));  // 16 bytes, 16 lanes
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k0 + 16 * half),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(lo, s, o)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k0 + 32 + 16 * half),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(hi, s, o)));
         }
       }
     }
@@ -226,10 +235,10 @@ torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scale
   return y;
 }
 
-// The int8 weight as bfloat16 [N, K], for long inputs.
-torch::Tensor int8_dequantize(torch::Tensor q8, torch::Tensor scale, torch::Tensor offset) {
+// The int8 weight as bfloat16 [N, K] into `w`, for long inputs.
+torch::Tensor int8_dequantize(torch::Tensor q8, torch::Tensor scale, torch::Tensor offset, torch::Tensor w) {
   const int64_t N = q8.size(0), K = q8.size(1);
-  auto w = torch::empty({N, K}, torch::kBFloat16);
+  TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.is_contiguous() && w.numel() == N * K, "w: bf16 [N, K]");
   const int8_t* qp = q8.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* op = offset.data_ptr<float>();

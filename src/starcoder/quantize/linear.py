@@ -138,7 +138,7 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
         if self.perm is not None:
-            x2 = x2.index_select(1, self.perm)
+            x2 = x2[:, self.perm]  # (faster than index_select along the last dimension)
         if self.mode.startswith("native") and x2.shape[0] <= DECODE_ROWS and activation in _NATIVE_ACTIVATIONS:
             # Decoding: one call does the product, the bias and the activation, and writes bfloat16.
             bias = None if self.bias is None else self.native_bias
@@ -150,12 +150,18 @@ class QuantLinear(nn.Module):
                 y = self.native.int8_matvec(x2.contiguous(), self.int8_weight, self.native_scales,
                                             self.native_offsets, bias, _NATIVE_ACTIVATIONS[activation])
             return y.view(*shape[:-1], self.out_features).to(x.dtype)
-        if self.mode == "native-int4":
-            y = _matmul(x2, self.native.int4_dequantize(self.native_packed, self.native_scales,
-                                                        self.native_offsets, self.kernel_group))
-        elif self.mode == "native-int8":
-            y = _matmul(x2, self.native.int8_dequantize(self.int8_weight, self.native_scales, self.native_offsets))
-        elif self.mode == "int4":
+        if self.mode in ("native-int4", "native-int8"):
+            # Long inputs: the layer dequantized to bfloat16 (into a reused buffer), then one oneDNN matmul with
+            # the bias and the activation fused into it.
+            w = _scratch(self.out_features, self.in_features)
+            if self.mode == "native-int4":
+                self.native.int4_dequantize(self.native_packed, self.native_scales, self.native_offsets,
+                                            self.kernel_group, w)
+            else:
+                self.native.int8_dequantize(self.int8_weight, self.native_scales, self.native_offsets, w)
+            y = _matmul(x2, w, self.bias, activation)
+            return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        if self.mode == "int4":
             if x2.shape[0] <= DECODE_ROWS or not _layout_understood():
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.kernel_group,
                                                               self.scales_and_zeros)
@@ -186,11 +192,29 @@ class QuantLinear(nn.Module):
         return y.transpose(0, 1).reshape(x.shape[0], N)
 
 
-def _matmul(x: Tensor, w: Tensor) -> Tensor:
-    """x (M, K) @ w (N, K)^T on oneDNN where it can (much faster than MKL's path on AMD CPUs)."""
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-    return F.linear(x, w)
+def _matmul(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
+    """activation(x (M, K) @ w (N, K)^T + bias) on oneDNN where it can (much faster than MKL's path on AMD
+    CPUs), with the bias and a GELU fused into the matmul."""
+    from ..model import _FUSABLE, _activation
+
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available() and (
+            bias is None or bias.dtype == x.dtype):
+        attr, algorithm = _FUSABLE.get(activation, ("none", ""))
+        y = torch.ops.mkldnn._linear_pointwise(x, w, bias, attr, [], algorithm)
+        return y if activation is None or activation in _FUSABLE else _activation(activation)(y)
+    y = F.linear(x, w, bias)
+    return y if activation is None else _activation(activation)(y)
+
+
+_scratch_buffer: Tensor | None = None
+
+
+def _scratch(N: int, K: int) -> Tensor:
+    """A bfloat16 (N, K) view of one buffer shared by every layer (they run one at a time), grown as needed."""
+    global _scratch_buffer
+    if _scratch_buffer is None or _scratch_buffer.numel() < N * K:
+        _scratch_buffer = torch.empty(N * K, dtype=torch.bfloat16)
+    return _scratch_buffer[: N * K].view(N, K)
 
 
 class DecodeHead(nn.Module):

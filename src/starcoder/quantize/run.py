@@ -23,7 +23,7 @@ from ..checkpoint import load_config, load_model, resolve_model_dir
 from ..errors import StarCoderError
 from ..model import CAUSAL, rotary_cos_sin
 from ..tokenizer import Tokenizer
-from .files import LINEARS, read_quant_config, save_quantized
+from .files import LINEARS, QuantizedWriter, read_quant_config
 from .gptq import Hessian, QuantSettings, gptq, rtn
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,10 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
         hidden.append(x.to(stored))
     rotary = None if decoder.pos_embed is not None else rotary_cos_sin(positions, config.head_dim, config.rope_theta,
                                                                         torch.float32)
-    quantized, losses, kept = {}, {}, {}
+    writer = QuantizedWriter(out, config, settings, str(model))
+    losses = {}
+    _peak_rss(reset=True)
+    block_peaks: list[int] = []  # the process's peak resident memory while each block was quantized
     groups = SEQUENTIAL_GROUPS if settings.true_sequential else (LINEARS,)
     bar = tqdm(total=config.n_layer, desc=f"{method} {settings.bits}-bit", unit="block",
                disable=None if progress is None else not progress)
@@ -108,28 +111,47 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
         def run(x: torch.Tensor, work=work, index=index) -> torch.Tensor:
             return work(x.float(), CAUSAL, rotary, None, 0, index)
 
+        quantized = {}
         for group in groups:
             hessians = _collect_hessians(work, group, hidden, run) if method == "gptq" else {}
-            for name in group:
+            for position, name in enumerate(group):
                 module = work.get_submodule(name)
                 if method == "gptq":
-                    weight, losses[f"{index}.{name}"] = gptq(module.weight, hessians[name].H, settings)
+                    # The last user of a Hessian may work in it in place (q, k and v share one).
+                    last = all(hessians[later] is not hessians[name] for later in group[position + 1:])
+                    weight, losses[f"{index}.{name}"] = gptq(module.weight, hessians[name].H, settings,
+                                                             overwrite=last)
+                    if last:
+                        hessians[name].H = None
                 else:
                     weight = rtn(module.weight, settings)
-                quantized[f"model.layers.{index}.{name}"] = weight
+                quantized[name] = weight
                 module.weight.data = weight.dequantize(torch.float32)  # later groups see the quantized layer
         hidden = [run(x).to(stored) for x in hidden]
         del work
-        kept.update({f"model.layers.{index}.{n}": t.clone() for n, t in block.state_dict().items()
-                     if not n.endswith(tuple(f"{linear}.weight" for linear in LINEARS))})  # norms, biases
+        writer.write_block(index, quantized, block.state_dict())  # the integer weights go to disk now
         block.to_empty(device="meta")  # done with the original weights: let their pages go
+        block_peaks.append(_peak_rss(reset=True))
         bar.update()
     bar.close()
 
-    state = {n: t for n, t in lm.state_dict().items() if not t.is_meta} | kept
-    save_quantized(out, config, state, quantized, settings, str(model))
+    writer.finish({n: t for n, t in lm.state_dict().items() if not t.is_meta})
     tokenizer.save(out)
-    return {"seconds": time.perf_counter() - start_time, "layers": len(quantized), "gptq_loss": losses}
+    return {"seconds": time.perf_counter() - start_time, "layers": config.n_layer * len(LINEARS), "gptq_loss": losses,
+            "block_peak_rss": block_peaks}
+
+
+def _peak_rss(reset: bool = False) -> int:
+    """This process's peak resident memory (VmHWM) since the last reset; 0 where /proc does not tell."""
+    try:
+        with open("/proc/self/status") as status:
+            peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+        if reset:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # resets VmHWM to the current RSS
+        return peak
+    except (OSError, StopIteration):
+        return 0
 
 
 def _collect_hessians(work, group: tuple[str, ...], hidden: list[torch.Tensor], run) -> dict[str, Hessian]:
