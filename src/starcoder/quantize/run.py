@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_config, load_model, resolve_model_dir
+from ..checkpoint import CheckpointReader, load_config, model_from_reader, resolve_model_dir, weight_files
 from ..errors import StarCoderError
 from ..model import CAUSAL, rotary_cos_sin
 from ..tokenizer import Tokenizer
@@ -87,7 +87,9 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
     windows = calibration_windows(tokenizer, calibration or default_calibration(), n_samples, seq_len, seed)
 
     start_time = time.perf_counter()
-    lm = load_model(model_dir)  # memory-mapped: a block's weights are read when the block is reached
+    # Memory-mapped: a block's weights are read when the block is reached, and their pages released after it.
+    reader = CheckpointReader(weight_files(model_dir))
+    lm = model_from_reader(config, reader, None)
     decoder, stored = lm.model, lm.model.embed.weight.dtype
     positions = torch.arange(seq_len)[None]
     hidden = []
@@ -131,6 +133,9 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
         del work
         writer.write_block(index, quantized, block.state_dict())  # the integer weights go to disk now
         block.to_empty(device="meta")  # done with the original weights: let their pages go
+        for tensor in reader:
+            if _block_of(tensor.name) == index:
+                reader.release(tensor)
         block_peaks.append(_peak_rss(reset=True))
         bar.update()
     bar.close()
@@ -139,6 +144,15 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
     tokenizer.save(out)
     return {"seconds": time.perf_counter() - start_time, "layers": config.n_layer * len(LINEARS), "gptq_loss": losses,
             "block_peak_rss": block_peaks}
+
+
+def _block_of(hf_name: str) -> int | None:
+    """The block a checkpoint tensor belongs to (transformer.h.3.* or model.layers.3.*), else None."""
+    parts = hf_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("h", "layers") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
 
 
 def _peak_rss(reset: bool = False) -> int:
