@@ -96,7 +96,8 @@ class QuantLinear(nn.Module):
         self.mode = "native-int4"
 
     def _setup_native_int8(self, q: Tensor, weight: QuantizedWeight) -> None:
-        self.register_buffer("int8_weight", (q.to(torch.int16) - 128).to(torch.int8).contiguous())
+        # q - 128 as int8 is q with its top bit flipped: no wider temporary
+        self.register_buffer("int8_weight", (q.to(torch.uint8) ^ 0x80).view(torch.int8).contiguous())
         scale = weight.scales.float()[0].contiguous()
         self.register_buffer("native_scales", scale)
         self.register_buffer("native_offsets", ((128 - weight.zeros.float()[0]) * scale).contiguous())
@@ -122,7 +123,8 @@ class QuantLinear(nn.Module):
     def _setup_int8(self, q: Tensor, weight: QuantizedWeight) -> None:
         # (q - zero) * scale = (q - 128) * scale + (128 - zero) * scale: int8 weights, per-channel scale, and an
         # offset per channel that multiplies the sum of the inputs.
-        self.register_buffer("int8_weight", (q.to(torch.int16) - 128).to(torch.int8).contiguous())
+        # q - 128 as int8 is q with its top bit flipped: no wider temporary
+        self.register_buffer("int8_weight", (q.to(torch.uint8) ^ 0x80).view(torch.int8).contiguous())
         scale = weight.scales.float()[0]
         self.register_buffer("int8_scale", scale.to(self.dtype))
         offset = (128 - weight.zeros.float()[0]) * scale
