@@ -58,9 +58,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("pass@k")
-    model = summary["config"].get("model") or "embedded default model"
-    ax.set_title(f"{model}: n={summary['config'].get('n_samples')}, T={summary['config'].get('temperature')}",
-                 fontsize=9)
+    config = summary["config"]
+    model = (f"saved generations ({Path(config['generations']).name})" if config.get("generations")
+             else config.get("model") or "embedded default model")
+    settings = "" if config.get("generations") else f": n={config.get('n_samples')}, T={config.get('temperature')}"
+    ax.set_title(model + settings, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
