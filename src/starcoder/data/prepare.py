@@ -149,6 +149,27 @@ def _read_rows(path: Path, report: Report) -> Iterator[Document]:
                            list(licenses), row.get("stars") or row.get("max_stars_count"))
 
 
+def _reason(stage: str, doc: Document, digest: str, config: PrepareConfig, seen: set[str],
+            decontaminator) -> str | None:
+    """Why a per-document stage removes doc, or None."""
+    if stage == "language":
+        if not doc.language:
+            return "unknown_language"
+        return None if not config.languages or doc.language in config.languages else "language_not_selected"
+    if stage == "license":
+        return license_reason(doc.licenses, config.licenses)
+    if stage == "opt_out":
+        return opt_out_reason(doc.repo, config.opt_out)
+    if stage == "quality":
+        return quality_reason(doc.content)
+    if stage == "generated":
+        return generated_reason(doc.content, doc.path)
+    if stage == "exact_dedup":
+        return "duplicate" if digest in seen else None
+    hit = decontaminator.match(doc.content) if decontaminator else None
+    return f"contains {hit}" if hit else None
+
+
 def prepare(config: PrepareConfig) -> dict:
     """Run the pipeline; returns the report (also written to out/report.json)."""
     if config.out.exists() and any(config.out.iterdir()):
@@ -160,44 +181,38 @@ def prepare(config: PrepareConfig) -> dict:
         decontaminator = Decontaminator(benchmark_strings(mbpp=config.mbpp))
     report = Report()
     seen: set[str] = set()
-    kept: list[Document] = []
+    kept: list[tuple[Document, int]] = []  # with its size in bytes
     for doc in read_inputs(config.inputs, report):
         size = len(doc.content.encode("utf-8", errors="replace"))
-        checks = [
-            ("language", lambda d: "unknown_language" if not d.language else None
-             if not config.languages or d.language in config.languages else "language_not_selected"),
-            ("license", lambda d: license_reason(d.licenses, config.licenses)),
-            ("opt_out", lambda d: opt_out_reason(d.repo, config.opt_out)),
-            ("quality", lambda d: quality_reason(d.content)),
-            ("generated", lambda d: generated_reason(d.content, d.path)),
-            ("exact_dedup", lambda d: "duplicate" if content_hash(d.content) in seen else None),
-            ("decontaminate", lambda d: (f"contains {hit}" if (hit := decontaminator.match(d.content)) else None)
-             if decontaminator else None),
-        ]
-        for stage, check in checks:
+        digest = content_hash(doc.content)
+        for stage in STAGES[1:-1]:
             report.enter(stage, size)
-            reason = check(doc)
+            reason = _reason(stage, doc, digest, config, seen, decontaminator)
             if reason:
-                report.remove(stage, reason.split(" ")[0] if stage == "decontaminate" else reason,
-                              f"{doc.repo}/{doc.path}" + (f" ({reason})" if stage == "decontaminate" else ""))
+                example = f"{doc.repo}/{doc.path}"
+                if stage == "decontaminate":  # "contains HumanEval/2 solution": counted as "contains"
+                    reason, example = "contains", f"{example} ({reason})"
+                report.remove(stage, reason, example)
                 break
         else:
-            seen.add(content_hash(doc.content))
-            kept.append(doc)
-    for doc in kept:
-        report.enter("near_dedup", len(doc.content.encode("utf-8", errors="replace")))
-    gone = near_duplicates([d.content for d in kept], [d.stars for d in kept]) if kept else []
-    for doc, drop in zip(kept, gone, strict=True):
+            seen.add(digest)
+            kept.append((doc, size))
+    for _, size in kept:
+        report.enter("near_dedup", size)
+    gone = near_duplicates([d.content for d, _ in kept], [d.stars for d, _ in kept]) if kept else []
+    final = []
+    for (doc, size), drop in zip(kept, gone, strict=True):
         if drop:
             report.remove("near_dedup", "near_duplicate", f"{doc.repo}/{doc.path}")
-    final = [d for d, drop in zip(kept, gone, strict=True) if not drop]
+        else:
+            final.append((doc, size))
     config.out.mkdir(parents=True, exist_ok=True)
     for index in range(0, len(final), config.shard_documents):
         shard = final[index : index + config.shard_documents]
         rows = [json.dumps({"content": d.content, "repository_name": d.repo, "path": d.path, "language": d.language,
-                            "licenses": d.licenses, "stars": d.stars}, ensure_ascii=False) for d in shard]
+                            "licenses": d.licenses, "stars": d.stars}, ensure_ascii=False) for d, _ in shard]
         write_text_atomic(config.out / f"shard-{index // config.shard_documents:05d}.jsonl", "\n".join(rows))
-    result = {"documents_out": len(final), "bytes_out": sum(len(d.content.encode()) for d in final),
+    result = {"documents_out": len(final), "bytes_out": sum(size for _, size in final),
               "stages": report.as_dict()}
     write_text_atomic(config.out / "report.json", json.dumps(result, indent=2))
     return result

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..model import _FUSABLE, _activation
 from . import native
 from .pack import QuantizedWeight
 
@@ -135,8 +136,6 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {self.mode}"
 
     def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
-        from ..model import _activation
-
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
         if self.perm is not None:
@@ -197,8 +196,6 @@ class QuantLinear(nn.Module):
 def _matmul(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     """activation(x (M, K) @ w (N, K)^T + bias) on oneDNN where it can (much faster than MKL's path on AMD
     CPUs), with the bias and a GELU fused into the matmul."""
-    from ..model import _FUSABLE, _activation
-
     if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available() and (
             bias is None or bias.dtype == x.dtype):
         attr, algorithm = _FUSABLE.get(activation, ("none", ""))
