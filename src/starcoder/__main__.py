@@ -243,25 +243,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     try:
-        from .data.filters import PERMISSIVE_LICENSES
-        from .data.prepare import PrepareConfig, prepare
+        from .data.prepare import prepare, prepare_config
     except ImportError as e:
         raise StarCoderError(f"the data pipeline needs its extra: pip install 'starcoder[data]' ({e})") from None
-    opt_out: frozenset[str] = frozenset()
-    if args.opt_out:
-        try:
-            opt_out = frozenset(line.strip() for line in Path(args.opt_out).read_text().splitlines() if line.strip())
-        except OSError as e:
-            raise StarCoderError(f"{args.opt_out}: cannot read the opt-out list ({e})") from None
-    report = prepare(PrepareConfig(
-        inputs=[Path(p) for p in args.input], out=Path(args.out),
-        languages=set(args.language) if args.language else None,
-        licenses=frozenset(args.licenses) if args.licenses else PERMISSIVE_LICENSES, opt_out=opt_out,
-        decontaminate=not args.no_decontaminate, mbpp=Path(args.mbpp) if args.mbpp else None))
+    config, run = prepare_config(args)
+    report = prepare(config, workers=run["workers"], executor=run["executor"],
+                     progress=sys.stderr.isatty() or args.progress)
     for stage, entry in report["stages"].items():
-        removed = ", ".join(f"{k} {v:,}" for k, v in entry["removed"].items()) or "-"
-        print(f"{stage:14} {entry['documents_in']:>9,} in {entry['documents_out']:>9,} out   removed: {removed}")
-    print(f"kept {report['documents_out']:,} documents ({report['bytes_out']:,} bytes) in {args.out}")
+        changes = entry["removed"] if stage != "pii" else entry.get("findings", {})
+        what = ", ".join(f"{k} {v:,}" for k, v in changes.items()) or "-"
+        print(f"{stage:14} {entry['documents_in']:>9,} in {entry['documents_out']:>9,} out   "
+              f"{'redacted' if stage == 'pii' else 'removed'}: {what}")
+    print(f"kept {report['documents_out']:,} documents ({report['bytes_out']:,} bytes) in {config.out}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -429,15 +422,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("prepare", help="filter, deduplicate and decontaminate source code into training shards")
-    p.add_argument("--input", nargs="+", required=True, help="source trees (directories) or JSONL rows in The "
-                   "Stack's schema (content, repository_name, path, licenses, language, stars)")
-    p.add_argument("--out", required=True, help="new directory for the JSONL shards and report.json")
+    p = sub.add_parser("prepare", help="filter, deduplicate, decontaminate and redact source code into training "
+                       "shards")
+    p.add_argument("--input", nargs="+", help="source trees (directories), or JSONL / Parquet rows in The Stack's "
+                   "schema (content, repository_name, path, licenses, language, stars)")
+    p.add_argument("--out", help="directory for the shards, report.json and report.png (an interrupted run "
+                   "there resumes)")
+    p.add_argument("--config", help="a TOML, YAML or JSON file with any of the settings below (flags win)")
     p.add_argument("--language", nargs="*", help="keep only these languages")
     p.add_argument("--licenses", nargs="*", help="SPDX ids to keep (default: The Stack's permissive list)")
     p.add_argument("--opt-out", help="a file of repositories (owner/name) or users (owner) to remove, one a line")
     p.add_argument("--mbpp", help="an MBPP JSONL file to decontaminate against (HumanEval always)")
-    p.add_argument("--no-decontaminate", action="store_true")
+    p.add_argument("--multiple", nargs="*", help="MultiPL-E JSONL files to decontaminate against")
+    p.add_argument("--no-decontaminate", action="store_true", default=None)
+    p.add_argument("--no-pii", action="store_true", default=None, help="do not redact PII")
+    p.add_argument("--format", choices=["jsonl", "parquet"], help="shard format (default jsonl)")
+    p.add_argument("--task-mb", type=float, help="input per task, in MB (default 32)")
+    p.add_argument("--workers", type=int, help="processes (default: every core)")
+    p.add_argument("--executor", choices=["local", "datatrove"], help="local process pool (default) or "
+                   "datatrove's LocalPipelineExecutor")
+    p.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("bench", help="measure load, prefill and decode speed of a model on this machine")

@@ -1,218 +1,469 @@
-"""`starcoder prepare`: source trees or The Stack-style rows in, filtered and deduplicated JSONL shards out.
+"""`starcoder prepare`: source trees or The Stack-style rows in, filtered, deduplicated, redacted shards out.
 
-Stages, in order: reading (unreadable, binary, badly encoded and huge files are skipped with a reason), language
-(by file extension), license (permissive SPDX ids; a tree's license comes from its LICENSE / COPYING file),
-opt-out, quality, generated / minified, exact dedup, decontamination, then near dedup over every file that is left
-(the clustering is global). The report counts documents and bytes into and out of each stage, with examples of
-what each removed. The shards are what `starcoder tokenize` reads.
+The run is three steps over a plan of tasks (sources.plan: the inputs cut into pieces of about `task_bytes`):
 
-Single process for now; PII redaction and the distributed run are the next steps of this pipeline.
+1. filter, one task per piece, in parallel: read (unreadable, binary, badly encoded, huge files and malformed rows
+   are counted with their reason), language, license, opt-out, quality, generated / minified, decontamination;
+   the documents left are written with their SHA-256 and MinHash signature;
+2. dedup, once over every task's hashes and signatures: exact dedup, then near dedup with global clusters,
+   each keeping the file with the most stars, then the longest, then the first (dedup.py); a keep mask per task;
+3. finish, one task per piece, in parallel: drop what dedup removed, redact PII, write the task's shard.
+
+Every file a task writes appears by rename, its report last: a task whose report exists is finished and is not
+redone when an interrupted run is started again, and no shard is ever half-written. The same steps run on
+this machine's cores (a process pool) or on datatrove's executors (`executor="datatrove"`; its Slurm and Ray
+executors take the same steps for corpora beyond one machine). Outputs depend on the inputs and settings only,
+not on the executor or the number of workers.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+
+import numpy as np
 
 from ..checkpoint import write_text_atomic
 from ..errors import StarCoderError
-from ..train.data import language_of
-from .dedup import content_hash, near_duplicates
-from .filters import (
-    PERMISSIVE_LICENSES,
-    classify_license,
-    generated_reason,
-    license_reason,
-    opt_out_reason,
-    quality_reason,
+from . import sources
+from .dedup import (
+    BANDS,
+    NUM_PERM,
+    clusters_from_signatures,
+    content_hash,
+    exact_groups,
+    kept_per_cluster,
+    keys_of,
+    signature,
 )
+from .filters import PERMISSIVE_LICENSES, generated_reason, license_reason, opt_out_reason, quality_reason
+from .report import Report, write_chart
 
-MAX_FILE_BYTES = 1024 * 1024
-LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING", "COPYING.txt", "LICENSE-MIT")
-STAGES = ("read", "language", "license", "opt_out", "quality", "generated", "exact_dedup", "decontaminate",
-          "near_dedup")
-
-
-@dataclass
-class Document:
-    content: str
-    path: str
-    repo: str | None
-    language: str | None
-    licenses: list[str]
-    stars: int | None = None
+WORK = ".work"
+FORMATS = ("jsonl", "parquet")
+EXECUTORS = ("local", "datatrove")
+PER_DOCUMENT_STAGES = ("language", "license", "opt_out", "quality", "generated", "decontaminate")
 
 
 @dataclass
 class PrepareConfig:
     inputs: list[Path]
     out: Path
-    languages: set[str] | None = None
+    languages: frozenset[str] | None = None
     licenses: frozenset[str] = PERMISSIVE_LICENSES
     opt_out: frozenset[str] = frozenset()
     decontaminate: bool = True
     mbpp: Path | None = None
-    shard_documents: int = 10_000
+    multiple: list[Path] = field(default_factory=list)  # MultiPL-E JSONL files to decontaminate against
+    redact_pii: bool = True
+    output_format: str = "jsonl"
+    task_bytes: int = 32 * 1024 * 1024
+
+    def settings(self) -> dict:
+        """Everything that decides the output; a run resumes only with the same settings."""
+        return {"inputs": [str(p.resolve()) for p in self.inputs],
+                "languages": sorted(self.languages) if self.languages else None,
+                "licenses": sorted(self.licenses), "opt_out": sorted(self.opt_out),
+                "decontaminate": self.decontaminate, "mbpp": str(self.mbpp) if self.mbpp else None,
+                "multiple": [str(p) for p in self.multiple], "redact_pii": self.redact_pii,
+                "output_format": self.output_format, "task_bytes": self.task_bytes}
 
 
-@dataclass
-class Report:
-    stages: dict[str, dict] = field(default_factory=lambda: {
-        s: {"documents_in": 0, "bytes_in": 0, "removed": {}, "examples": []} for s in STAGES})
+class Pipeline:
+    """The three steps of one run, each callable alone (and picklable, for process pools and datatrove)."""
 
-    def enter(self, stage: str, doc_bytes: int) -> None:
-        self.stages[stage]["documents_in"] += 1
-        self.stages[stage]["bytes_in"] += doc_bytes
+    def __init__(self, config: PrepareConfig):
+        if config.output_format not in FORMATS:
+            raise StarCoderError(f"output format {config.output_format!r}: choose one of {', '.join(FORMATS)}")
+        if config.task_bytes < 1024:
+            raise StarCoderError(f"task size {config.task_bytes} bytes is too small")
+        self.config = config
+        self.out = config.out
+        self.work = config.out / WORK
+        self.tasks = self._plan()
 
-    def remove(self, stage: str, reason: str, example: str) -> None:
-        entry = self.stages[stage]
-        entry["removed"][reason] = entry["removed"].get(reason, 0) + 1
-        if len(entry["examples"]) < 3:
-            entry["examples"].append({"reason": reason, "document": example})
+    def _plan(self) -> list[list[sources.Unit]]:
+        settings_file, plan_file = self.work / "settings.json", self.work / "plan.json"
+        settings = self.config.settings()
+        if settings_file.exists():
+            if json.loads(settings_file.read_text()) != settings:
+                raise StarCoderError(f"{self.out} holds a run with other settings or inputs; use a new --out")
+            return sources.plan_from_json(json.loads(plan_file.read_text()))
+        if self.out.exists() and any(self.out.iterdir()):
+            raise StarCoderError(f"{self.out} exists and is not empty")
+        tasks = sources.plan(self.config.inputs, self.config.task_bytes)
+        for step in ("filter", "dedup", "finish"):
+            (self.work / step).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(plan_file, json.dumps(sources.plan_json(tasks)))
+        write_text_atomic(settings_file, json.dumps(settings, indent=2))  # last: the plan is complete
+        return tasks
 
-    def as_dict(self) -> dict:
-        out = {}
-        for stage, entry in self.stages.items():
-            removed = sum(entry["removed"].values())
-            out[stage] = {**entry, "documents_out": entry["documents_in"] - removed}
-        return out
+    # ---- step 1: per-document filters ------------------------------------------------------------------------
 
-
-def read_inputs(paths: list[Path], report: Report) -> Iterator[Document]:
-    """Documents from directories (one source tree each) and JSONL files in The Stack's schema; what cannot be
-    read is counted in the report with its reason, never dropped silently."""
-    for root in paths:
-        if not root.exists():
-            raise StarCoderError(f"{root}: no such file or directory")
-        if root.is_file():
-            yield from _read_rows(root, report)
-        else:
-            yield from _read_tree(root, report)
-
-
-def _read_tree(root: Path, report: Report) -> Iterator[Document]:
-    licenses = []
-    for name in LICENSE_FILES:
-        if (root / name).is_file():
-            spdx = classify_license((root / name).read_text(encoding="utf-8", errors="replace"))
-            if spdx:
-                licenses.append(spdx)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = str(path.relative_to(root))
-        if path.name in LICENSE_FILES:
-            continue
-        size = path.stat().st_size
-        report.enter("read", size)
-        if size > MAX_FILE_BYTES:
-            report.remove("read", "too_large", relative)
-            continue
-        try:
-            raw = path.read_bytes()
-        except OSError:
-            report.remove("read", "unreadable", relative)
-            continue
-        if b"\0" in raw:
-            report.remove("read", "binary", relative)
-            continue
-        try:
-            content = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            report.remove("read", "bad_encoding", relative)
-            continue
-        yield Document(content, relative, root.name, language_of(relative), list(licenses))
-
-
-def _read_rows(path: Path, report: Report) -> Iterator[Document]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            report.enter("read", len(line))
-            try:
-                row = json.loads(line)
-                content = row["content"]
-                if not isinstance(content, str):
-                    raise TypeError("content is not a string")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                report.remove("read", "malformed_row", f"{path}:{number}")
-                continue
-            if len(content.encode("utf-8", errors="replace")) > MAX_FILE_BYTES:
-                report.remove("read", "too_large", f"{path}:{number}")
-                continue
-            name = row.get("path") or row.get("max_stars_repo_path") or f"{path.name}:{number}"
-            licenses = row.get("licenses") or row.get("max_stars_repo_licenses") or (
-                [row["license"]] if row.get("license") else [])
-            yield Document(content, name, row.get("repository_name") or row.get("max_stars_repo_name")
-                           or row.get("repo"), row.get("language") or row.get("lang") or language_of(name),
-                           list(licenses), row.get("stars") or row.get("max_stars_count"))
-
-
-def _reason(stage: str, doc: Document, digest: str, config: PrepareConfig, seen: set[str],
-            decontaminator) -> str | None:
-    """Why a per-document stage removes doc, or None."""
-    if stage == "language":
-        if not doc.language:
-            return "unknown_language"
-        return None if not config.languages or doc.language in config.languages else "language_not_selected"
-    if stage == "license":
-        return license_reason(doc.licenses, config.licenses)
-    if stage == "opt_out":
-        return opt_out_reason(doc.repo, config.opt_out)
-    if stage == "quality":
-        return quality_reason(doc.content)
-    if stage == "generated":
-        return generated_reason(doc.content, doc.path)
-    if stage == "exact_dedup":
-        return "duplicate" if digest in seen else None
-    hit = decontaminator.match(doc.content) if decontaminator else None
-    return f"contains {hit}" if hit else None
-
-
-def prepare(config: PrepareConfig) -> dict:
-    """Run the pipeline; returns the report (also written to out/report.json)."""
-    if config.out.exists() and any(config.out.iterdir()):
-        raise StarCoderError(f"{config.out} exists and is not empty")
-    decontaminator = None
-    if config.decontaminate:
+    @cached_property
+    def _decontaminator(self):
+        if not self.config.decontaminate:
+            return None
         from .decontaminate import Decontaminator, benchmark_strings
 
-        decontaminator = Decontaminator(benchmark_strings(mbpp=config.mbpp))
-    report = Report()
-    seen: set[str] = set()
-    kept: list[tuple[Document, int]] = []  # with its size in bytes
-    for doc in read_inputs(config.inputs, report):
-        size = len(doc.content.encode("utf-8", errors="replace"))
-        digest = content_hash(doc.content)
-        for stage in STAGES[1:-1]:
+        return Decontaminator(benchmark_strings(mbpp=self.config.mbpp, multiple=self.config.multiple))
+
+    def _checks(self) -> list[tuple[str, Callable[[sources.Document], str | None]]]:
+        config = self.config
+
+        def language(doc):
+            if not doc.language:
+                return "unknown_language"
+            return None if not config.languages or doc.language in config.languages else "language_not_selected"
+
+        def decontaminate(doc):
+            hit = self._decontaminator.match(doc.content) if self._decontaminator else None
+            return f"contains {hit}" if hit else None
+
+        return [("language", language), ("license", lambda d: license_reason(d.licenses, config.licenses)),
+                ("opt_out", lambda d: opt_out_reason(d.repo, config.opt_out)),
+                ("quality", lambda d: quality_reason(d.content)),
+                ("generated", lambda d: generated_reason(d.content, d.path)), ("decontaminate", decontaminate)]
+
+    def _filtered(self, rank: int, suffix: str) -> Path:
+        return self.work / "filter" / f"{rank:05d}.{suffix}"
+
+    def filter_task(self, rank: int) -> None:
+        if self._filtered(rank, "report.json").exists():
+            return
+        report, checks = Report(), self._checks()
+        digests, stars, sizes, signatures = [], [], [], []
+        rows_path = self._filtered(rank, "jsonl")
+        with open(_tmp(rows_path), "w", encoding="utf-8") as rows:
+            for unit in self.tasks[rank]:
+                for item in sources.read(unit):
+                    if isinstance(item, sources.Skipped):
+                        report.enter("read", item.size)
+                        report.remove("read", item.reason, item.origin, item.size)
+                        continue
+                    size = len(item.content.encode("utf-8", errors="surrogatepass"))
+                    report.enter("read", size)
+                    if self._removed_by_a_filter(item, size, checks, report):
+                        continue
+                    rows.write(json.dumps({**item.row(), "origin": item.origin}, ensure_ascii=False) + "\n")
+                    digests.append(content_hash(item.content))
+                    stars.append(item.stars or 0)
+                    sizes.append(size)
+                    sig = signature(item.content)
+                    signatures.append(np.zeros(NUM_PERM, np.uint32) if sig is None else sig)
+        matrix = np.stack(signatures) if signatures else np.zeros((0, NUM_PERM), np.uint32)
+        _save(self._filtered(rank, "signatures.npy"), matrix)
+        _save(self._filtered(rank, "meta.npz"), digests=np.array(digests, dtype="S32"),
+              stars=np.array(stars, dtype=np.int64), sizes=np.array(sizes, dtype=np.int64))
+        _tmp(rows_path).replace(rows_path)
+        write_text_atomic(self._filtered(rank, "report.json"), report.to_json())
+
+    @staticmethod
+    def _removed_by_a_filter(doc: sources.Document, size: int, checks, report: Report) -> bool:
+        for stage, check in checks:
             report.enter(stage, size)
-            reason = _reason(stage, doc, digest, config, seen, decontaminator)
+            reason = check(doc)
             if reason:
-                example = f"{doc.repo}/{doc.path}"
-                if stage == "decontaminate":  # "contains HumanEval/2 solution": counted as "contains"
-                    reason, example = "contains", f"{example} ({reason})"
-                report.remove(stage, reason, example)
-                break
+                detail = None
+                if stage == "decontaminate":  # "contains HumanEval/2 solution" is counted as "contains"
+                    reason, detail = "contains", reason.removeprefix("contains ")
+                report.remove(stage, reason, doc.origin, size, detail)
+                return True
+        return False
+
+    # ---- step 2: global dedup --------------------------------------------------------------------------------
+
+    def dedup(self) -> None:
+        done = self.work / "dedup" / "report.json"
+        if done.exists():
+            return
+        metas = [np.load(self._filtered(rank, "meta.npz")) for rank in range(len(self.tasks))]
+        counts = [len(m["digests"]) for m in metas]
+        offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        digests = np.concatenate([m["digests"] for m in metas]) if metas else np.zeros(0, "S32")
+        stars = np.concatenate([m["stars"] for m in metas]) if metas else np.zeros(0, np.int64)
+        sizes = np.concatenate([m["sizes"] for m in metas]) if metas else np.zeros(0, np.int64)
+        signatures = [np.load(self._filtered(rank, "signatures.npy"), mmap_mode="r") for rank in range(len(counts))]
+
+        def row(index: int) -> np.ndarray:
+            rank = int(np.searchsorted(offsets, index, side="right")) - 1
+            return signatures[rank][index - offsets[rank]]
+
+        unique = kept_per_cluster(exact_groups(digests), stars, sizes)  # one of each group of identical files
+        keys = np.concatenate([keys_of(np.asarray(s)) for s in signatures] or [np.zeros((0, BANDS), np.uint64)])
+        keys[~unique] = 0  # exact duplicates take no part in near dedup
+        clusters = clusters_from_signatures(keys, row)
+        kept = unique & kept_per_cluster(clusters, stars, sizes)
+
+        report = Report()
+        removed_examples = []
+        for index in range(len(digests)):
+            report.enter("exact_dedup", int(sizes[index]))
+            if not unique[index]:
+                report.remove("exact_dedup", "duplicate", "", int(sizes[index]))
+                removed_examples.append(("exact_dedup", index))
+                continue
+            report.enter("near_dedup", int(sizes[index]))
+            if not kept[index]:
+                report.remove("near_dedup", "near_duplicate", "", int(sizes[index]))
+                removed_examples.append(("near_dedup", index))
+        self._name_examples(report, removed_examples, offsets)
+        for rank in range(len(counts)):
+            _save(self.work / "dedup" / f"{rank:05d}.keep.npy", kept[offsets[rank] : offsets[rank + 1]])
+        write_text_atomic(done, report.to_json())
+
+    def _name_examples(self, report: Report, removed: list[tuple[str, int]], offsets: np.ndarray) -> None:
+        """Fill in the origins of the first removed documents of each dedup stage (read back from the filter
+        step's rows, which only these few need)."""
+        for stage in ("exact_dedup", "near_dedup"):
+            examples = report.stages[stage]["examples"]
+            indices = [index for s, index in removed if s == stage][: len(examples)]
+            for example, index in zip(examples, indices, strict=True):
+                rank = int(np.searchsorted(offsets, index, side="right")) - 1
+                with open(self._filtered(rank, "jsonl"), encoding="utf-8") as rows:
+                    for number, line in enumerate(rows):
+                        if number == index - offsets[rank]:
+                            example["document"] = json.loads(line)["origin"]
+                            break
+
+    # ---- step 3: PII and shards ------------------------------------------------------------------------------
+
+    def shard_path(self, rank: int) -> Path:
+        return self.out / f"shard-{rank:05d}.{self.config.output_format}"
+
+    def finish_task(self, rank: int) -> None:
+        done = self.work / "finish" / f"{rank:05d}.report.json"
+        if done.exists():
+            return
+        if self.config.redact_pii:
+            from .pii import redact, redacted_lines
+        keep = np.load(self.work / "dedup" / f"{rank:05d}.keep.npy")
+        report = Report()
+        shard = self.shard_path(rank)
+        with _ShardWriter(_tmp(shard), self.config.output_format) as writer, \
+                open(self._filtered(rank, "jsonl"), encoding="utf-8") as rows:
+            for index, line in enumerate(rows):
+                if not keep[index]:
+                    continue
+                row = json.loads(line)
+                origin = row.pop("origin")
+                size = len(row["content"].encode("utf-8", errors="surrogatepass"))
+                report.enter("pii", size)
+                if self.config.redact_pii:
+                    text, findings = redact(row["content"])
+                    if findings:
+                        row["content"] = text
+                        new_size = len(text.encode("utf-8", errors="surrogatepass"))
+                        report.redact(origin, size, new_size, findings, redacted_lines(text, findings))
+                writer.write(row)
+        _tmp(shard).replace(shard)
+        write_text_atomic(done, report.to_json())
+
+    # ---- the run's report ------------------------------------------------------------------------------------
+
+    def finish_report(self) -> dict:
+        report = Report()
+        for rank in range(len(self.tasks)):
+            report.merge(Report.from_json(self._filtered(rank, "report.json").read_text()))
+        report.merge(Report.from_json((self.work / "dedup" / "report.json").read_text()))
+        for rank in range(len(self.tasks)):
+            report.merge(Report.from_json((self.work / "finish" / f"{rank:05d}.report.json").read_text()))
+        summary = {**report.summary(), "shards": [self.shard_path(r).name for r in range(len(self.tasks))],
+                   "settings": self.config.settings()}
+        write_text_atomic(self.out / "report.json", json.dumps(summary, indent=2, ensure_ascii=False))
+        write_chart(summary, self.out / "report.png")
+        for rank in range(len(self.tasks)):  # the filtered copies are no longer needed; the reports stay
+            for suffix in ("jsonl", "signatures.npy", "meta.npz"):
+                self._filtered(rank, suffix).unlink(missing_ok=True)
+        return summary
+
+    # datatrove calls pipeline steps as step(data, rank, world_size)
+    def filter_step(self, data, rank: int, world_size: int):
+        self.filter_task(rank)
+
+    def dedup_step(self, data, rank: int, world_size: int):
+        self.dedup()
+
+    def finish_step(self, data, rank: int, world_size: int):
+        self.finish_task(rank)
+
+
+def prepare(config: PrepareConfig, workers: int | None = None, executor: str = "local",
+            progress: bool = False) -> dict:
+    """Run (or resume) the pipeline; returns the report (also in out/report.json and out/report.png)."""
+    if executor not in EXECUTORS:
+        raise StarCoderError(f"executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+    workers = workers or os.cpu_count() or 1
+    pipeline = Pipeline(config)
+    if (config.out / "report.json").exists():
+        return json.loads((config.out / "report.json").read_text())  # finished earlier with these settings
+    if executor == "datatrove":
+        _run_datatrove(pipeline, workers)
+    else:
+        _run_local(pipeline.filter_task, len(pipeline.tasks), workers, progress, "filter")
+        pipeline.dedup()
+        _run_local(pipeline.finish_task, len(pipeline.tasks), workers, progress, "PII and shards")
+    return pipeline.finish_report()
+
+
+CONFIG_KEYS = {"input": list, "out": str, "languages": list, "licenses": list, "opt_out": list, "opt_out_file": str,
+               "mbpp": str, "multiple": list, "decontaminate": bool, "pii": bool, "format": str,
+               "task_mb": (int, float), "workers": int, "executor": str}
+
+
+def read_config_file(path: Path) -> dict:
+    """Settings from a TOML, YAML or JSON file, checked against CONFIG_KEYS."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
         else:
-            seen.add(digest)
-            kept.append((doc, size))
-    for _, size in kept:
-        report.enter("near_dedup", size)
-    gone = near_duplicates([d.content for d, _ in kept], [d.stars for d, _ in kept]) if kept else []
-    final = []
-    for (doc, size), drop in zip(kept, gone, strict=True):
-        if drop:
-            report.remove("near_dedup", "near_duplicate", f"{doc.repo}/{doc.path}")
+            raw = json.loads(text)
+    except OSError as e:
+        raise StarCoderError(f"{path}: cannot read ({e})") from None
+    except Exception as e:  # the parsers' own error types
+        raise StarCoderError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({e})") from None
+    if not isinstance(raw, dict):
+        raise StarCoderError(f"{path}: expected a mapping of settings")
+    for key, value in raw.items():
+        if key not in CONFIG_KEYS:
+            raise StarCoderError(f"{path}: unknown setting {key!r} (known: {', '.join(CONFIG_KEYS)})")
+        if not isinstance(value, CONFIG_KEYS[key]) or (isinstance(value, bool) and CONFIG_KEYS[key] is not bool):
+            raise StarCoderError(f"{path}: setting {key!r} has the wrong type ({type(value).__name__})")
+    return raw
+
+
+def prepare_config(args) -> tuple[PrepareConfig, dict]:
+    """The run's settings from `starcoder prepare`'s flags over its --config file."""
+    settings = read_config_file(Path(args.config)) if args.config else {}
+    flags = {"input": args.input, "out": args.out, "languages": args.language, "licenses": args.licenses,
+             "opt_out_file": args.opt_out, "mbpp": args.mbpp, "multiple": args.multiple,
+             "decontaminate": False if args.no_decontaminate else None, "pii": False if args.no_pii else None,
+             "format": args.format, "task_mb": args.task_mb, "workers": args.workers, "executor": args.executor}
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    if not settings.get("input") or not settings.get("out"):
+        raise StarCoderError("prepare needs --input and --out (as flags or in --config)")
+    opt_out = set(settings.get("opt_out", []))
+    if settings.get("opt_out_file"):
+        path = Path(settings["opt_out_file"])
+        try:
+            opt_out |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
+        except OSError as e:
+            raise StarCoderError(f"{path}: cannot read the opt-out list ({e})") from None
+    task_mb = settings.get("task_mb", 32)
+    if task_mb <= 0:
+        raise StarCoderError(f"task size {task_mb} MB must be positive")
+    workers = settings.get("workers")
+    if workers is not None and workers < 1:
+        raise StarCoderError(f"workers {workers} must be at least 1")
+    config = PrepareConfig(
+        inputs=[Path(p) for p in settings["input"]], out=Path(settings["out"]),
+        languages=frozenset(settings["languages"]) if settings.get("languages") else None,
+        licenses=frozenset(settings["licenses"]) if settings.get("licenses") else PERMISSIVE_LICENSES,
+        opt_out=frozenset(opt_out), decontaminate=settings.get("decontaminate", True),
+        mbpp=Path(settings["mbpp"]) if settings.get("mbpp") else None,
+        multiple=[Path(p) for p in settings.get("multiple", [])], redact_pii=settings.get("pii", True),
+        output_format=settings.get("format", "jsonl"), task_bytes=int(task_mb * 1024 * 1024))
+    return config, {"workers": workers, "executor": settings.get("executor", "local")}
+
+
+def _run_local(task: Callable[[int], None], count: int, workers: int, progress: bool, name: str) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=count, desc=name, unit="task", disable=not progress)
+    if workers == 1 or count == 1:
+        for rank in range(count):
+            task(rank)
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, count), mp_context=multiprocessing.get_context("forkserver")) as pool:
+            for _ in pool.map(task, range(count)):
+                bar.update()
+    bar.close()
+
+
+def _run_datatrove(pipeline: Pipeline, workers: int) -> None:
+    try:
+        from datatrove.executor import LocalPipelineExecutor
+    except ImportError:
+        raise StarCoderError("the datatrove executor needs datatrove: pip install datatrove") from None
+    logs, count = pipeline.work / "datatrove", len(pipeline.tasks)
+    filtering = LocalPipelineExecutor([pipeline.filter_step], tasks=count, workers=min(workers, count),
+                                      logging_dir=str(logs / "filter"))
+    dedup = LocalPipelineExecutor([pipeline.dedup_step], tasks=1, workers=1, logging_dir=str(logs / "dedup"),
+                                  depends=filtering)
+    finishing = LocalPipelineExecutor([pipeline.finish_step], tasks=count, workers=min(workers, count),
+                                      logging_dir=str(logs / "finish"), depends=dedup)
+    finishing.run()
+    if not (pipeline.work / "finish").exists() or any(
+            not (pipeline.work / "finish" / f"{rank:05d}.report.json").exists() for rank in range(count)):
+        raise StarCoderError(f"datatrove finished with failed tasks; see the logs in {logs}")
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _save(path: Path, array: np.ndarray | None = None, **arrays: np.ndarray) -> None:
+    """np.save / np.savez by rename."""
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        if arrays:
+            np.savez(f, **arrays)
         else:
-            final.append((doc, size))
-    config.out.mkdir(parents=True, exist_ok=True)
-    for index in range(0, len(final), config.shard_documents):
-        shard = final[index : index + config.shard_documents]
-        rows = [json.dumps({"content": d.content, "repository_name": d.repo, "path": d.path, "language": d.language,
-                            "licenses": d.licenses, "stars": d.stars}, ensure_ascii=False) for d, _ in shard]
-        write_text_atomic(config.out / f"shard-{index // config.shard_documents:05d}.jsonl", "\n".join(rows))
-    result = {"documents_out": len(final), "bytes_out": sum(size for _, size in final),
-              "stages": report.as_dict()}
-    write_text_atomic(config.out / "report.json", json.dumps(result, indent=2))
-    return result
+            np.save(f, array)
+    tmp.replace(path)
+
+
+class _ShardWriter:
+    """Rows to a JSONL or Parquet file, streamed (Parquet in row groups of 1,000 rows)."""
+
+    def __init__(self, path: Path, output_format: str):
+        self.path, self.format, self.pending = path, output_format, []
+        if output_format == "jsonl":
+            self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed by __exit__)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            self.schema = pa.schema([("content", pa.string()), ("repository_name", pa.string()),
+                                     ("path", pa.string()), ("language", pa.string()),
+                                     ("licenses", pa.list_(pa.string())), ("stars", pa.int64())])
+            self.file = pq.ParquetWriter(path, self.schema)
+
+    def write(self, row: dict) -> None:
+        if self.format == "jsonl":
+            self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            return
+        self.pending.append(row)
+        if len(self.pending) >= 1000:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.pending:
+            self.file.write_table(pa.Table.from_pylist(self.pending, schema=self.schema))
+            self.pending = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.format == "parquet":
+            self._flush()
+        self.file.close()
+

@@ -23,17 +23,9 @@ import numpy as np
 
 from ..errors import StarCoderError
 from ..fim import FimIds, PromptFormat, RepoFile, document_text, fim_context, repository_text
+from ..languages import language_of
 from ..tokenizer import Tokenizer
 
-# File extension -> language (issue 8's pipeline extends this for filtering; here it labels documents).
-EXTENSIONS = {
-    ".py": "python", ".js": "javascript", ".mjs": "javascript", ".ts": "typescript", ".java": "java",
-    ".c": "c", ".h": "c", ".cc": "c++", ".cpp": "c++", ".hpp": "c++", ".cs": "c#", ".go": "go", ".rs": "rust",
-    ".rb": "ruby", ".php": "php", ".pl": "perl", ".lua": "lua", ".r": "r", ".R": "r", ".sh": "shell",
-    ".scala": "scala", ".d": "d", ".rkt": "racket", ".jl": "julia", ".swift": "swift", ".kt": "kotlin",
-    ".sql": "sql", ".md": "markdown", ".html": "html", ".css": "css", ".json": "json", ".yaml": "yaml",
-    ".yml": "yaml", ".toml": "toml", ".rst": "restructuredtext",
-}
 SPLITS = ("train", "val", "test")
 SHARD_TOKENS = 256 * 1024 * 1024  # 512 MB of uint16 per shard
 
@@ -48,21 +40,22 @@ class Document:
     stars: int | None = None
 
 
-def language_of(path: str) -> str | None:
-    return EXTENSIONS.get(Path(path).suffix)
-
-
 def read_corpus(paths: Iterable[str | os.PathLike], languages: set[str] | None = None,
                 exclude: tuple[str, ...] = ()) -> Iterator[Document]:
-    """Documents from directories of source files (each directory is a repository named after it) and from JSONL
-    files (fields: content, and where known repo / repository_name, path, language, license / licenses, stars).
+    """Documents from directories of source files (each directory is a repository named after it), from JSONL
+    and Parquet files (fields: content, and where known repo / repository_name, path, language, license /
+    licenses, stars), and from the output directories of `starcoder prepare` (their shards, in order).
     Only files of a known language (or of `languages`) are read from directories, in a stable order."""
     for root in paths:
         root = Path(root)
         if not root.exists():
             raise StarCoderError(f"{root}: no such file or directory")
-        if root.is_file() and root.suffix == ".jsonl":
-            yield from _read_jsonl(root)
+        if root.is_file() and root.suffix in (".jsonl", ".parquet"):
+            yield from _read_rows(root)
+            continue
+        if root.is_dir() and (root / "report.json").is_file() and any(root.glob("shard-*")):
+            for shard in sorted(root.glob("shard-*.jsonl")) + sorted(root.glob("shard-*.parquet")):
+                yield from _read_rows(shard)
             continue
         files = [root] if root.is_file() else sorted(
             p for p in root.rglob("*") if p.is_file() and not set(p.relative_to(root).parts[:-1]) & set(exclude))
@@ -78,25 +71,46 @@ def read_corpus(paths: Iterable[str | os.PathLike], languages: set[str] | None =
             yield Document(content, relative, root.name if root.is_dir() else None, language)
 
 
-def _read_jsonl(path: Path) -> Iterator[Document]:
+def _read_rows(path: Path) -> Iterator[Document]:
+    for where, row in _rows(path):
+        try:
+            content = row["content"]
+        except (KeyError, TypeError):
+            raise StarCoderError(f"{where}: not a JSON object with a 'content' field") from None
+        if not isinstance(content, str):
+            raise StarCoderError(f"{where}: field 'content' must be a string")
+        licenses = row.get("license") or row.get("licenses")
+        if isinstance(licenses, list):
+            licenses = ",".join(licenses)
+        doc_path = row.get("path") or row.get("max_stars_repo_path")
+        yield Document(content, doc_path, row.get("repo") or row.get("repository_name"),
+                       row.get("language") or row.get("lang") or (language_of(doc_path) if doc_path else None),
+                       licenses, row.get("stars") or row.get("max_stars_count"))
+
+
+def _rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, row) for each row of a JSONL or Parquet file."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+            number = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    number += 1
+                    yield f"{path}: row {number}", row
+        except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+            raise StarCoderError(f"{path}: not a readable Parquet file ({e})") from None
+        return
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                content = row["content"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as e:
                 raise StarCoderError(f"{path}:{number}: not a JSON object with a 'content' field ({e})") from None
-            if not isinstance(content, str):
-                raise StarCoderError(f"{path}:{number}: field 'content' must be a string")
-            licenses = row.get("license") or row.get("licenses")
-            if isinstance(licenses, list):
-                licenses = ",".join(licenses)
-            doc_path = row.get("path") or row.get("max_stars_repo_path")
-            yield Document(content, doc_path, row.get("repo") or row.get("repository_name"),
-                           row.get("language") or row.get("lang") or (language_of(doc_path) if doc_path else None),
-                           licenses, row.get("stars") or row.get("max_stars_count"))
 
 
 def split_of(doc: Document, val_fraction: float, test_fraction: float) -> str:
