@@ -112,6 +112,23 @@ def test_banding_gives_the_clusters_of_datasketch_lsh():
     assert len(set(expected)) < len(contents) - 5  # the fixture does have clusters
 
 
+def test_a_file_similar_to_two_clusters_joins_them():
+    """Files 0 and 1 are not similar (60% of rows), file 3 is similar to both (80%): one cluster, even when 1
+    and 3 were joined in an earlier band and 0 comes first in the bucket."""
+    import numpy as np
+
+    from starcoder.data.dedup import BANDS, NUM_PERM, clusters_from_signatures
+
+    rng = np.random.default_rng(0)
+    common, x0, x1, y0, y1 = (rng.integers(1, 2**32, n, dtype=np.uint32) for n in (154, 51, 51, 51, 51))
+    rows = {0: np.concatenate([common, x0, y0]), 1: np.concatenate([common, x1, y1]),
+            2: rng.integers(1, 2**32, NUM_PERM, dtype=np.uint32), 3: np.concatenate([common, x0, y1])}
+    keys = np.arange(1, 4 * BANDS + 1, dtype=np.uint64).reshape(4, BANDS)  # all different
+    keys[3, 0] = keys[1, 0]  # band 0: 1 and 3
+    keys[0, 1] = keys[1, 1] = keys[3, 1] = 999  # band 1: 0, 1 and 3
+    assert clusters_from_signatures(keys, rows.__getitem__).tolist() == [0, 0, 2, 0]
+
+
 def test_near_dedup_threshold_edge():
     """Files sharing well under 70% of their 5-grams stay apart."""
     base = program(4, lines=100)

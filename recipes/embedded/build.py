@@ -3,9 +3,11 @@
     python recipes/embedded/build.py [--work /tmp/starcoder-embedded] [--stage all|data|train|export]
 
 The corpus is permissively licensed Python available offline: the CPython standard library this interpreter
-ships (Lib/, PSF-2.0) and the installed packages in PACKAGES (licenses read from their metadata at build time
-and recorded per document in the manifest), without caches, test suites and vendored third-party code.
-Files are split into train / val / test by a hash of their path (1% / 2% held out).
+ships (Lib/, PSF-2.0) and the installed packages in PACKAGES (the SPDX id of each read from its metadata by
+hand; the build prints the declared license beside it), without caches, test suites and vendored third-party
+code. It goes through the project's data pipeline (`starcoder prepare`: quality, generated code,
+decontamination, exact and near dedup, PII redaction); the pipeline's report ships beside the model as
+data_report.json. Files are split into train / val / test by a hash of their path (1% / 2% held out).
 A 16,384-token StarCoder2-family tokenizer is trained on the train split only. Training follows train.yaml
 (FIM rate 0.5, SPM rate 0.5) and fits a background run of at most 90 minutes on a 2-core CPU. The final model
 is exported in bfloat16 to src/starcoder/assets/model/ with its tokenizer and the data manifest.
@@ -47,7 +49,8 @@ def _declared_license(distribution: str) -> str:
     return meta.get("License-Expression") or (meta.get("License") or "").splitlines()[0] or "; ".join(classifiers)
 
 
-def corpus():
+def raw_corpus():
+    """The source files, before the pipeline, with their repository and license."""
     import importlib.util
     from importlib import metadata
 
@@ -56,21 +59,41 @@ def corpus():
     for doc in read_corpus([sysconfig.get_paths()["stdlib"]], {"python"}, EXCLUDE):
         yield replace(doc, repo=f"cpython-{sys.version.split()[0]}/Lib", license="PSF-2.0")
     for distribution, module, spdx in PACKAGES:
-        declared = _declared_license(distribution)
+        print(f"{distribution}: {spdx} (declared: {_declared_license(distribution)[:60]})")
         root = Path(list(importlib.util.find_spec(module).submodule_search_locations)[0])
         repo = f"{distribution}-{metadata.version(distribution)}"
         for doc in read_corpus([root], {"python"}, EXCLUDE):
-            yield replace(doc, repo=repo, license=f"{spdx} (declared: {declared[:60]})")
+            yield replace(doc, repo=repo, license=spdx)
+
+
+def prepared_corpus(work: Path) -> Path:
+    """The corpus through `starcoder prepare` (rows in The Stack's schema in, shards and report.json out)."""
+    from starcoder.data.prepare import PrepareConfig, prepare
+
+    out = work / "prepared"
+    if (out / "report.json").exists():
+        return out
+    rows = work / "raw.jsonl"
+    with open(rows, "w", encoding="utf-8") as f:
+        for doc in raw_corpus():
+            f.write(json.dumps({"content": doc.content, "repository_name": doc.repo, "path": doc.path,
+                                "licenses": [doc.license], "language": doc.language}) + "\n")
+    report = prepare(PrepareConfig(inputs=[rows], out=out, languages=frozenset({"python"})), progress=True)
+    for stage, entry in report["stages"].items():
+        print(f"{stage:14} {entry['documents_in']:>7} in {entry['documents_out']:>7} out  "
+              f"{entry['removed'] or entry.get('findings', '')}")
+    return out
 
 
 def stage_data(work: Path) -> None:
     from starcoder import Config, build_model, init_weights, save_model
     from starcoder.tokenizer import train_tokenizer
-    from starcoder.train.data import split_of, tokenize_corpus
+    from starcoder.train.data import read_corpus, split_of, tokenize_corpus
 
-    train_texts = (d.content for d in corpus() if split_of(d, VAL, TEST) == "train")
+    prepared = prepared_corpus(work)
+    train_texts = (d.content for d in read_corpus([prepared]) if split_of(d, VAL, TEST) == "train")
     tokenizer = train_tokenizer(train_texts, "starcoder2", vocab_size=16384)
-    tokenize_corpus(corpus(), tokenizer, work / "data", VAL, TEST, seed=0)
+    tokenize_corpus(read_corpus([prepared]), tokenizer, work / "data", VAL, TEST, seed=0)
     config = Config.from_file(HERE / "config.json")
     import torch
 
@@ -96,6 +119,7 @@ def stage_export(work: Path) -> None:
     load_tokenizer(work / "run" / "final").save(tmp)
     shutil.copy(work / "data" / "manifest.jsonl", tmp / "manifest.jsonl")
     shutil.copy(work / "data" / "summary.json", tmp / "data_summary.json")
+    shutil.copy(work / "prepared" / "report.json", tmp / "data_report.json")
     shutil.copy(work / "run" / "history.json", tmp / "training_history.json")
     shutil.rmtree(ASSETS, ignore_errors=True)
     tmp.rename(ASSETS)

@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decontaminate", action="store_true", default=None)
     p.add_argument("--no-pii", action="store_true", default=None, help="do not redact PII")
     p.add_argument("--format", choices=["jsonl", "parquet"], help="shard format (default jsonl)")
-    p.add_argument("--task-mb", type=float, help="input per task, in MB (default 32)")
+    p.add_argument("--task-mb", type=float, help="input per task and shard, in MB (default 16)")
     p.add_argument("--workers", type=int, help="processes (default: every core)")
     p.add_argument("--executor", choices=["local", "datatrove"], help="local process pool (default) or "
                    "datatrove's LocalPipelineExecutor")

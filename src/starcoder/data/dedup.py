@@ -9,8 +9,8 @@ clustering is global however the files were cut into shards), and one file is ke
 most stars, then the longest, then the first seen.
 
 The banding works on a signature matrix by sorting each band's keys rather than in datasketch's in-memory hash
-tables: about 260 bytes of memory per file (band keys, hashes, union-find), with the signatures themselves read
-from disk (memory-mapped) only for the candidate pairs. The result is the same as querying datasketch's
+tables: a few hundred bytes of memory per file (band keys, hashes, union-find), with the signatures themselves
+read from disk only for the candidate pairs. The result is the same as querying datasketch's
 MinHashLSH with each file in turn (a test checks this).
 """
 
@@ -75,7 +75,7 @@ def signature(content: str) -> np.ndarray | None:
     compare: such files are left to exact dedup)."""
     if not _TOKEN.search(content):
         return None
-    return minhash_of(content).hashvalues.astype(np.uint32)  # datasketch's values are 32-bit, kept in uint64
+    return minhash_of(content).hashvalues.astype(np.uint32)  # 32-bit values (datasketch < 2 kept them in uint64)
 
 
 def band_keys(signatures: np.ndarray) -> np.ndarray:
@@ -121,7 +121,9 @@ def clusters_from_signatures(keys: np.ndarray, row: Callable[[int], np.ndarray],
             for i in order[start:end].tolist():
                 root = find(i)
                 for other_root in list(members_of):
-                    if other_root != root and any(similar(i, j) for j in members_of[other_root]):
+                    if other_root == root or other_root not in members_of:  # i's cluster, or merged just now
+                        continue
+                    if any(similar(i, j) for j in members_of[other_root]):
                         merged = min(root, other_root)
                         parent[max(root, other_root)] = merged
                         members_of.setdefault(root, [])

@@ -140,9 +140,6 @@ _KEY_PLUGINS = (
 _ENTROPY_PLUGINS = ("high_entropy_strings.Base64HighEntropyString", "high_entropy_strings.HexHighEntropyString")
 # Token formats detect-secrets does not know yet.
 _EXTRA_KEYS = re.compile(r"\bgithub_pat_[A-Za-z0-9_]{60,}|\bAIza[0-9A-Za-z_\-]{35}\b")
-# A line worth handing to detect-secrets: a long token-like run, a credential in a URL, or a secret-ish keyword.
-_CANDIDATE_LINE = re.compile(r"[A-Za-z0-9+/=_\-.]{20,}|://[^\s/:@]*:[^\s/@]+@|passw|secret|token|api_?key",
-                             re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"example|sample|dummy|placeholder|changeme|change_me|your[_-]|xxxx|\*\*\*|<|>|\$\{|"
                           r"\{\{|%\(|redacted|fake|0000000|1234567|abcdef|_test_|test_key|testkey", re.IGNORECASE)
 _HASH_WORDS = ("sha", "hash", "md5", "checksum", "digest", "integrity", "commit", "revision", "fingerprint",
@@ -153,12 +150,12 @@ _HASH_SHAPED = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{64}|[0-9
                           r"(sha\d*|md5)[-:].*")
 # A value assigned to a name that says it is secret: quoted (any characters) or bare (.env, INI, YAML).
 _SECRET_ASSIGNMENT = re.compile(
-    r"""(?i)\b[\w.\-]*(?:secret|token|key|credential)[\w.\-]*["']?\]?\s*(?::=|=>|[:=])\s*"""
+    r"""(?i)(?:secret|token|key|credential)[\w.\-]*["']?\]?\s*(?::=|=>|[:=])\s*"""
     r"""(?:(["'])([^\s"']{16,256})\1|([A-Za-z0-9+/=_\-.]{16,256})(?=\s*$))""", re.MULTILINE)
 # A password assignment: a password-like name, an assignment, then a quoted value (or an unquoted one in
 # config files), as people write them in code, YAML, .env and INI files.
 _PASSWORD = re.compile(
-    r"""(?i)\b[\w.\-]*(?:passw(?:or)?d|pwd|passphrase)[\w.\-]*["']?\s*(?::=|=>|[:=])\s*"""
+    r"""(?i)(?:passw(?:or)?d|pwd|passphrase)[\w.\-]*["']?\s*(?::=|=>|[:=])\s*"""
     r"""(?:(["'])([^\s"']{4,128})\1|([^\s"'#;,]{6,128})(?=\s*(?:$|[#;,])))""", re.MULTILINE)
 # Not passwords: labels ("password", "new_pass:"), calls, CONSTANT_NAMES, attribute paths, null-ish words.
 _NOT_A_PASSWORD = re.compile(r"(?i:^[a-z_ ]*(?:pass|pwd)[a-z_ :]*$)|^[\w.]+[(\[]|^[A-Z_][A-Z0-9_.]*$|^\w+\.\w+\.?|"
@@ -234,7 +231,7 @@ def find_secrets(text: str) -> list[Finding]:
 
     for match in _PRIVATE_KEY.finditer(text):
         add("KEY", match, 2)
-    for match in _URL_PASSWORD.finditer(text):
+    for match in _URL_PASSWORD.finditer(text) if "://" in text and "@" in text else ():
         if not _PLACEHOLDER.search(match.group(1)):
             add("PASSWORD", match, 1)
     for match in _PASSWORD.finditer(text):
@@ -246,46 +243,80 @@ def find_secrets(text: str) -> list[Finding]:
         line = text[text.rfind("\n", 0, match.start()) + 1 : text.find("\n", match.end()) % (len(text) + 1)]
         if _is_random(match.group(group)) and not _is_hash(match.group(group), line, text):
             add("KEY", match, group)
-    for match in _EXTRA_KEYS.finditer(text):
+    for match in _EXTRA_KEYS.finditer(text) if "github_pat_" in text or "AIza" in text else ():
         if not _PLACEHOLDER.search(match.group(0)):
             add("KEY", match, 0)
-    offset = 0
-    for line in text.splitlines(keepends=True):
-        if len(line) < 2000 and _CANDIDATE_LINE.search(line):
-            for value in _secrets_in_line(line):
-                if _is_hash(value, line, text):
-                    continue
-                for match in re.finditer(re.escape(value), line):
-                    found.append(Finding("KEY", offset + match.start(), offset + match.end(), value))
-        offset += len(line)
+    for start, end, value in _detect_secrets_plugins(text):
+        line = _line_at(text, start)
+        if len(line) < 2000 and not _is_hash(value, line, text):
+            found.append(Finding("KEY", start, end, value))
     return found
 
 
-def _plugin_values(plugin, line: str):
-    """The secrets one regex plugin sees in line: the whole match when its groups are only a prefix (GitHub's
-    `(ghp|gho|...)_...`), cut at the first space or quote (npm's pattern runs to the end of the line)."""
-    for pattern in plugin.denylist:
-        for match in pattern.finditer(line):
-            groups = [g for g in match.groups() if g]
-            value = max(groups, key=len) if groups and len(max(groups, key=len)) >= 8 else match.group(0)
-            value = value.strip(" \t=:\"'")
-            cut = _VALUE_END.search(value)
-            yield value[: cut.start()] if cut else value
+def _line_at(text: str, position: int) -> str:
+    end = text.find("\n", position)
+    return text[text.rfind("\n", 0, position) + 1 : end if end >= 0 else len(text)]
 
 
-def _secrets_in_line(line: str) -> set[str]:
-    values = set()
-    for plugin in _plugins(_KEY_PLUGINS):
-        for value in _plugin_values(plugin, line):
-            if value and not _PLACEHOLDER.search(value) and not _is_detect_secrets_false_positive(value, line, plugin):
-                values.add(value)
+# The plugins that look for a keyword assignment (cloudant_key = ..., ibm_iam_api_key: ...) try their pattern at
+# every position, which makes them the slowest by far; every secret they find is a run of 24 or more
+# [A-Za-z0-9_-], so they only look at the lines that have one.
+_KEYWORD_PLUGINS = ("CloudantDetector", "IbmCloudIamDetector", "IbmCosHmacDetector", "SoftlayerDetector")
+_LONG_RUN = re.compile(r"[A-Za-z0-9_\-]{24,}")
+
+
+@cache
+def _plugin_patterns() -> list[tuple[re.Pattern, object, bool]]:
+    """(regex, plugin, is a keyword plugin) for every regex of the key plugins. They run over a whole text at once
+    rather than line by line, so `^` and `$` are made to mean the start and end of a line, as they do when
+    detect-secrets scans line by line."""
+    return [(re.compile(pattern.pattern, pattern.flags | re.MULTILINE), plugin,
+             type(plugin).__name__ in _KEYWORD_PLUGINS)
+            for plugin in _plugins(_KEY_PLUGINS) for pattern in plugin.denylist]
+
+
+def _plugin_matches(text: str):
+    """(match, plugin, offset of the string matched in text) for every regex of the key plugins."""
+    keyword_patterns = []
+    for pattern, plugin, keyword in _plugin_patterns():
+        if keyword:
+            keyword_patterns.append((pattern, plugin))
+        else:
+            for match in pattern.finditer(text):
+                yield match, plugin, 0
+    line_starts = sorted({text.rfind("\n", 0, m.start()) + 1 for m in _LONG_RUN.finditer(text)})
+    for start in line_starts:
+        line = _line_at(text, start)
+        for pattern, plugin in keyword_patterns:
+            for match in pattern.finditer(line):
+                yield match, plugin, start
+
+
+def _detect_secrets_plugins(text: str):
+    """(start, end, value) of what detect-secrets' plugins find, less their own false-positive filters, values
+    that are placeholders, and high-entropy strings that are not gibberish."""
+    for match, plugin, offset in _plugin_matches(text):
+        # the secret is the longest group, or the whole match when the groups are only a prefix (GitHub's
+        # `(ghp|gho|...)_...`); cut at the first space or quote (npm's pattern runs to the end of the line)
+        groups = [g for g in range(1, match.re.groups + 1) if match.group(g)]
+        group = max(groups, key=lambda g: len(match.group(g))) if groups else 0
+        if len(match.group(group)) < 8:
+            group = 0
+        raw = match.group(group)
+        value = raw.strip(" \t\n=:\"'")
+        cut = _VALUE_END.search(value)
+        value = value[: cut.start()] if cut else value
+        start = offset + match.start(group) + raw.find(value)
+        if value and not _PLACEHOLDER.search(value) and not _is_detect_secrets_false_positive(
+                value, _line_at(text, start), plugin):
+            yield start, start + len(value), value
     for plugin in _plugins(_ENTROPY_PLUGINS):
-        for value in plugin.analyze_string(line):
+        for match in plugin.regex.finditer(text):  # a quoted run of the plugin's alphabet
+            value, start = match.group(2), match.start(2)
             if (len(value) >= 16 and plugin.calculate_shannon_entropy(value) > plugin.entropy_limit
                     and not _PLACEHOLDER.search(value) and is_gibberish(value)
-                    and not _is_detect_secrets_false_positive(value, line, plugin)):
-                values.add(value)
-    return values
+                    and not _is_detect_secrets_false_positive(value, _line_at(text, start), plugin)):
+                yield start, start + len(value), value
 
 
 # ---- names -----------------------------------------------------------------------------------------------------

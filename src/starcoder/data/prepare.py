@@ -61,7 +61,7 @@ class PrepareConfig:
     multiple: list[Path] = field(default_factory=list)  # MultiPL-E JSONL files to decontaminate against
     redact_pii: bool = True
     output_format: str = "jsonl"
-    task_bytes: int = 32 * 1024 * 1024
+    task_bytes: int = 16 * 1024 * 1024  # small enough to keep 2+ workers busy on 100 MB, large enough for shards
 
     def settings(self) -> dict:
         """Everything that decides the output; a run resumes only with the same settings."""
@@ -155,8 +155,11 @@ class Pipeline:
                     sizes.append(size)
                     sig = signature(item.content)
                     signatures.append(np.zeros(NUM_PERM, np.uint32) if sig is None else sig)
-        matrix = np.stack(signatures) if signatures else np.zeros((0, NUM_PERM), np.uint32)
-        _save(self._filtered(rank, "signatures.npy"), matrix)
+        tmp = _tmp(self._filtered(rank, "signatures.u32"))
+        with open(tmp, "wb") as f:
+            for sig in signatures:
+                f.write(sig.tobytes())
+        tmp.replace(self._filtered(rank, "signatures.u32"))
         _save(self._filtered(rank, "meta.npz"), digests=np.array(digests, dtype="S32"),
               stars=np.array(stars, dtype=np.int64), sizes=np.array(sizes, dtype=np.int64))
         _tmp(rows_path).replace(rows_path)
@@ -187,16 +190,12 @@ class Pipeline:
         digests = np.concatenate([m["digests"] for m in metas]) if metas else np.zeros(0, "S32")
         stars = np.concatenate([m["stars"] for m in metas]) if metas else np.zeros(0, np.int64)
         sizes = np.concatenate([m["sizes"] for m in metas]) if metas else np.zeros(0, np.int64)
-        signatures = [np.load(self._filtered(rank, "signatures.npy"), mmap_mode="r") for rank in range(len(counts))]
-
-        def row(index: int) -> np.ndarray:
-            rank = int(np.searchsorted(offsets, index, side="right")) - 1
-            return signatures[rank][index - offsets[rank]]
-
+        signatures = _Signatures([self._filtered(rank, "signatures.u32") for rank in range(len(counts))])
         unique = kept_per_cluster(exact_groups(digests), stars, sizes)  # one of each group of identical files
-        keys = np.concatenate([keys_of(np.asarray(s)) for s in signatures] or [np.zeros((0, BANDS), np.uint64)])
+        keys = signatures.band_keys()
         keys[~unique] = 0  # exact duplicates take no part in near dedup
-        clusters = clusters_from_signatures(keys, row)
+        clusters = clusters_from_signatures(keys, signatures.row)
+        signatures.close()
         kept = unique & kept_per_cluster(clusters, stars, sizes)
 
         report = Report()
@@ -277,7 +276,7 @@ class Pipeline:
         write_text_atomic(self.out / "report.json", json.dumps(summary, indent=2, ensure_ascii=False))
         write_chart(summary, self.out / "report.png")
         for rank in range(len(self.tasks)):  # the filtered copies are no longer needed; the reports stay
-            for suffix in ("jsonl", "signatures.npy", "meta.npz"):
+            for suffix in ("jsonl", "signatures.u32", "meta.npz"):
                 self._filtered(rank, suffix).unlink(missing_ok=True)
         return summary
 
@@ -304,9 +303,7 @@ def prepare(config: PrepareConfig, workers: int | None = None, executor: str = "
     if executor == "datatrove":
         _run_datatrove(pipeline, workers)
     else:
-        _run_local(pipeline.filter_task, len(pipeline.tasks), workers, progress, "filter")
-        pipeline.dedup()
-        _run_local(pipeline.finish_task, len(pipeline.tasks), workers, progress, "PII and shards")
+        _run_local(pipeline, workers, progress)
     return pipeline.finish_report()
 
 
@@ -360,7 +357,7 @@ def prepare_config(args) -> tuple[PrepareConfig, dict]:
             opt_out |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
         except OSError as e:
             raise StarCoderError(f"{path}: cannot read the opt-out list ({e})") from None
-    task_mb = settings.get("task_mb", 32)
+    task_mb = settings.get("task_mb", PrepareConfig.task_bytes / 2**20)
     if task_mb <= 0:
         raise StarCoderError(f"task size {task_mb} MB must be positive")
     workers = settings.get("workers")
@@ -377,22 +374,28 @@ def prepare_config(args) -> tuple[PrepareConfig, dict]:
     return config, {"workers": workers, "executor": settings.get("executor", "local")}
 
 
-def _run_local(task: Callable[[int], None], count: int, workers: int, progress: bool, name: str) -> None:
+def _run_local(pipeline: Pipeline, workers: int, progress: bool) -> None:
+    """The three steps on this machine: the per-task ones on a pool of worker processes (one pool for both, so
+    the workers start once), or in this process for one worker."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
-    bar = tqdm(total=count, desc=name, unit="task", disable=not progress)
-    if workers == 1 or count == 1:
-        for rank in range(count):
-            task(rank)
-            bar.update()
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(min(workers, count), mp_context=multiprocessing.get_context("forkserver")) as pool:
-            for _ in pool.map(task, range(count)):
-                bar.update()
-    bar.close()
+    count = len(pipeline.tasks)
+    pool = None
+    if workers > 1 and count > 1:
+        pool = ProcessPoolExecutor(min(workers, count), mp_context=multiprocessing.get_context("forkserver"))
+    try:
+        for name, task in (("filter", pipeline.filter_task), ("PII and shards", pipeline.finish_task)):
+            with tqdm(total=count, desc=name, unit="task", disable=not progress) as bar:
+                for _ in pool.map(task, range(count)) if pool else map(task, range(count)):
+                    bar.update()
+            if name == "filter":
+                pipeline.dedup()
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
 
 
 def _run_datatrove(pipeline: Pipeline, workers: int) -> None:
@@ -411,6 +414,41 @@ def _run_datatrove(pipeline: Pipeline, workers: int) -> None:
     if not (pipeline.work / "finish").exists() or any(
             not (pipeline.work / "finish" / f"{rank:05d}.report.json").exists() for rank in range(count)):
         raise StarCoderError(f"datatrove finished with failed tasks; see the logs in {logs}")
+
+
+class _Signatures:
+    """The filter step's signature files (raw uint32 rows of NUM_PERM), read without mapping them into memory:
+    band keys in chunks, and single rows (for the candidate pairs) by positioned reads. So the dedup step holds
+    only the keys, hashes and cluster arrays, a few hundred bytes per file."""
+
+    ROW_BYTES = NUM_PERM * 4
+
+    def __init__(self, paths: list[Path]):
+        self.files = [open(path, "rb") for path in paths]  # noqa: SIM115 (closed by close())
+        counts = [path.stat().st_size // self.ROW_BYTES for path in paths]
+        self.offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+
+    def band_keys(self, chunk_rows: int = 16384) -> np.ndarray:
+        keys = np.zeros((int(self.offsets[-1]), BANDS), dtype=np.uint64)
+        for f, start in zip(self.files, self.offsets[:-1], strict=True):
+            f.seek(0)
+            while True:
+                chunk = np.fromfile(f, dtype=np.uint32, count=chunk_rows * NUM_PERM)
+                if not chunk.size:
+                    break
+                rows = chunk.reshape(-1, NUM_PERM)
+                keys[start : start + len(rows)] = keys_of(rows)
+                start += len(rows)
+        return keys
+
+    def row(self, index: int) -> np.ndarray:
+        rank = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        data = os.pread(self.files[rank].fileno(), self.ROW_BYTES, int(index - self.offsets[rank]) * self.ROW_BYTES)
+        return np.frombuffer(data, dtype=np.uint32)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
 
 
 def _tmp(path: Path) -> Path:

@@ -222,6 +222,8 @@ def _row_document(row, origin: str, size: int) -> Document | Skipped:
     content = row["content"]
     if size > MAX_FILE_BYTES:
         return Skipped("too_large", origin, size)
+    if "\0" in content:
+        return Skipped("binary", origin, size)
     path = row.get("path") or row.get("max_stars_repo_path") or origin
     licenses = row.get("licenses") or row.get("max_stars_repo_licenses") or (
         [row["license"]] if row.get("license") else [])
