@@ -73,6 +73,7 @@ def prepared_corpus(work: Path) -> Path:
     out = work / "prepared"
     if (out / "report.json").exists():
         return out
+    work.mkdir(parents=True, exist_ok=True)
     rows = work / "raw.jsonl"
     with open(rows, "w", encoding="utf-8") as f:
         for doc in raw_corpus():

@@ -25,7 +25,7 @@ import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 KINDS = ("EMAIL", "IP_ADDRESS", "KEY", "PASSWORD", "NAME")
@@ -143,7 +143,7 @@ _EXTRA_KEYS = re.compile(r"\bgithub_pat_[A-Za-z0-9_]{60,}|\bAIza[0-9A-Za-z_\-]{3
 _PLACEHOLDER = re.compile(r"example|sample|dummy|placeholder|changeme|change_me|your[_-]|xxxx|\*\*\*|<|>|\$\{|"
                           r"\{\{|%\(|redacted|fake|0000000|1234567|abcdef|_test_|test_key|testkey", re.IGNORECASE)
 _HASH_WORDS = ("sha", "hash", "md5", "checksum", "digest", "integrity", "commit", "revision", "fingerprint",
-               "etag", "crc")
+               "etag", "crc", "oid", "blob", "object")
 # Hex digests (md5, sha1, sha256, sha512) and the base64 lengths of the same digests.
 _HASH_SHAPED = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{64}|[0-9a-fA-F]{128}|"
                           r"[A-Za-z0-9+/]{22}(==)?|[A-Za-z0-9+/]{27}=|[A-Za-z0-9+/]{43}=|[A-Za-z0-9+/]{86}==|"
@@ -199,6 +199,7 @@ def _is_detect_secrets_false_positive(value: str, line: str, plugin) -> bool:
             or heuristic.is_templated_secret(value) or heuristic.is_likely_id_string(value, line, plugin))
 
 
+@lru_cache(maxsize=4)  # asked once per candidate secret of the same text (str caches its own hash)
 def file_has_hashes(text: str, share: float = 0.02) -> bool:
     """BigCode's file-level check: "sha" or "hash" on more than 2% of the lines."""
     lowered = text.lower()
@@ -206,11 +207,24 @@ def file_has_hashes(text: str, share: float = 0.02) -> bool:
 
 
 def _is_hash(value: str, line: str, text: str) -> bool:
-    """A hash-shaped value where the line, or the file as a whole, speaks of hashes."""
+    """A hash-shaped value where the line, or the file as a whole, speaks of hashes (any hex value, in a file full
+    of hashes)."""
+    if re.fullmatch(r"[0-9a-fA-F]+", value) and file_has_hashes(text):
+        return True
     if not _HASH_SHAPED.fullmatch(value):
         return False
     lowered = line.lower()
     return any(word in lowered for word in _HASH_WORDS) or file_has_hashes(text)
+
+
+_CONFIG_SUFFIXES = frozenset({".env", ".ini", ".cfg", ".conf", ".properties", ".yaml", ".yml", ".toml", ".sh",
+                              ".bash", ".zsh", ".txt", ".md", ".rst", ".npmrc", ".pypirc", ".netrc", ".json"})
+
+
+def _is_config_file(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1].lower()
+    return name.startswith(".env") or name in ("dockerfile", "docker-compose.yml") or any(
+        name.endswith(suffix) for suffix in _CONFIG_SUFFIXES)
 
 
 def _is_random(value: str) -> bool:
@@ -222,8 +236,9 @@ def _is_random(value: str) -> bool:
     return is_gibberish(value)
 
 
-def find_secrets(text: str) -> list[Finding]:
-    """Keys (`KEY`) and passwords (`PASSWORD`), with their positions in text."""
+def find_secrets(text: str, path: str | None = None) -> list[Finding]:
+    """Keys (`KEY`) and passwords (`PASSWORD`), with their positions in text. path, when known, tells config
+    files (where `password = hunter2` is a literal) from code (where it is an expression)."""
     found: list[Finding] = []
 
     def add(kind: str, match: re.Match, group: int) -> None:
@@ -234,14 +249,16 @@ def find_secrets(text: str) -> list[Finding]:
     for match in _URL_PASSWORD.finditer(text) if "://" in text and "@" in text else ():
         if not _PLACEHOLDER.search(match.group(1)):
             add("PASSWORD", match, 1)
+    unquoted_literals = path is None or _is_config_file(path)
     for match in _PASSWORD.finditer(text):
         group = 2 if match.group(2) is not None else 3
+        if group == 3 and not unquoted_literals:
+            continue
         if not _PLACEHOLDER.search(match.group(group)) and not _NOT_A_PASSWORD.search(match.group(group)):
             add("PASSWORD", match, group)
     for match in _SECRET_ASSIGNMENT.finditer(text):
         group = 2 if match.group(2) is not None else 3
-        line = text[text.rfind("\n", 0, match.start()) + 1 : text.find("\n", match.end()) % (len(text) + 1)]
-        if _is_random(match.group(group)) and not _is_hash(match.group(group), line, text):
+        if _is_random(match.group(group)) and not _is_hash(match.group(group), _line_at(text, match.start()), text):
             add("KEY", match, group)
     for match in _EXTRA_KEYS.finditer(text) if "github_pat_" in text or "AIza" in text else ():
         if not _PLACEHOLDER.search(match.group(0)):
@@ -314,7 +331,7 @@ def _detect_secrets_plugins(text: str):
         for match in plugin.regex.finditer(text):  # a quoted run of the plugin's alphabet
             value, start = match.group(2), match.start(2)
             if (len(value) >= 16 and plugin.calculate_shannon_entropy(value) > plugin.entropy_limit
-                    and not _PLACEHOLDER.search(value) and is_gibberish(value)
+                    and _is_random(value)
                     and not _is_detect_secrets_false_positive(value, _line_at(text, start), plugin)):
                 yield start, start + len(value), value
 
@@ -356,10 +373,10 @@ def find_names(text: str) -> list[Finding]:
 
 # ---- all together ----------------------------------------------------------------------------------------------
 
-def find_pii(text: str) -> list[Finding]:
+def find_pii(text: str, path: str | None = None) -> list[Finding]:
     """Every finding, in order and without overlaps: where two overlap, the secret beats the address or name,
     then the earlier and longer one wins."""
-    candidates = find_secrets(text) + find_emails(text) + find_ips(text) + find_names(text)
+    candidates = find_secrets(text, path) + find_emails(text) + find_ips(text) + find_names(text)
     candidates.sort(key=lambda f: (_PRIORITY[f.kind], f.start, f.start - f.end))
     kept: list[Finding] = []
     for finding in candidates:
@@ -375,9 +392,9 @@ def replacement(finding: Finding) -> str:
     return f"<{finding.kind}>"
 
 
-def redact(text: str) -> tuple[str, list[Finding]]:
-    """text with every finding replaced, and the findings."""
-    findings = find_pii(text)
+def redact(text: str, path: str | None = None) -> tuple[str, list[Finding]]:
+    """text with every finding replaced, and the findings (path: the file's name, when known)."""
+    findings = find_pii(text, path)
     pieces, position = [], 0
     for finding in findings:
         pieces += [text[position:finding.start], replacement(finding)]

@@ -253,7 +253,7 @@ class Pipeline:
                 size = len(row["content"].encode("utf-8", errors="surrogatepass"))
                 report.enter("pii", size)
                 if self.config.redact_pii:
-                    text, findings = redact(row["content"])
+                    text, findings = redact(row["content"], row["path"])
                     if findings:
                         row["content"] = text
                         new_size = len(text.encode("utf-8", errors="surrogatepass"))

@@ -95,12 +95,13 @@ def write_chart(summary: dict, path: Path) -> None:
         axis.invert_yaxis()
         axis.set_xlabel(label)
         axis.set_title(f"{label} after each stage")
-    documents.legend(loc="lower right")
+    handles, labels = documents.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower left", ncol=2, frameon=False)
     redacted = stages["pii"].get("findings", {})
     if redacted:
-        megabytes.text(0.98, 0.02, "PII redacted: " + ", ".join(f"{k.lower()} {v}" for k, v in redacted.items()),
-                       transform=megabytes.transAxes, ha="right", va="bottom", fontsize=8)
-    fig.tight_layout()
+        fig.text(0.99, 0.02, "PII redacted: " + ", ".join(f"{k.lower()} {v:,}" for k, v in redacted.items()),
+                 ha="right", va="bottom", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
