@@ -291,15 +291,53 @@ def test_server_keeps_serving_after_errors(client):
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
-def test_playground_streams_in_headless_chromium(model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def attribution_index(tmp_path_factory):
+    from starcoder.attribution.index import build_index
+    from test_attribution import source_file
+
+    root = tmp_path_factory.mktemp("attribution-index")
+    rows = root / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"content": source_file(i), "repository_name": "org/lib", "path": f"m{i}.py",
+                                        "licenses": ["MIT"]}) + "\n" for i in range(10)))
+    build_index([rows], root / "index")
+    return root / "index"
+
+
+def test_attribution_route(model_dir, attribution_index):
+    from fastapi.testclient import TestClient
+
+    from starcoder.server.app import create_app
+    from test_attribution import source_file
+
+    app = create_app(starcoder.load(model_dir), "tiny", attribution_index=attribution_index)
+    with TestClient(app) as client:
+        text = "x = 1\n" + source_file(4)[100:700]
+        answer = client.post("/v1/attribution", json={"text": text, "max_results": 2})
+        assert answer.status_code == 200
+        result = answer.json()
+        assert result["score"] > 0.8 and result["spans"][0]["start"] >= len("x = 1")
+        assert len(result["sources"]) == 2 and result["sources"][0]["path"] == "m4.py"
+        assert result["sources"][0]["license"] == "MIT"
+        empty = client.post("/v1/attribution", json={"text": "   "})
+        assert empty.status_code == 400 and "input is empty" in empty.json()["error"]["message"]
+        assert client.post("/v1/attribution", json={"text": "x", "max_results": 0}).status_code == 400
+    app = create_app(starcoder.load(model_dir), "tiny", attribution_index=attribution_index.parent / "missing")
+    with TestClient(app) as client:
+        missing = client.post("/v1/attribution", json={"text": "def f(): pass"})
+        assert missing.status_code == 400 and "no attribution index" in missing.json()["error"]["message"]
+
+
+def test_playground_streams_in_headless_chromium(model_dir, tmp_path, attribution_index):
     import shutil
 
     chromium = shutil.which("chromium")
     assert chromium, "the playground test needs Debian's chromium: apt-get install chromium"
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     from starcoder.server.app import create_app
+    from test_attribution import source_file
 
-    app = create_app(starcoder.load(model_dir), "tiny", api_key=API_KEY)
+    app = create_app(starcoder.load(model_dir), "tiny", api_key=API_KEY, attribution_index=attribution_index)
     step = app.state.engine.generator.step
     app.state.engine.generator.step = lambda: (time.sleep(0.03), step())[1]  # slow enough to watch it stream
     live = LiveServer(app)
@@ -320,6 +358,17 @@ def test_playground_streams_in_headless_chromium(model_dir, tmp_path):
                                    timeout=60_000)
             completed = page.text_content("#complete_out .generated")
 
+            page.fill("#max_tokens", "4")  # a prompt from the indexed corpus: attribution marks it
+            page.fill("#prompt", source_file(7)[:400])
+            page.click("#run_complete")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
+                                   timeout=60_000)
+            page.click("#run_attribution")
+            page.wait_for_function("document.querySelectorAll('#complete_out mark').length > 0", timeout=30_000)
+            marked = page.text_content("#complete_out mark")
+            sources = page.text_content("#attribution_out")
+            page.fill("#max_tokens", "24")
+
             page.click("nav button[data-pane=infill]")
             page.fill("#prefix", "def f(x):\n    return ")
             page.fill("#suffix", "\n")
@@ -333,6 +382,7 @@ def test_playground_streams_in_headless_chromium(model_dir, tmp_path):
         live.stop()
     sc = starcoder.load(model_dir)
     assert status_while_streaming == "generating..."  # text appeared before the answer was complete
+    assert len(marked) > 300 and marked in source_file(7) and "org/lib/m7.py (license: MIT" in sources
     assert completed == sc.complete("def add(a, b):\n", max_new_tokens=24).text
     assert middle == sc.infill("def f(x):\n    return ", "\n", max_new_tokens=24).text
 

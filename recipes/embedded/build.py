@@ -10,7 +10,8 @@ decontamination, exact and near dedup, PII redaction); the pipeline's report shi
 data_report.json. Files are split into train / val / test by a hash of their path (1% / 2% held out).
 A 16,384-token StarCoder2-family tokenizer is trained on the train split only. Training follows train.yaml
 (FIM rate 0.5, SPM rate 0.5) and fits a background run of at most 90 minutes on a 2-core CPU. The final model
-is exported in bfloat16 to src/starcoder/assets/model/ with its tokenizer and the data manifest.
+is exported in bfloat16 to src/starcoder/assets/model/ with its tokenizer, the data manifest, the pipeline's
+report and the corpus itself (corpus.jsonl.xz, for attribution).
 """
 
 from __future__ import annotations
@@ -110,6 +111,16 @@ def stage_train(work: Path) -> None:
                     str(work / "init"), "--data", str(work / "data"), "--out", str(work / "run")], check=True)
 
 
+def write_corpus(prepared: Path, out: Path) -> None:
+    """The training corpus as it left the pipeline, xz-compressed: what `starcoder index` indexes by default, so
+    that attribution of the embedded model's completions works out of the box."""
+    import lzma
+
+    with lzma.open(out, "wb", preset=9) as f:
+        for shard in sorted(prepared.glob("shard-*.jsonl")):
+            f.write(shard.read_bytes())
+
+
 def stage_export(work: Path) -> None:
     from starcoder import load_model, load_tokenizer, save_model
 
@@ -121,6 +132,7 @@ def stage_export(work: Path) -> None:
     shutil.copy(work / "data" / "manifest.jsonl", tmp / "manifest.jsonl")
     shutil.copy(work / "data" / "summary.json", tmp / "data_summary.json")
     shutil.copy(work / "prepared" / "report.json", tmp / "data_report.json")
+    write_corpus(work / "prepared", tmp / "corpus.jsonl.xz")
     shutil.copy(work / "run" / "history.json", tmp / "training_history.json")
     shutil.rmtree(ASSETS, ignore_errors=True)
     tmp.rename(ASSETS)

@@ -148,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise StarCoderError(f"the server needs its extra: pip install 'starcoder[serve]' ({e})") from None
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("STARCODER_API_KEY"), args.max_batch,
-          args.max_queue, args.timeout, args.dtype)
+          args.max_queue, args.timeout, args.dtype, Path(args.attribution_index) if args.attribution_index else None)
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
@@ -257,6 +257,45 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"kept {report['documents_out']:,} documents ({report['bytes_out']:,} bytes) in {config.out}")
 
 
+def cmd_index(args: argparse.Namespace) -> None:
+    from .attribution.index import build_index, default_index_dir, embedded_corpus
+
+    data = [Path(p) for p in args.data] if args.data else [embedded_corpus()]
+    out = Path(args.out) if args.out else default_index_dir()
+    manifest = build_index(data, out, args.false_positive_rate, int(args.shard_mb * 1024 * 1024),
+                           progress=sys.stderr.isatty() or args.progress)
+    build = out / manifest["build"]
+    sizes = {p.name: p.stat().st_size for p in build.iterdir()}
+    print(f"indexed {manifest['documents']:,} files ({manifest['bytes'] / 1e6:.1f} MB) into {out}: membership "
+          f"{sizes['membership.bloom'] / 1e6:.1f} MB (false-positive rate {args.false_positive_rate}), search "
+          f"{sum(v for k, v in sizes.items() if k.startswith('search')) / 1e6:.1f} MB in "
+          f"{len(manifest['search']['shards'])} shard(s)")
+
+
+def cmd_attribute(args: argparse.Namespace) -> None:
+    from .attribution.index import load_index, render_text
+
+    if args.input == "-":
+        raw = sys.stdin.buffer.read()
+        name = "standard input"
+    else:
+        try:
+            raw = Path(args.input).read_bytes()
+        except OSError as e:
+            raise StarCoderError(f"{args.input}: cannot read ({e.strerror})") from None
+        name = args.input
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StarCoderError(f"{name}: not UTF-8 text") from None
+    index = load_index(Path(args.index) if args.index else None, progress=sys.stderr.isatty())
+    result = index.attribute(text, args.limit, args.min_chain)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        print(render_text(text, result, color=sys.stdout.isatty()))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .api import default_model_dir
     from .bench import format_measurement, measure
@@ -335,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait for its next token")
+    p.add_argument("--attribution-index", help="index for POST /v1/attribution (default: the embedded corpus's, "
+                   "built on the first request)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train-tokenizer", help="train a StarCoder-style byte-level BPE tokenizer on source files")
@@ -443,6 +484,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "datatrove's LocalPipelineExecutor")
     p.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("index", help="build the attribution index (membership filter and full-text search) of a "
+                       "corpus")
+    p.add_argument("--data", nargs="+", help="prepared directories, JSONL / Parquet rows or source trees "
+                   "(default: the embedded model's training corpus)")
+    p.add_argument("--out", help="index directory (default: the embedded corpus's, in ~/.cache/starcoder)")
+    p.add_argument("--false-positive-rate", type=float, default=0.001, help="of the membership filter")
+    p.add_argument("--shard-mb", type=float, default=256, help="content per search shard, in MB")
+    p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("attribute", help="find where a text comes from in the training data")
+    p.add_argument("input", help="a file, or - for standard input")
+    p.add_argument("--index", help="index directory (default: the embedded corpus's, built on first use)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--limit", type=int, default=5, help="matching files to show")
+    p.add_argument("--min-chain", type=int, default=2, help="n-grams 50 characters apart that make a span")
+    p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("bench", help="measure load, prefill and decode speed of a model on this machine")
     p.add_argument("--model", help="model directory or hub id (org/name); default: the embedded model")

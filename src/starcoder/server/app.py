@@ -1,4 +1,5 @@
-"""The HTTP server: OpenAI completions (with `suffix` for FIM) and chat, TGI, llama.cpp infill, a playground.
+"""The HTTP server: OpenAI completions (with `suffix` for FIM) and chat, TGI, llama.cpp infill, attribution, a
+playground.
 
     starcoder serve [--model PATH_OR_ID] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import secrets
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,13 +22,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import StarCoder
 from ..errors import StarCoderError
-from . import openai_api, tgi_api
+from . import attribution_api, openai_api, tgi_api
 from .engine import Engine, Overloaded
 from .service import APIError, Service, error_response, is_openai
 
 
 def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, timeout: float = 600.0) -> FastAPI:
+               max_queue: int = 64, timeout: float = 600.0, attribution_index: Path | None = None) -> FastAPI:
     engine = Engine(sc.model, sc.tokenizer, max_batch=max_batch, max_queue=max_queue)
     validation_status = lambda request: 400 if is_openai(request) else 422  # noqa: E731
 
@@ -81,6 +83,7 @@ def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_b
 
     openai_api.add_routes(app, service)
     tgi_api.add_routes(app, service)
+    attribution_api.add_routes(app, attribution_index)
 
     # ------------------------------------------------------------------ playground
     @app.get("/", response_class=HTMLResponse)
@@ -91,14 +94,15 @@ def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_b
 
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
-          max_queue: int = 64, timeout: float = 600.0, dtype: str | None = None) -> None:
+          max_queue: int = 64, timeout: float = 600.0, dtype: str | None = None,
+          attribution_index: Path | None = None) -> None:
     import uvicorn
 
     from ..api import load
 
     sc = load(model, dtype=dtype)
     name = str(model) if model is not None else "starcoder-embedded"
-    app = create_app(sc, name, api_key, max_batch, max_queue, timeout)
+    app = create_app(sc, name, api_key, max_batch, max_queue, timeout, attribution_index)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 

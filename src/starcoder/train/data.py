@@ -11,8 +11,10 @@ the same sample for the same index.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -50,7 +52,7 @@ def read_corpus(paths: Iterable[str | os.PathLike], languages: set[str] | None =
         root = Path(root)
         if not root.exists():
             raise StarCoderError(f"{root}: no such file or directory")
-        if root.is_file() and root.suffix in (".jsonl", ".parquet"):
+        if root.is_file() and root.name.endswith((".jsonl", ".parquet", ".jsonl.xz", ".jsonl.gz")):
             yield from _read_rows(root)
             continue
         if root.is_dir() and (root / "report.json").is_file() and any(root.glob("shard-*")):
@@ -89,7 +91,7 @@ def _read_rows(path: Path) -> Iterator[Document]:
 
 
 def _rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, row) for each row of a JSONL or Parquet file."""
+    """(where, row) for each row of a JSONL (plain, .xz or .gz) or Parquet file."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -103,7 +105,8 @@ def _rows(path: Path) -> Iterator[tuple[str, dict]]:
         except (OSError, ValueError) as e:  # pyarrow's errors derive from these
             raise StarCoderError(f"{path}: not a readable Parquet file ({e})") from None
         return
-    with open(path, encoding="utf-8") as f:
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    with opener(path, "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -1,0 +1,1 @@
+"""Attribution: a membership test and full-text search over the training data."""
