@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import string
@@ -171,3 +172,24 @@ def test_normalisation_maps_back_to_the_original_characters():
     norm, origin = membership.normalize(text)
     assert norm == "def f(x): return x + 1 pass" == membership.normalized(text)
     assert text[origin[norm.index("return")] :].startswith("return")
+
+
+def test_the_default_index_is_built_on_first_use(corpus, tmp_path, monkeypatch, capsys):
+    """Without --index, attribute uses the embedded corpus's index, building it into the cache the first time."""
+    import lzma
+
+    from starcoder.attribution import index as index_module
+
+    rows, _ = corpus
+    shipped = tmp_path / "corpus.jsonl.xz"  # as the embedded model ships its corpus
+    shipped.write_bytes(lzma.compress(rows.read_bytes()))
+    monkeypatch.setattr(index_module, "embedded_corpus", lambda: shipped)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text(source_file(30)[:900])
+    assert main(["attribute", str(snippet), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sources"][0]["path"] == "pkg/module_30.py"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(source_file(31)[:900].encode())))
+    assert main(["attribute", "-", "--json"]) == 0  # standard input, and the index is built only once
+    assert json.loads(capsys.readouterr().out)["sources"][0]["path"] == "pkg/module_31.py"
+    assert list((tmp_path / "cache" / "starcoder" / "attribution").glob("embedded-*/index.json"))
