@@ -44,13 +44,16 @@ def held_out_loss(model, data: Path) -> dict:
 
 
 def held_out_sources() -> list[tuple[str, str]]:
-    """(name, source) of every held-out (test split) file of the recipe's corpus."""
+    """(name, source) of every held-out (test split) file of the corpus the model was trained on (the shipped
+    corpus, as it left the data pipeline)."""
     sys.path.insert(0, str(HERE))
-    from build import TEST, VAL, corpus
+    from build import TEST, VAL
 
-    from starcoder.train.data import split_of
+    from starcoder.attribution.index import embedded_corpus
+    from starcoder.train.data import read_corpus, split_of
 
-    return [(f"{d.repo}/{d.path}", d.content) for d in corpus() if split_of(d, VAL, TEST) == "test"]
+    return [(f"{d.repo}/{d.path}", d.content) for d in read_corpus([embedded_corpus()])
+            if split_of(d, VAL, TEST) == "test"]
 
 
 def function_prompts(sources, count: int, seed: int = 0) -> list[dict]:

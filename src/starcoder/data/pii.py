@@ -231,8 +231,8 @@ def _is_random(value: str) -> bool:
     """Long enough and random enough to be a key rather than a word, a path or a name."""
     if len(value) < 16 or _PLACEHOLDER.search(value):
         return False
-    if re.fullmatch(r"[0-9a-fA-F]+", value):
-        return len(value) >= 32 and len(set(value)) >= 10
+    if re.fullmatch(r"[0-9a-fA-F]+", value):  # hex: long, varied, and not a decimal number
+        return len(value) >= 32 and len(set(value)) >= 10 and not value.isdigit()
     return is_gibberish(value)
 
 

@@ -404,6 +404,9 @@ def _run_datatrove(pipeline: Pipeline, workers: int) -> None:
     except ImportError:
         raise StarCoderError("the datatrove executor needs datatrove: pip install datatrove") from None
     logs, count = pipeline.work / "datatrove", len(pipeline.tasks)
+    if not count:  # nothing to read: only the (empty) dedup step's report is needed
+        pipeline.dedup()
+        return
     filtering = LocalPipelineExecutor([pipeline.filter_step], tasks=count, workers=min(workers, count),
                                       logging_dir=str(logs / "filter"))
     dedup = LocalPipelineExecutor([pipeline.dedup_step], tasks=1, workers=1, logging_dir=str(logs / "dedup"),
