@@ -317,7 +317,7 @@ def test_attribution_route(model_dir, attribution_index):
         assert answer.status_code == 200
         result = answer.json()
         assert result["score"] > 0.8 and result["spans"][0]["start"] >= len("x = 1")
-        assert len(result["sources"]) == 2 and result["sources"][0]["path"] == "m4.py"
+        assert 1 <= len(result["sources"]) <= 2 and result["sources"][0]["path"] == "m4.py"
         assert result["sources"][0]["license"] == "MIT"
         empty = client.post("/v1/attribution", json={"text": "   "})
         assert empty.status_code == 400 and "input is empty" in empty.json()["error"]["message"]

@@ -9,7 +9,8 @@ be faster on very large corpora but is one more native dependency to build and s
 A query takes the snippet's longest distinct whitespace-separated tokens (the distinctive ones), asks each shard
 for the best files by BM25 over any of them, then re-ranks those candidates by how much of the snippet they
 contain line for line (lines compared with their whitespace collapsed, so re-indented code still matches) and
-returns the lines that match.
+returns the lines that match; when some files share lines with the snippet, files that share only tokens are
+left out.
 """
 
 from __future__ import annotations
@@ -114,4 +115,6 @@ def search(shards: list[sqlite3.Connection], snippet: str, limit: int = 5) -> li
                 match.matched_characters += len(text)
         matches.append(match)
     matches.sort(key=lambda m: (-m.matched_characters, -m.bm25))
+    if matches and matches[0].matched_characters:  # files that share lines with the snippet; not mere tokens
+        matches = [m for m in matches if m.matched_characters]
     return matches[:limit]
