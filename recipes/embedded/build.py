@@ -111,6 +111,18 @@ def stage_train(work: Path) -> None:
                     str(work / "init"), "--data", str(work / "data"), "--out", str(work / "run")], check=True)
 
 
+def data_summary(work: Path) -> dict:
+    """The token counts per split, and what the data pipeline did (its full report is data_report.json)."""
+    summary = json.loads((work / "data" / "summary.json").read_text())
+    report = json.loads((work / "prepared" / "report.json").read_text())
+    summary["pipeline"] = {"report": "data_report.json", "stages": {
+        stage: {"documents_in": e["documents_in"], "documents_out": e["documents_out"],
+                **({"removed": e["removed"]} if e["removed"] else {}),
+                **({"redacted": e["findings"]} if e.get("findings") else {})}
+        for stage, e in report["stages"].items()}}
+    return summary
+
+
 def write_corpus(prepared: Path, out: Path) -> None:
     """The training corpus as it left the pipeline, xz-compressed: what `starcoder index` indexes by default, so
     that attribution of the embedded model's completions works out of the box."""
@@ -130,8 +142,8 @@ def stage_export(work: Path) -> None:
     save_model(model, tmp)
     load_tokenizer(work / "run" / "final").save(tmp)
     shutil.copy(work / "data" / "manifest.jsonl", tmp / "manifest.jsonl")
-    shutil.copy(work / "data" / "summary.json", tmp / "data_summary.json")
     shutil.copy(work / "prepared" / "report.json", tmp / "data_report.json")
+    (tmp / "data_summary.json").write_text(json.dumps(data_summary(work), indent=2))
     write_corpus(work / "prepared", tmp / "corpus.jsonl.xz")
     shutil.copy(work / "run" / "history.json", tmp / "training_history.json")
     shutil.rmtree(ASSETS, ignore_errors=True)
