@@ -160,14 +160,15 @@ def write_dedup_inputs(out: Path, files: int) -> None:
     """The filter step's outputs for one task holding `files` synthetic files, as the dedup step finds them."""
     import numpy as np
 
-    from starcoder.data.prepare import Pipeline, PrepareConfig, _save
+    from starcoder.data.files import save_arrays
+    from starcoder.data.prepare import Pipeline, PrepareConfig
 
     empty = out / "empty.jsonl"
     empty.write_text("")
     pipeline = Pipeline(PrepareConfig(inputs=[empty], out=out / "out"))
     synthetic_signatures(files).tofile(pipeline._filtered(0, "signatures.u32"))
     rng = np.random.default_rng(1)
-    _save(pipeline._filtered(0, "meta.npz"), digests=np.array([rng.bytes(32) for _ in range(files)], "S32"),
+    save_arrays(pipeline._filtered(0, "meta.npz"), digests=np.array([rng.bytes(32) for _ in range(files)], "S32"),
           stars=np.zeros(files, np.int64), sizes=rng.integers(100, 10000, files))
     pipeline._filtered(0, "jsonl").write_text("")
 

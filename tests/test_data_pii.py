@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("detect_secrets")
 pytest.importorskip("gibberish_detector")
 
-from starcoder.data.pii import REPLACEMENT_IPS, read_labelled, redact, score  # noqa: E402
+from starcoder.data.pii import REPLACEMENT_IPS, redact  # noqa: E402
+from starcoder.data.pii_labels import read_labelled, score  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 # BigCode's regex + detect-secrets figures (precision, recall) from the StarCoder paper.

@@ -243,7 +243,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     try:
-        from .data.prepare import prepare, prepare_config
+        from .data.prepare import prepare
+        from .data.settings import prepare_config
     except ImportError as e:
         raise StarCoderError(f"the data pipeline needs its extra: pip install 'starcoder[data]' ({e})") from None
     config, run = prepare_config(args)

@@ -31,15 +31,14 @@ from ..checkpoint import write_text_atomic
 from ..errors import StarCoderError
 from . import sources
 from .dedup import (
-    BANDS,
     NUM_PERM,
     clusters_from_signatures,
     content_hash,
     exact_groups,
     kept_per_cluster,
-    keys_of,
     signature,
 )
+from .files import ShardWriter, SignatureFiles, save_arrays, tmp_path
 from .filters import PERMISSIVE_LICENSES, generated_reason, license_reason, opt_out_reason, quality_reason
 from .report import Report, write_chart
 
@@ -138,7 +137,7 @@ class Pipeline:
         report, checks = Report(), self._checks()
         digests, stars, sizes, signatures = [], [], [], []
         rows_path = self._filtered(rank, "jsonl")
-        with open(_tmp(rows_path), "w", encoding="utf-8") as rows:
+        with open(tmp_path(rows_path), "w", encoding="utf-8") as rows:
             for unit in self.tasks[rank]:
                 for item in sources.read(unit):
                     if isinstance(item, sources.Skipped):
@@ -155,14 +154,14 @@ class Pipeline:
                     sizes.append(size)
                     sig = signature(item.content)
                     signatures.append(np.zeros(NUM_PERM, np.uint32) if sig is None else sig)
-        tmp = _tmp(self._filtered(rank, "signatures.u32"))
+        tmp = tmp_path(self._filtered(rank, "signatures.u32"))
         with open(tmp, "wb") as f:
             for sig in signatures:
                 f.write(sig.tobytes())
         tmp.replace(self._filtered(rank, "signatures.u32"))
-        _save(self._filtered(rank, "meta.npz"), digests=np.array(digests, dtype="S32"),
+        save_arrays(self._filtered(rank, "meta.npz"), digests=np.array(digests, dtype="S32"),
               stars=np.array(stars, dtype=np.int64), sizes=np.array(sizes, dtype=np.int64))
-        _tmp(rows_path).replace(rows_path)
+        tmp_path(rows_path).replace(rows_path)
         write_text_atomic(self._filtered(rank, "report.json"), report.to_json())
 
     @staticmethod
@@ -190,7 +189,7 @@ class Pipeline:
         digests = np.concatenate([m["digests"] for m in metas]) if metas else np.zeros(0, "S32")
         stars = np.concatenate([m["stars"] for m in metas]) if metas else np.zeros(0, np.int64)
         sizes = np.concatenate([m["sizes"] for m in metas]) if metas else np.zeros(0, np.int64)
-        signatures = _Signatures([self._filtered(rank, "signatures.u32") for rank in range(len(counts))])
+        signatures = SignatureFiles([self._filtered(rank, "signatures.u32") for rank in range(len(counts))])
         unique = kept_per_cluster(exact_groups(digests), stars, sizes)  # one of each group of identical files
         keys = signatures.band_keys()
         keys[~unique] = 0  # exact duplicates take no part in near dedup
@@ -212,7 +211,7 @@ class Pipeline:
                 removed_examples.append(("near_dedup", index))
         self._name_examples(report, removed_examples, offsets)
         for rank in range(len(counts)):
-            _save(self.work / "dedup" / f"{rank:05d}.keep.npy", kept[offsets[rank] : offsets[rank + 1]])
+            save_arrays(self.work / "dedup" / f"{rank:05d}.keep.npy", kept[offsets[rank] : offsets[rank + 1]])
         write_text_atomic(done, report.to_json())
 
     def _name_examples(self, report: Report, removed: list[tuple[str, int]], offsets: np.ndarray) -> None:
@@ -243,7 +242,7 @@ class Pipeline:
         keep = np.load(self.work / "dedup" / f"{rank:05d}.keep.npy")
         report = Report()
         shard = self.shard_path(rank)
-        with _ShardWriter(_tmp(shard), self.config.output_format) as writer, \
+        with ShardWriter(tmp_path(shard), self.config.output_format) as writer, \
                 open(self._filtered(rank, "jsonl"), encoding="utf-8") as rows:
             for index, line in enumerate(rows):
                 if not keep[index]:
@@ -259,7 +258,7 @@ class Pipeline:
                         new_size = len(text.encode("utf-8", errors="surrogatepass"))
                         report.redact(origin, size, new_size, findings, redacted_lines(text, findings))
                 writer.write(row)
-        _tmp(shard).replace(shard)
+        tmp_path(shard).replace(shard)
         write_text_atomic(done, report.to_json())
 
     # ---- the run's report ------------------------------------------------------------------------------------
@@ -307,73 +306,6 @@ def prepare(config: PrepareConfig, workers: int | None = None, executor: str = "
     return pipeline.finish_report()
 
 
-CONFIG_KEYS = {"input": list, "out": str, "languages": list, "licenses": list, "opt_out": list, "opt_out_file": str,
-               "mbpp": str, "multiple": list, "decontaminate": bool, "pii": bool, "format": str,
-               "task_mb": (int, float), "workers": int, "executor": str}
-
-
-def read_config_file(path: Path) -> dict:
-    """Settings from a TOML, YAML or JSON file, checked against CONFIG_KEYS."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".toml":
-            import tomllib
-
-            raw = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-        else:
-            raw = json.loads(text)
-    except OSError as e:
-        raise StarCoderError(f"{path}: cannot read ({e})") from None
-    except Exception as e:  # the parsers' own error types
-        raise StarCoderError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({e})") from None
-    if not isinstance(raw, dict):
-        raise StarCoderError(f"{path}: expected a mapping of settings")
-    for key, value in raw.items():
-        if key not in CONFIG_KEYS:
-            raise StarCoderError(f"{path}: unknown setting {key!r} (known: {', '.join(CONFIG_KEYS)})")
-        if not isinstance(value, CONFIG_KEYS[key]) or (isinstance(value, bool) and CONFIG_KEYS[key] is not bool):
-            raise StarCoderError(f"{path}: setting {key!r} has the wrong type ({type(value).__name__})")
-    return raw
-
-
-def prepare_config(args) -> tuple[PrepareConfig, dict]:
-    """The run's settings from `starcoder prepare`'s flags over its --config file."""
-    settings = read_config_file(Path(args.config)) if args.config else {}
-    flags = {"input": args.input, "out": args.out, "languages": args.language, "licenses": args.licenses,
-             "opt_out_file": args.opt_out, "mbpp": args.mbpp, "multiple": args.multiple,
-             "decontaminate": False if args.no_decontaminate else None, "pii": False if args.no_pii else None,
-             "format": args.format, "task_mb": args.task_mb, "workers": args.workers, "executor": args.executor}
-    settings.update({key: value for key, value in flags.items() if value is not None})
-    if not settings.get("input") or not settings.get("out"):
-        raise StarCoderError("prepare needs --input and --out (as flags or in --config)")
-    opt_out = set(settings.get("opt_out", []))
-    if settings.get("opt_out_file"):
-        path = Path(settings["opt_out_file"])
-        try:
-            opt_out |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
-        except OSError as e:
-            raise StarCoderError(f"{path}: cannot read the opt-out list ({e})") from None
-    task_mb = settings.get("task_mb", PrepareConfig.task_bytes / 2**20)
-    if task_mb <= 0:
-        raise StarCoderError(f"task size {task_mb} MB must be positive")
-    workers = settings.get("workers")
-    if workers is not None and workers < 1:
-        raise StarCoderError(f"workers {workers} must be at least 1")
-    config = PrepareConfig(
-        inputs=[Path(p) for p in settings["input"]], out=Path(settings["out"]),
-        languages=frozenset(settings["languages"]) if settings.get("languages") else None,
-        licenses=frozenset(settings["licenses"]) if settings.get("licenses") else PERMISSIVE_LICENSES,
-        opt_out=frozenset(opt_out), decontaminate=settings.get("decontaminate", True),
-        mbpp=Path(settings["mbpp"]) if settings.get("mbpp") else None,
-        multiple=[Path(p) for p in settings.get("multiple", [])], redact_pii=settings.get("pii", True),
-        output_format=settings.get("format", "jsonl"), task_bytes=int(task_mb * 1024 * 1024))
-    return config, {"workers": workers, "executor": settings.get("executor", "local")}
-
-
 def _run_local(pipeline: Pipeline, workers: int, progress: bool) -> None:
     """The three steps on this machine: the per-task ones on a pool of worker processes (one pool for both, so
     the workers start once), or in this process for one worker."""
@@ -417,94 +349,3 @@ def _run_datatrove(pipeline: Pipeline, workers: int) -> None:
     if not (pipeline.work / "finish").exists() or any(
             not (pipeline.work / "finish" / f"{rank:05d}.report.json").exists() for rank in range(count)):
         raise StarCoderError(f"datatrove finished with failed tasks; see the logs in {logs}")
-
-
-class _Signatures:
-    """The filter step's signature files (raw uint32 rows of NUM_PERM), read without mapping them into memory:
-    band keys in chunks, and single rows (for the candidate pairs) by positioned reads. So the dedup step holds
-    only the keys, hashes and cluster arrays, a few hundred bytes per file."""
-
-    ROW_BYTES = NUM_PERM * 4
-
-    def __init__(self, paths: list[Path]):
-        self.files = [open(path, "rb") for path in paths]  # noqa: SIM115 (closed by close())
-        counts = [path.stat().st_size // self.ROW_BYTES for path in paths]
-        self.offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-
-    def band_keys(self, chunk_rows: int = 16384) -> np.ndarray:
-        keys = np.zeros((int(self.offsets[-1]), BANDS), dtype=np.uint64)
-        for f, start in zip(self.files, self.offsets[:-1], strict=True):
-            f.seek(0)
-            while True:
-                chunk = np.fromfile(f, dtype=np.uint32, count=chunk_rows * NUM_PERM)
-                if not chunk.size:
-                    break
-                rows = chunk.reshape(-1, NUM_PERM)
-                keys[start : start + len(rows)] = keys_of(rows)
-                start += len(rows)
-        return keys
-
-    def row(self, index: int) -> np.ndarray:
-        rank = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        data = os.pread(self.files[rank].fileno(), self.ROW_BYTES, int(index - self.offsets[rank]) * self.ROW_BYTES)
-        return np.frombuffer(data, dtype=np.uint32)
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
-def _save(path: Path, array: np.ndarray | None = None, **arrays: np.ndarray) -> None:
-    """np.save / np.savez by rename."""
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        if arrays:
-            np.savez(f, **arrays)
-        else:
-            np.save(f, array)
-    tmp.replace(path)
-
-
-class _ShardWriter:
-    """Rows to a JSONL or Parquet file, streamed (Parquet in row groups of 1,000 rows)."""
-
-    def __init__(self, path: Path, output_format: str):
-        self.path, self.format, self.pending = path, output_format, []
-        if output_format == "jsonl":
-            self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed by __exit__)
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            self.schema = pa.schema([("content", pa.string()), ("repository_name", pa.string()),
-                                     ("path", pa.string()), ("language", pa.string()),
-                                     ("licenses", pa.list_(pa.string())), ("stars", pa.int64())])
-            self.file = pq.ParquetWriter(path, self.schema)
-
-    def write(self, row: dict) -> None:
-        if self.format == "jsonl":
-            self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
-            return
-        self.pending.append(row)
-        if len(self.pending) >= 1000:
-            self._flush()
-
-    def _flush(self) -> None:
-        import pyarrow as pa
-
-        if self.pending:
-            self.file.write_table(pa.Table.from_pylist(self.pending, schema=self.schema))
-            self.pending = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.format == "parquet":
-            self._flush()
-        self.file.close()
-
