@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import StarCoderError
 from ..languages import language_of
+from ..train.data import row_fields
 from .filters import classify_license
 
 MAX_FILE_BYTES = 1024 * 1024
@@ -224,15 +225,7 @@ def _row_document(row, origin: str, size: int) -> Document | Skipped:
         return Skipped("too_large", origin, size)
     if "\0" in content:
         return Skipped("binary", origin, size)
-    path = row.get("path") or row.get("max_stars_repo_path") or origin
-    licenses = row.get("licenses") or row.get("max_stars_repo_licenses") or (
-        [row["license"]] if row.get("license") else [])
-    if isinstance(licenses, str):
-        licenses = [licenses]
-    stars = row.get("stars") if row.get("stars") is not None else row.get("max_stars_count")
-    if not isinstance(stars, int) or isinstance(stars, bool):
-        stars = None
-    repo = row.get("repository_name") or row.get("max_stars_repo_name") or row.get("repo")
-    language = row.get("language") or row.get("lang") or language_of(str(path))
-    return Document(content, str(path), repo, language.lower() if isinstance(language, str) else None,
-                    [str(x) for x in licenses], stars, origin=f"{repo}/{path}" if repo else origin)
+    fields = row_fields(row)
+    path, repo, language = fields["path"] or origin, fields["repo"], fields["language"]
+    return Document(content, path, repo, language.lower() if isinstance(language, str) else None,
+                    fields["licenses"], fields["stars"], origin=f"{repo}/{path}" if repo else origin)

@@ -81,13 +81,22 @@ def _read_rows(path: Path) -> Iterator[Document]:
             raise StarCoderError(f"{where}: not a JSON object with a 'content' field") from None
         if not isinstance(content, str):
             raise StarCoderError(f"{where}: field 'content' must be a string")
-        licenses = row.get("license") or row.get("licenses")
-        if isinstance(licenses, list):
-            licenses = ",".join(licenses)
-        doc_path = row.get("path") or row.get("max_stars_repo_path")
-        yield Document(content, doc_path, row.get("repo") or row.get("repository_name"),
-                       row.get("language") or row.get("lang") or (language_of(doc_path) if doc_path else None),
-                       licenses, row.get("stars") or row.get("max_stars_count"))
+        fields = row_fields(row)
+        yield Document(content, fields["path"], fields["repo"], fields["language"],
+                       ",".join(fields["licenses"]) or None, fields["stars"])
+
+
+def row_fields(row: dict) -> dict:
+    """path, repo, licenses (a list), language and stars of a row in The Stack's schema, under its own field names
+    or BigCode's `max_stars_*` ones (language from the path when the row has none; None for what is missing)."""
+    path = row.get("path") or row.get("max_stars_repo_path")
+    licenses = row.get("licenses") or row.get("max_stars_repo_licenses") or row.get("license") or []
+    stars = row.get("stars") if row.get("stars") is not None else row.get("max_stars_count")
+    return {"path": str(path) if path else None,
+            "repo": row.get("repository_name") or row.get("max_stars_repo_name") or row.get("repo"),
+            "licenses": [str(x) for x in ([licenses] if isinstance(licenses, str) else licenses)],
+            "language": row.get("language") or row.get("lang") or (language_of(str(path)) if path else None),
+            "stars": stars if isinstance(stars, int) and not isinstance(stars, bool) else None}
 
 
 def _rows(path: Path) -> Iterator[tuple[str, dict]]:
