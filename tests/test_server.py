@@ -97,7 +97,10 @@ def test_openai_list_prompt_n_logprobs_echo(server):
     assert [c.index for c in done.choices] == [0, 1, 2, 3]
     assert done.choices[0].text.startswith("a = 1\n") and done.choices[2].text.startswith("b = 2\n")
     lp = done.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) and len(lp.top_logprobs[0]) == 2
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) and len(lp.top_logprobs[1]) == 2
+    # echo: the prompt's tokens come first, the very first without a logprob (legacy OpenAI, as lm-eval reads it)
+    assert "".join(lp.tokens) == done.choices[0].text and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(x, float) for x in lp.token_logprobs[1:])
 
 
 def test_openai_chat_and_streaming_chat(server):
@@ -141,7 +144,7 @@ def test_tgi_generate_and_stream_raw(client):
 
 def test_info_health_tokenize_metrics(client, server):
     info = client.get("/info").json()
-    assert info["model_id"] == "tiny" and info["max_total_tokens"] == 1024 and info["max_stop_sequences"] == 4
+    assert info["model_id"] == "tiny" and info["max_total_tokens"] == 1024 and info["max_stop_sequences"] == 32
     assert httpx.get(server.url + "/health").status_code == 200  # no key needed
     tokens = client.post("/tokenize", json={"inputs": "def f(x):"}).json()
     assert "".join(t["text"] for t in tokens) == "def f(x):" and tokens[0]["start"] == 0
@@ -242,10 +245,11 @@ def test_out_of_range_values(client):
 
 
 def test_too_many_stop_strings(client):
-    openai_error(client.post("/v1/completions", json={"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400,
-                 "at most 4 stop sequences")
-    tgi_error(client.post("/generate", json={"inputs": "x", "parameters": {"stop": list("abcde")}}), 422,
-              "at most 4 stop sequences")
+    stops = [f"s{i}" for i in range(33)]
+    openai_error(client.post("/v1/completions", json={"prompt": "x", "stop": stops}), 400,
+                 "at most 32 stop sequences")
+    tgi_error(client.post("/generate", json={"inputs": "x", "parameters": {"stop": stops}}), 422,
+              "at most 32 stop sequences")
 
 
 def test_unknown_model_name(client):

@@ -147,8 +147,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from .server.app import serve
     except ImportError as e:
         raise StarCoderError(f"the server needs its extra: pip install 'starcoder[serve]' ({e})") from None
-    serve(args.model, args.host, args.port, args.api_key or os.environ.get("STARCODER_API_KEY"), args.max_batch,
-          args.max_queue, args.timeout, args.dtype, Path(args.attribution_index) if args.attribution_index else None)
+    serve(args.model, args.host, args.port, args.dtype, api_key=args.api_key or os.environ.get("STARCODER_API_KEY"),
+          max_batch=args.max_batch, max_queue=args.max_queue, timeout=args.timeout, max_body_mb=args.max_body_mb,
+          attribution_index=Path(args.attribution_index) if args.attribution_index else None)
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
@@ -370,8 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (auto: as stored)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health "
-                   "(default: $STARCODER_API_KEY)")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health and the "
+                   "playground page (default: $STARCODER_API_KEY)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted (default 4 MB; "
+                   "larger ones get 413)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait for its next token")

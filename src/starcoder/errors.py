@@ -11,3 +11,11 @@ class ConfigError(StarCoderError, ValueError):
 
 class CheckpointError(StarCoderError):
     """Weights that are missing, damaged, or do not match their config."""
+
+
+class SamplingError(StarCoderError):
+    """One sequence's sampling settings made its scores unusable (every token ruled out, or not finite)."""
+
+
+class ModelOutputError(Exception):
+    """The model computed non-finite logits: a fault of the model or its weights, not of the request."""

@@ -21,6 +21,7 @@ from ..checkpoint import SAFETENSORS_INDEX, CheckpointReader, write_atomic, writ
 from ..config import Config
 from ..convert import convert_hf_tensor, join_c_attn, ours_to_hf, split_c_attn
 from ..errors import CheckpointError
+from ..memory import return_freed_memory
 from ..model import build_model
 from . import native
 from .gptq import QuantSettings
@@ -221,19 +222,8 @@ def load_quantized(config: Config, quant: QuantFile, reader: CheckpointReader, d
     kernels = native.kernels() if dtype == torch.bfloat16 else None
     if kernels is not None and hasattr(model, "lm_head"):
         model.lm_head = DecodeHead(model.lm_head.weight, kernels)
-    _return_freed_memory()
+    return_freed_memory()
     return model.eval()
-
-
-def _return_freed_memory() -> None:
-    """Unpacking left large temporaries freed but still mapped by the C allocator: hand them back to the system
-    so the process's resident memory is the model's."""
-    import contextlib
-    import ctypes
-    import ctypes.util
-
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def _expected_shape(config: Config, linear: str) -> tuple[int, int]:

@@ -1,11 +1,12 @@
-"""The HTTP server: OpenAI completions (with `suffix` for FIM) and chat, TGI, llama.cpp infill, attribution, a
-playground.
+"""The HTTP server: OpenAI completions (with `suffix` for FIM) and chat, TGI, llama.cpp completion and infill,
+attribution, a playground.
 
-    starcoder serve [--model PATH_OR_ID] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    starcoder serve [--model PATH_OR_ID] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-body-mb 4]
 
 Every request becomes a job of the one Engine, which batches whatever is running. Errors keep each API's own
 shape: OpenAI routes (/v1/...) answer {"error": {"message", "type", "param", "code"}}, TGI routes
-{"error", "error_type"}; bad input is a 4xx, a full queue 503 (OpenAI) or 429 (TGI).
+{"error", "error_type"}, llama.cpp's {"error": {"code", "message", "type"}}; bad input is a 4xx, a full queue 503
+(OpenAI) or 429 (TGI).
 """
 
 from __future__ import annotations
@@ -18,19 +19,64 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import StarCoder
 from ..errors import StarCoderError
-from . import attribution_api, openai_api, tgi_api
-from .engine import Engine, Overloaded
-from .service import APIError, Service, error_response, is_openai
+from ..memory import return_freed_memory
+from . import attribution_api, llamacpp_api, openai_api, tgi_api
+from .engine import Engine
+from .service import APIError, Service, api_of, as_api_error, error_response
+
+PUBLIC = {("GET", "/"), ("GET", "/health"), ("HEAD", "/health")}  # the playground asks for the key itself
+LARGE_BODY = 1 << 20  # after a request this large, freed memory is handed back to the system
+
+
+class Gate:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which hides a client's disconnect from the route, so that
+    abandoned requests would keep generating): the API key, and the request body's size limit, answered with
+    401 and 413 before the body is read."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        if self.api_key and (scope["method"], scope["path"]) not in PUBLIC:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                error = APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                 kind="authentication_error", code="invalid_api_key")
+                return await error_response(request, error)(scope, receive, send)
+        too_large = APIError(413, f"the request body is larger than the server's limit of "
+                                  f"{self.max_body / 2**20:g} MB (--max-body-mb)", kind="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await error_response(request, too_large)(scope, receive, send)
+        received = 0
+
+        async def counting_receive():  # a body sent in chunks, without a length, is counted as it comes
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise StarletteHTTPException(413, too_large.message)
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        finally:
+            if received > LARGE_BODY:
+                await run_in_threadpool(return_freed_memory)
 
 
 def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, timeout: float = 600.0, attribution_index: Path | None = None) -> FastAPI:
+               max_queue: int = 64, timeout: float = 600.0, attribution_index: Path | None = None,
+               max_body_mb: float = 4.0) -> FastAPI:
     engine = Engine(sc.model, sc.tokenizer, max_batch=max_batch, max_queue=max_queue)
-    validation_status = lambda request: 400 if is_openai(request) else 422  # noqa: E731
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -41,11 +87,7 @@ def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_b
     app.state.engine = engine
     service = Service(sc, engine, model_name, timeout)
 
-    # ------------------------------------------------------------------ errors and authentication
-    @app.exception_handler(APIError)
-    async def on_api_error(request: Request, e: APIError):
-        return error_response(request, e.status, e.message, e.param, e.kind, e.code)
-
+    # ------------------------------------------------------------------ errors
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, e: RequestValidationError):
         first = e.errors()[0]
@@ -56,33 +98,24 @@ def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_b
             message = "request body must be a JSON object"
         else:
             message = f"{where}: {first.get('msg')}"
-        return error_response(request, validation_status(request), message, where or None)
-
-    @app.exception_handler(Overloaded)
-    async def on_overloaded(request: Request, e: Overloaded):
-        return error_response(request, 503 if is_openai(request) else 429, str(e), kind="server_overloaded")
-
-    @app.exception_handler(StarCoderError)
-    async def on_user_error(request: Request, e: StarCoderError):
-        return error_response(request, validation_status(request), str(e))
+        status = 400 if api_of(request) != "tgi" else 422
+        return error_response(request, APIError(status, message, where or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, e: StarletteHTTPException):
-        return error_response(request, e.status_code, str(e.detail), kind="not_found" if e.status_code == 404 else
-                              "invalid_request_error")
+        kind = {404: "not_found", 413: "request_too_large"}.get(e.status_code, "invalid_request_error")
+        return error_response(request, APIError(e.status_code, str(e.detail), kind=kind))
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(request, 401, "missing or wrong API key (Authorization: Bearer ...)",
-                                      kind="authentication_error", code="invalid_api_key")
-        return await call_next(request)
+    async def on_error(request: Request, e: Exception):
+        return error_response(request, as_api_error(e, api_of(request)))
 
+    # Expected failures are answered where they happen; anything else is a 5xx in the API's shape (and logged).
+    for kind in (APIError, StarCoderError, TimeoutError, Exception):
+        app.add_exception_handler(kind, on_error)
 
     openai_api.add_routes(app, service)
     tgi_api.add_routes(app, service)
+    llamacpp_api.add_routes(app, service)
     attribution_api.add_routes(app, attribution_index)
 
     # ------------------------------------------------------------------ playground
@@ -90,20 +123,20 @@ def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_b
     async def playground():
         return (resources.files("starcoder") / "server" / "static" / "index.html").read_text(encoding="utf-8")
 
+    app.add_middleware(Gate, api_key=api_key, max_body=int(max_body_mb * 2**20))
     return app
 
 
-def serve(model=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
-          max_queue: int = 64, timeout: float = 600.0, dtype: str | None = None,
-          attribution_index: Path | None = None) -> None:
+def serve(model=None, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None, **options) -> None:
+    """Load the model and serve it; options are create_app's (api_key, max_batch, max_queue, timeout,
+    attribution_index, max_body_mb)."""
     import uvicorn
 
     from ..api import load
 
     sc = load(model, dtype=dtype)
     name = str(model) if model is not None else "starcoder-embedded"
-    app = create_app(sc, name, api_key, max_batch, max_queue, timeout, attribution_index)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(create_app(sc, name, **options), host=host, port=port, log_level="info")
 
 
 __all__ = ["create_app", "serve"]

@@ -4,6 +4,11 @@ HTTP handlers run on the asyncio loop; the model runs on this engine's own threa
 blocks the event loop. Handlers submit jobs and cancel them through a command queue; the thread admits waiting
 jobs as slots free up (continuous batching: a new request starts decoding at the next step, not when the batch
 is done), steps every active sequence, and hands each job its events on the job's own asyncio queue.
+
+Failures stay with the request that caused them: a prompt that cannot be prefilled fails its own job, a sequence
+whose sampling breaks fails its own job (its other samples are stopped), and the sequences beside it go on as
+if nothing happened. Only a batched decode step that fails as a whole fails the jobs that were in it; jobs
+still waiting for a slot are untouched.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.monotonic)
+    first_event_at: float | None = None  # when the handler received the first token (time to first token)
     finished: int = 0  # samples whose completion the handler has received
     engine_finished: int = 0  # samples the engine has completed (the engine thread's own count)
 
@@ -45,6 +51,8 @@ class Job:
             item = await asyncio.wait_for(self.events.get(), timeout)
             if isinstance(item, BaseException):
                 raise item
+            if self.first_event_at is None:
+                self.first_event_at = time.monotonic()
             if item.completion is not None:
                 self.finished += 1
             yield item
@@ -55,6 +63,7 @@ class Stats:
     requests: int = 0
     rejected: int = 0
     cancelled: int = 0
+    failed: int = 0
     generated_tokens: int = 0
     prompt_tokens: int = 0
     steps: int = 0
@@ -123,18 +132,20 @@ class Engine:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._take_commands(block=not self.generator.active and not self._waiting)
-            try:
-                start = time.monotonic()
-                self._admit()
-                if self.generator.active:
-                    self._deliver(self.generator.step())
+            start = time.monotonic()
+            self._admit()
+            if self.generator.active:
+                try:
+                    events = self.generator.step()
+                except Exception as e:  # noqa: BLE001 - a failed step fails the requests in it, not the server
+                    log.exception("a decode step failed")
+                    for request in {seq.request for seq in self.generator.active}:
+                        self.generator.cancel(request)
+                        self._fail(self._jobs.get(request), e)
+                else:
+                    self._deliver(events)
                     self.stats.steps += 1
-                self.stats.busy_seconds += time.monotonic() - start
-            except Exception as e:  # a failed step fails the requests in it, not the server
-                log.exception("generation failed")
-                for job in list(self._jobs.values()):
-                    self.generator.cancel(job.id)
-                    self._fail(job, e)
+            self.stats.busy_seconds += time.monotonic() - start
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -163,14 +174,24 @@ class Engine:
         while self._waiting and self._waiting[0].n <= self.generator.free_slots:
             job = self._waiting.popleft()
             try:
-                self._deliver(self.generator.add(job.prompt_ids, job.params, job.n, request=job.id))
-            except StarCoderError as e:
+                events = self.generator.add(job.prompt_ids, job.params, job.n, request=job.id)
+            except Exception as e:  # noqa: BLE001 - this prompt fails alone
+                if not isinstance(e, StarCoderError):
+                    log.exception("prefill failed")
                 self._fail(job, e)
+            else:
+                self._deliver(events)
 
     def _deliver(self, events: list[Event]) -> None:
         for event in events:
             job = self._jobs.get(event.request)
             if job is None:
+                continue
+            if event.error is not None:  # one sample failed: the request fails, its other samples stop
+                if not isinstance(event.error, StarCoderError):
+                    log.error("generation failed: %s", event.error)
+                self.generator.cancel(job.id)
+                self._fail(job, event.error)
                 continue
             self.stats.generated_tokens += 1
             job.loop.call_soon_threadsafe(job.events.put_nowait, event)
@@ -179,6 +200,8 @@ class Engine:
                 if job.engine_finished == job.n:
                     del self._jobs[job.id]
 
-    def _fail(self, job: Job, error: Exception) -> None:
-        self._jobs.pop(job.id, None)
+    def _fail(self, job: Job | None, error: Exception) -> None:
+        if job is None or self._jobs.pop(job.id, None) is None:
+            return  # already failed, finished or cancelled
+        self.stats.failed += 1
         job.loop.call_soon_threadsafe(job.events.put_nowait, error)

@@ -1,21 +1,23 @@
-"""Text Generation Inference's routes, and llama.cpp's /infill, as code editors and their clients use them."""
+"""Text Generation Inference's routes, as code editors (llm-ls) and Hugging Face's clients use them."""
 
 from __future__ import annotations
 
+import json
+
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from ..generate import Completion, SamplingParams
 from .engine import Job
-from .protocol import GenerateRequest, InfillRequest, TokenizeRequest
+from .protocol import MAX_STOP, GenerateRequest, TokenizeRequest
 from .service import TGI_FINISH, APIError, Service
 
 
 def add_routes(app: FastAPI, s: Service) -> None:
     sc, engine, model_name = s.sc, s.engine, s.model_name
-    submit_all, collect, merged, sse = s.submit_all, s.collect, s.merged, s.sse
 
-    def tgi_job(body: GenerateRequest) -> tuple[Job, list[int], SamplingParams]:
+    async def tgi_job(body: GenerateRequest) -> tuple[Job, list[int]]:
         p = body.parameters
         for name, unsupported in (("best_of", (p.best_of or 1) > 1), ("watermark", p.watermark),
                                   ("grammar", p.grammar is not None), ("adapter_id", p.adapter_id is not None),
@@ -24,7 +26,7 @@ def add_routes(app: FastAPI, s: Service) -> None:
                 raise APIError(422, f"`{name}` is not supported by this server", name)
         if not body.inputs:
             raise APIError(422, "`inputs` must not be empty", "inputs")
-        ids = sc.tokenizer.encode(body.inputs)
+        ids = await s.encode(body.inputs)
         if p.truncate:
             ids = ids[-p.truncate :]
         # As in TGI: sampling when asked, or when any sampling setting is given.
@@ -34,8 +36,8 @@ def add_routes(app: FastAPI, s: Service) -> None:
             top_k=p.top_k or 0, top_p=p.top_p or 1.0, repetition_penalty=p.repetition_penalty or 1.0,
             frequency_penalty=p.frequency_penalty or 0.0, seed=p.seed, stop=tuple(p.stop),
             logprobs=(p.top_n_tokens or 0) if (p.details or p.top_n_tokens) else None)
-        (job,) = submit_all([ids], params, 1)
-        return job, ids, params
+        (job,) = s.submit_all([ids], params, 1)
+        return job, ids
 
     def tgi_token(t) -> dict:
         return {"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.special}
@@ -52,19 +54,19 @@ def add_routes(app: FastAPI, s: Service) -> None:
         return details
 
     async def tgi_generate(body: GenerateRequest, request: Request) -> dict:
-        job, ids, _ = tgi_job(body)
-        ((c,),) = await collect(request, [job])
+        job, ids = await tgi_job(body)
+        ((c,),) = await s.collect(request, [job])
         full = body.inputs if body.parameters.return_full_text else ""
         answer = {"generated_text": full + c.text}
         if body.parameters.details:
             answer["details"] = tgi_details(body, c, ids)
         return answer
 
-    def tgi_stream(body: GenerateRequest) -> StreamingResponse:
-        job, _, _ = tgi_job(body)
+    async def tgi_stream(body: GenerateRequest):
+        job, _ = await tgi_job(body)
 
         async def chunks():
-            async for _, event in merged([job]):
+            async for _, event in s.merged([job]):
                 c = event.completion
                 out = {"index": len(c.token_ids) if c else None, "token": tgi_token(event.token),
                        "generated_text": None, "details": None}
@@ -76,7 +78,7 @@ def add_routes(app: FastAPI, s: Service) -> None:
                                       "seed": c.seed if body.parameters.do_sample else None}
                 yield out
 
-        return sse(chunks(), done_marker=False)
+        return s.sse(chunks(), "tgi")
 
     @app.post("/generate")
     async def generate(body: GenerateRequest, request: Request):
@@ -84,13 +86,13 @@ def add_routes(app: FastAPI, s: Service) -> None:
 
     @app.post("/generate_stream")
     async def generate_stream(body: GenerateRequest):
-        return tgi_stream(body)
+        return await tgi_stream(body)
 
     @app.post("/")
     async def compat_generate(body: GenerateRequest, request: Request):
         """TGI's route for the Hugging Face inference clients: a list, or a stream with `stream: true`."""
         if body.stream:
-            return tgi_stream(body)
+            return await tgi_stream(body)
         return [await tgi_generate(body, request)]
 
     @app.get("/info")
@@ -99,9 +101,9 @@ def add_routes(app: FastAPI, s: Service) -> None:
         return {"model_id": model_name, "model_sha": None, "model_dtype": str(weight.dtype).removeprefix("torch."),
                 "model_device_type": weight.device.type, "model_pipeline_tag": "text-generation",
                 "max_concurrent_requests": engine.max_batch + engine.max_queue, "max_best_of": 1,
-                "max_stop_sequences": 4, "max_input_tokens": engine.max_len - 1, "max_total_tokens": engine.max_len,
-                "max_batch_size": engine.max_batch, "validation_workers": 1, "max_client_batch_size": 1,
-                "router": "starcoder", "version": __import__("starcoder").__version__}
+                "max_stop_sequences": MAX_STOP, "max_input_tokens": engine.max_len - 1,
+                "max_total_tokens": engine.max_len, "max_batch_size": engine.max_batch, "validation_workers": 1,
+                "max_client_batch_size": 1, "router": "starcoder", "version": __import__("starcoder").__version__}
 
     @app.get("/health")
     async def health():
@@ -109,20 +111,24 @@ def add_routes(app: FastAPI, s: Service) -> None:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        encoding = sc.tokenizer.backend.encode(body.inputs, add_special_tokens=False)
-        return [{"id": i, "text": body.inputs[a:b], "start": a, "stop": b}
-                for i, (a, b) in zip(encoding.ids, encoding.offsets, strict=True)]
+        def answer() -> bytes:  # tokenizing and writing a large input take time: never on the event loop
+            encoding = sc.tokenizer.backend.encode(body.inputs, add_special_tokens=False)
+            return json.dumps([{"id": i, "text": body.inputs[a:b], "start": a, "stop": b}
+                               for i, (a, b) in zip(encoding.ids, encoding.offsets, strict=True)]).encode()
+
+        return Response(await run_in_threadpool(answer), media_type="application/json")
 
     @app.get("/metrics")
     async def metrics():
-        s = engine.stats
-        rows = [("requests_total", "counter", "requests accepted", s.requests),
-                ("requests_rejected_total", "counter", "requests refused because the queue was full", s.rejected),
-                ("requests_cancelled_total", "counter", "requests cancelled (client gone, timeout)", s.cancelled),
-                ("prompt_tokens_total", "counter", "prompt tokens accepted", s.prompt_tokens),
-                ("generated_tokens_total", "counter", "tokens generated", s.generated_tokens),
-                ("decode_steps_total", "counter", "batched decode steps", s.steps),
-                ("busy_seconds_total", "counter", "seconds the engine spent computing", s.busy_seconds),
+        st = engine.stats
+        rows = [("requests_total", "counter", "requests accepted", st.requests),
+                ("requests_rejected_total", "counter", "requests refused because the queue was full", st.rejected),
+                ("requests_cancelled_total", "counter", "requests cancelled (client gone, timeout)", st.cancelled),
+                ("requests_failed_total", "counter", "requests that failed during generation", st.failed),
+                ("prompt_tokens_total", "counter", "prompt tokens accepted", st.prompt_tokens),
+                ("generated_tokens_total", "counter", "tokens generated", st.generated_tokens),
+                ("decode_steps_total", "counter", "batched decode steps", st.steps),
+                ("busy_seconds_total", "counter", "seconds the engine spent computing", st.busy_seconds),
                 ("queue_size", "gauge", "requests waiting for a slot", engine.waiting),
                 ("active_sequences", "gauge", "sequences being generated", engine.active),
                 ("batch_slots", "gauge", "sequences that can be generated at once", engine.max_batch)]
@@ -130,24 +136,3 @@ def add_routes(app: FastAPI, s: Service) -> None:
         for name, kind, doc, value in rows:
             lines += [f"# HELP starcoder_{name} {doc}", f"# TYPE starcoder_{name} {kind}", f"starcoder_{name} {value}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
-
-    # ------------------------------------------------------------------ llama.cpp
-    @app.post("/infill")
-    async def infill(body: InfillRequest, request: Request):
-        if body.input_extra and sc.format.repo_style == "starcoder2":
-            from ..fim import RepoFile
-
-            files = [RepoFile(e.filename, e.text) for e in body.input_extra]
-            prompt = sc.format.repository("", files, "", body.input_prefix + body.prompt, body.input_suffix)
-        else:
-            extra = "".join(e.text for e in body.input_extra)
-            prompt = sc.infill_prompt(extra + body.input_prefix + body.prompt, body.input_suffix)
-        params = SamplingParams(max_new_tokens=body.n_predict, temperature=body.temperature, top_k=body.top_k,
-                                top_p=body.top_p, seed=body.seed, stop=tuple(body.stop))
-        ids = sc.tokenizer.encode(prompt)
-        (job,) = submit_all([ids], params, 1)
-        ((c,),) = await collect(request, [job])
-        return {"content": c.text, "stop": True, "model": model_name, "tokens_predicted": len(c.token_ids),
-                "tokens_evaluated": len(ids), "stopped_eos": c.finish_reason == "eos",
-                "stopped_word": c.finish_reason == "stop", "stopped_limit": c.finish_reason == "length",
-                "seed": c.seed}
