@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import pytest
 import torch
 
@@ -70,3 +74,42 @@ def ours_from_hf(hf_model, tmp_path):
 
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------- live servers
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """An app served by uvicorn on a free loopback port, in a thread of the test process."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tmp_path_factory):
+    """A tiny random StarCoder2 with the shipped StarCoder2 tokenizer (49,152 tokens) and a 1,024 context."""
+    from starcoder.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("served")
+    hf_starcoder2(vocab_size=49152, max_position_embeddings=1024, weight_std=1.0).save_pretrained(path)
+    Tokenizer.for_family("starcoder2").save(path)
+    return path

@@ -4,51 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import httpx
 import pytest
 
 import starcoder
-from conftest import hf_starcoder2
-from starcoder.tokenizer import Tokenizer
+from conftest import LiveServer
 
 pytest.importorskip("fastapi")
 API_KEY = "test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("served")
-    hf_starcoder2(vocab_size=49152, max_position_embeddings=1024, weight_std=1.0).save_pretrained(path)
-    Tokenizer.for_family("starcoder2").save(path)
-    return path
+def model_dir(served_model_dir):
+    return served_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -350,8 +320,9 @@ def test_playground_streams_in_headless_chromium(model_dir, tmp_path, attributio
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True, args=flags)
-            page = browser.new_context(extra_http_headers={"Authorization": f"Bearer {API_KEY}"}).new_page()
-            page.goto(live.url + "/")
+            page = browser.new_page()
+            page.goto(live.url + "/")  # the page itself needs no key: its requests carry the one typed here
+            page.fill("#api_key", API_KEY)
             page.fill("#max_tokens", "24")
             page.fill("#temperature", "0")
             page.fill("#prompt", "def add(a, b):\n")

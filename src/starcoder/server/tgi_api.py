@@ -111,10 +111,13 @@ def add_routes(app: FastAPI, s: Service) -> None:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        def answer() -> bytes:  # tokenizing and writing a large input take time: never on the event loop
+        def answer() -> bytes:  # tokenizing and writing a large input take seconds: never on the event loop
             encoding = sc.tokenizer.backend.encode(body.inputs, add_special_tokens=False)
-            return json.dumps([{"id": i, "text": body.inputs[a:b], "start": a, "stop": b}
-                               for i, (a, b) in zip(encoding.ids, encoding.offsets, strict=True)]).encode()
+            tokens = [{"id": i, "text": body.inputs[a:b], "start": a, "stop": b}
+                      for i, (a, b) in zip(encoding.ids, encoding.offsets, strict=True)]
+            # json.dumps holds the GIL until it is done: written in pieces, the event loop gets turns between them
+            pieces = (json.dumps(tokens[i : i + 4096])[1:-1] for i in range(0, len(tokens), 4096))
+            return ("[" + ",".join(pieces) + "]").encode()
 
         return Response(await run_in_threadpool(answer), media_type="application/json")
 
