@@ -198,3 +198,77 @@ def test_context_overflow(pair):
 def test_bad_sampling_params(bad, message):
     with pytest.raises(StarCoderError, match=message):
         SamplingParams(**bad)
+
+
+def test_a_failing_sequence_fails_alone(pair):
+    """A sequence whose sampling breaks ends with an error event; the sequences beside it are unchanged."""
+    from starcoder.generate import Generator
+
+    _, model, tokenizer = pair
+    prompts = [tokenizer.encode(p) for p in ("import os\n", CODE, "class A:\n")]
+    alone = [c[0].token_ids for c in generate(model, tokenizer, [Request(p, SamplingParams(max_new_tokens=8))
+                                                                  for p in (prompts[0], prompts[2])])]
+    generator = Generator(model, tokenizer, max_batch=4)
+    bad = SamplingParams(max_new_tokens=8, temperature=1.0, repetition_penalty=1e-300)  # seen scores -> inf
+    events = []
+    for i, (ids, params) in enumerate(zip(prompts, (SamplingParams(max_new_tokens=8), bad,
+                                                    SamplingParams(max_new_tokens=8)), strict=True)):
+        events += generator.add(ids, params, request=i)
+    while generator.active:
+        events += generator.step()
+    failed = [e for e in events if e.error is not None]
+    assert [e.request for e in failed] == [1] and "sampling failed" in str(failed[0].error)
+    done = {e.request: e.completion.token_ids for e in events if e.completion is not None}
+    assert [done[0], done[2]] == alone
+    with pytest.raises(StarCoderError, match="sampling failed"):  # the plain stream raises it
+        list(stream(model, tokenizer, [Request(prompts[1], bad)]))
+
+
+def test_tiny_temperature_and_top_p_and_the_largest_seed(pair):
+    _, model, tokenizer = pair
+    ids = tokenizer.encode(CODE)
+    greedy = generate(model, tokenizer, [Request(ids, SamplingParams(max_new_tokens=6))])[0][0].token_ids
+    tiny = SamplingParams(max_new_tokens=6, temperature=1e-31, seed=2**64 - 1)
+    assert generate(model, tokenizer, [Request(ids, tiny)])[0][0].token_ids == greedy
+    top1 = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=1e-45, seed=2**64 - 1)  # rounds to 0 in float32
+    assert generate(model, tokenizer, [Request(ids, top1, n=2)])[0][0].token_ids == greedy
+    with pytest.raises(StarCoderError, match="seed"):
+        SamplingParams(seed=2**64)
+
+
+def feed(sequence, text: str) -> str:
+    """Append the tokens of `text` one by one, as if the model chose them; the text shown."""
+    shown = ""
+    for token in sequence.tokenizer.encode(text):
+        if sequence.finish_reason is not None:
+            break
+        from starcoder.generate import TokenInfo
+
+        shown += sequence.append(TokenInfo(token, sequence.tokenizer.decode([token])))
+    return shown
+
+
+def test_min_indent_cuts_the_first_line_indented_less(pair):
+    from starcoder.generate import Sequence
+
+    _, _, tokenizer = pair
+    params = SamplingParams(max_new_tokens=100, min_indent=4)
+    seq = Sequence([1], params, tokenizer, set())
+    shown = feed(seq, "x + 1\n    return x\n  y = 2\nprint(y)\n")
+    # Lines indented enough go on; the first line indented less ends it, its indentation kept (as llama.cpp
+    # does, which also counts an empty line as indented less)
+    assert seq.finish_reason == "length" and seq.text == shown == "x + 1\n    return x\n  "
+    blank = Sequence([1], params, tokenizer, set())
+    assert feed(blank, "x\n    y\n\n    z\n") == "x\n    y\n"
+
+
+def test_time_limit_ends_at_the_next_line_break(pair):
+    from starcoder.generate import Sequence
+
+    _, _, tokenizer = pair
+    seq = Sequence([1], SamplingParams(max_new_tokens=100, time_limit=1e-9), tokenizer, set())
+    feed(seq, "a = 1\nb = 2\n")
+    assert seq.finish_reason == "length" and seq.text == "a = 1\n"
+    unhurried = Sequence([1], SamplingParams(max_new_tokens=100, time_limit=60), tokenizer, set())
+    feed(unhurried, "a = 1\nb = 2\n")
+    assert unhurried.finish_reason is None

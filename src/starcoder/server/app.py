@@ -104,7 +104,8 @@ def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_b
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, e: StarletteHTTPException):
         kind = {404: "not_found", 413: "request_too_large"}.get(e.status_code, "invalid_request_error")
-        return error_response(request, APIError(e.status_code, str(e.detail), kind=kind))
+        status = 422 if e.status_code == 400 and api_of(request) == "tgi" else e.status_code  # TGI's validation
+        return error_response(request, APIError(status, str(e.detail), kind=kind), e.headers)
 
     async def on_error(request: Request, e: Exception):
         return error_response(request, as_api_error(e, api_of(request)))

@@ -6,12 +6,14 @@ import threading
 from pathlib import Path
 
 from fastapi import FastAPI
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
+from .protocol import Body, OpenAIError, answers
 
-class AttributionRequest(BaseModel):
-    text: str
+
+class AttributionRequest(Body):
+    text: str = Field(json_schema_extra={"minLength": 1})
     max_results: int = Field(5, ge=1, le=50)
     min_chain: int = Field(2, ge=1, le=100)
 
@@ -29,6 +31,6 @@ def add_routes(app: FastAPI, index_dir: Path | None) -> None:
                 loaded.append(load_index(index_dir))
             return loaded[0].attribute(body.text, body.max_results, body.min_chain)
 
-    @app.post("/v1/attribution")
+    @app.post("/v1/attribution", responses=answers(dict, OpenAIError))
     async def attribution(body: AttributionRequest) -> dict:
         return await run_in_threadpool(attribute, body)

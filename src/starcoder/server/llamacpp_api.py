@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 
 from ..fim import RepoFile
 from ..generate import Completion, SamplingParams
-from .protocol import InfillRequest, LlamaCompletionRequest
+from .protocol import InfillRequest, LlamaCompletionRequest, LlamaError, answers
 from .service import APIError, Service
 
 STOP_TYPE = {"eos": "eos", "stop": "word", "length": "limit"}
@@ -106,8 +106,8 @@ def add_routes(app: FastAPI, s: Service) -> None:
         ((c,),) = await s.collect(request, [job])
         return final(body, c, len(ids), *timings(), streamed=False)
 
-    @app.post("/completion")
-    @app.post("/completions")
+    @app.post("/completion", responses=answers(dict, LlamaError, stream=True))
+    @app.post("/completions", responses=answers(dict, LlamaError, stream=True))
     async def completion(body: LlamaCompletionRequest, request: Request):
         ids = list(body.prompt) if isinstance(body.prompt, list) else await s.encode(body.prompt)
         vocab = sc.tokenizer.vocab_size
@@ -115,7 +115,7 @@ def add_routes(app: FastAPI, s: Service) -> None:
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
         return await run(body, ids, request)
 
-    @app.post("/infill")
+    @app.post("/infill", responses=answers(dict, LlamaError, stream=True))
     async def infill(body: InfillRequest, request: Request):
         # Other files' chunks become repository context; the text left of the cursor on its line goes after
         # <fim_middle> (llama.cpp's layout), so that typing only extends the end of the prompt.

@@ -9,7 +9,15 @@ from fastapi import FastAPI, Request
 from ..chat import STOP as CHAT_STOP
 from ..chat import chat_prompt
 from ..generate import SamplingParams
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+    OpenAIError,
+    answers,
+)
 from .service import OPENAI_FINISH, APIError, Service
 
 
@@ -27,12 +35,12 @@ def add_routes(app: FastAPI, s: Service) -> None:
         if body.n > engine.max_batch:
             raise APIError(400, f"n must be at most {engine.max_batch} on this server", "n")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=answers(ModelList, OpenAIError))
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": s.created(),
                                             "owned_by": "starcoder"}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=answers(CompletionResponse, OpenAIError, stream=True))
     async def completions(body: CompletionRequest, request: Request):
         s.check_model(body.model)
         check_common(body)
@@ -96,7 +104,7 @@ def add_routes(app: FastAPI, s: Service) -> None:
                                 "finish_reason": OPENAI_FINISH[c.finish_reason]})
         return chunk(choices) | {"usage": usage(prompt_tokens, completion_tokens)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=answers(ChatCompletionResponse, OpenAIError, stream=True))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         s.check_model(body.model, any_name=True)  # TGI's chat route answers whatever name is asked for
         check_common(body)

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # route and llama.cpp accept them.
 MAX_STOP = 32
 SEED = Field(None, ge=0, le=2**64 - 1)  # unsigned 64-bit, as OpenAI and TGI allow
+# Documented for fuzzers and clients; the routes check it and say "must not be empty" in the API's own words
+NOT_EMPTY = {"minLength": 1, "minItems": 1}
 
 
 def _check_text(value: Any) -> Any:
@@ -37,7 +39,7 @@ def _check_text(value: Any) -> Any:
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # no "1" for 1, no 0 for false
 
     _text = field_validator("*")(lambda cls, v: _check_text(v))
 
@@ -45,7 +47,7 @@ class Body(BaseModel):
 class LenientBody(Body):
     """llama.cpp's bodies: fields this server does not know are ignored, as llama.cpp does."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 def _stop_list(value: str | list[str] | None) -> list[str]:
@@ -64,7 +66,7 @@ class StreamOptions(Body):
 
 class CompletionRequest(Body):
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(json_schema_extra=NOT_EMPTY)
     suffix: str | None = None
     max_tokens: int = Field(16, ge=0)  # 0 only with echo: score the prompt, generate nothing (legacy OpenAI)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -127,7 +129,7 @@ class GenerateParameters(Body):
     temperature: float | None = Field(None, gt=0)
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, lt=1)
-    typical_p: float | None = Field(None, gt=0, le=1)
+    typical_p: float | None = Field(None, ge=1, le=1)  # this server does not do typical sampling
     do_sample: bool = False
     repetition_penalty: float | None = Field(None, gt=0)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -138,16 +140,24 @@ class GenerateParameters(Body):
     details: bool = False
     decoder_input_details: bool = False
     top_n_tokens: int | None = Field(None, ge=0, le=5)
-    best_of: int | None = Field(None, ge=1)
-    watermark: bool = False
-    grammar: dict | None = None
-    adapter_id: str | None = None
+    # TGI's options this server does not have: accepted only as their "off" values
+    best_of: int | None = Field(None, ge=1, le=1)
+    watermark: bool = Field(False, json_schema_extra={"enum": [False]})
+    grammar: None = None
+    adapter_id: None = None
 
     _stops = field_validator("stop")(lambda cls, v: _stop_list(v))
 
+    @field_validator("watermark")
+    @classmethod
+    def _no_watermark(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("watermarking is not supported by this server")
+        return value
+
 
 class GenerateRequest(Body):
-    inputs: str
+    inputs: str = Field(json_schema_extra=NOT_EMPTY)
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = False
 
@@ -171,7 +181,7 @@ class LlamaCompletionRequest(LenientBody):
     defaults and meanings: temperature <= 0 is greedy, top_k <= 0 and top_p >= 1 are off, seed -1 is random,
     n_predict -1 generates until an end token or the end of the context."""
 
-    prompt: str | list[int] = ""
+    prompt: str | list[int] = Field(json_schema_extra=NOT_EMPTY)
     n_predict: int = Field(-1, ge=-1)  # 0: only warm up (tokenize), generate nothing
     temperature: float = 0.8
     top_k: int = 40
@@ -197,3 +207,156 @@ class InfillRequest(LlamaCompletionRequest):
     input_suffix: str = ""
     input_extra: list[ExtraContext] = Field(default_factory=list)
     prompt: str = ""  # the text left of the cursor on its line: it goes after <fim_middle>
+
+
+# ---------------------------------------------------------------------------------------------- answers
+# Documented in /openapi.json (clients and fuzzers check answers against them); the routes build plain dicts.
+class Answer(BaseModel):
+    pass
+
+
+class OpenAIErrorDetail(Answer):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(Answer):
+    error: OpenAIErrorDetail
+
+
+class TGIError(Answer):
+    error: str
+    error_type: str
+
+
+class LlamaErrorDetail(Answer):
+    code: int
+    message: str
+    type: str
+
+
+class LlamaError(Answer):
+    error: LlamaErrorDetail
+
+
+class Usage(Answer):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Logprobs(Answer):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(Answer):
+    text: str
+    index: int
+    logprobs: Logprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(Answer):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ReplyMessage(Answer):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(Answer):
+    index: int
+    message: ReplyMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(Answer):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(Answer):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(Answer):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Token(Answer):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(Answer):
+    id: int
+    text: str
+    logprob: float | None
+
+
+class Details(Answer):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = None
+
+
+class GenerateResponse(Answer):
+    generated_text: str
+    details: Details | None = None
+
+
+class Info(Answer):
+    model_id: str
+    model_dtype: str
+    model_device_type: str
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_size: int
+    version: str
+
+
+class TokenSpan(Answer):
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
+# One server-sent event (as OpenAPI before 3.2 documents a stream): a JSON chunk in `data`, or an error
+SSE_EVENT = {"type": "object", "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
+
+
+def answers(model: Any, error: type[Answer], stream: bool = False) -> dict:
+    """A route's documented answers: `model` (also as server-sent events when it can stream), and every 4xx
+    and 5xx in its API's error shape."""
+    ok: dict = {"model": model} if model is not None else {}
+    if stream:
+        ok["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
+    return {200: ok, "4XX": {"model": error}, "5XX": {"model": error}}

@@ -58,8 +58,8 @@ def as_api_error(e: BaseException, api: str) -> APIError:
     return APIError(424 if api == "tgi" else 500, f"generation failed: {e}", kind="server_error")
 
 
-TGI_ERROR_TYPES = {400: "validation", 413: "validation", 422: "validation", 401: "authentication", 404: "not_found",
-                   429: "overloaded", 503: "overloaded", 504: "timeout"}
+TGI_ERROR_TYPES = {400: "validation", 405: "validation", 413: "validation", 422: "validation", 401: "authentication",
+                   404: "not_found", 429: "overloaded", 503: "overloaded", 504: "timeout"}
 
 
 def error_body(api: str, e: APIError) -> dict:
@@ -70,9 +70,8 @@ def error_body(api: str, e: APIError) -> dict:
     return {"error": e.message, "error_type": TGI_ERROR_TYPES.get(e.status, "generation")}
 
 
-def error_response(request: Request, e: APIError) -> JSONResponse:
-    api = api_of(request)
-    return JSONResponse(error_body(api, e), e.status)
+def error_response(request: Request, e: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(api_of(request), e), e.status, headers=headers)
 
 
 class Service:

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..generate import Completion, SamplingParams
 from .engine import Job
-from .protocol import MAX_STOP, GenerateRequest, TokenizeRequest
+from .protocol import MAX_STOP, GenerateRequest, GenerateResponse, Info, TGIError, TokenizeRequest, TokenSpan, answers
 from .service import TGI_FINISH, APIError, Service
 
 
@@ -19,11 +19,6 @@ def add_routes(app: FastAPI, s: Service) -> None:
 
     async def tgi_job(body: GenerateRequest) -> tuple[Job, list[int]]:
         p = body.parameters
-        for name, unsupported in (("best_of", (p.best_of or 1) > 1), ("watermark", p.watermark),
-                                  ("grammar", p.grammar is not None), ("adapter_id", p.adapter_id is not None),
-                                  ("typical_p", p.typical_p not in (None, 1.0))):
-            if unsupported:
-                raise APIError(422, f"`{name}` is not supported by this server", name)
         if not body.inputs:
             raise APIError(422, "`inputs` must not be empty", "inputs")
         ids = await s.encode(body.inputs)
@@ -80,22 +75,22 @@ def add_routes(app: FastAPI, s: Service) -> None:
 
         return s.sse(chunks(), "tgi")
 
-    @app.post("/generate")
+    @app.post("/generate", responses=answers(GenerateResponse, TGIError))
     async def generate(body: GenerateRequest, request: Request):
         return await tgi_generate(body, request)
 
-    @app.post("/generate_stream")
+    @app.post("/generate_stream", responses=answers(None, TGIError, stream=True))
     async def generate_stream(body: GenerateRequest):
         return await tgi_stream(body)
 
-    @app.post("/")
+    @app.post("/", responses=answers(list[GenerateResponse], TGIError, stream=True))
     async def compat_generate(body: GenerateRequest, request: Request):
         """TGI's route for the Hugging Face inference clients: a list, or a stream with `stream: true`."""
         if body.stream:
             return await tgi_stream(body)
         return [await tgi_generate(body, request)]
 
-    @app.get("/info")
+    @app.get("/info", responses=answers(Info, TGIError))
     async def info():
         weight = sc.model.model.embed.weight
         return {"model_id": model_name, "model_sha": None, "model_dtype": str(weight.dtype).removeprefix("torch."),
@@ -105,11 +100,11 @@ def add_routes(app: FastAPI, s: Service) -> None:
                 "max_total_tokens": engine.max_len, "max_batch_size": engine.max_batch, "validation_workers": 1,
                 "max_client_batch_size": 1, "router": "starcoder", "version": __import__("starcoder").__version__}
 
-    @app.get("/health")
+    @app.get("/health", responses=answers(dict, TGIError))
     async def health():
         return {}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=answers(list[TokenSpan], TGIError))
     async def tokenize(body: TokenizeRequest):
         def answer() -> bytes:  # tokenizing and writing a large input take seconds: never on the event loop
             encoding = sc.tokenizer.backend.encode(body.inputs, add_special_tokens=False)
@@ -121,7 +116,7 @@ def add_routes(app: FastAPI, s: Service) -> None:
 
         return Response(await run_in_threadpool(answer), media_type="application/json")
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=answers(None, TGIError))
     async def metrics():
         st = engine.stats
         rows = [("requests_total", "counter", "requests accepted", st.requests),
