@@ -272,3 +272,24 @@ def test_time_limit_ends_at_the_next_line_break(pair):
     unhurried = Sequence([1], SamplingParams(max_new_tokens=100, time_limit=60), tokenizer, set())
     feed(unhurried, "a = 1\nb = 2\n")
     assert unhurried.finish_reason is None
+
+
+def test_non_finite_logits_fail_their_row_only(pair, monkeypatch):
+    from starcoder.errors import ModelOutputError
+    from starcoder.generate import Generator
+
+    _, model, tokenizer = pair
+    generator = Generator(model, tokenizer, max_batch=2)
+    for request in (0, 1):
+        generator.add(tokenizer.encode(CODE), SamplingParams(max_new_tokens=4), request=request)
+    forward = model.forward
+
+    def nan_in_row_1(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits[1:2] = float("nan")
+        return out
+
+    monkeypatch.setattr(model, "forward", nan_in_row_1)
+    events = generator.step()
+    assert isinstance(events[1].error, ModelOutputError) and events[0].error is None
+    assert [seq.request for seq in generator.active] == [0]

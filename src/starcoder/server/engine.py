@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 from ..errors import StarCoderError
 from ..generate import Event, Generator, SamplingParams
-from ..memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +130,8 @@ class Engine:
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
-        busy = False
         while not self._stop.is_set():
-            idle = not self.generator.active and not self._waiting
-            if idle and busy:  # a burst of work is over: give its temporaries back to the system
-                return_freed_memory()
-            busy = not idle
-            self._take_commands(block=idle)
+            self._take_commands(block=not self.generator.active and not self._waiting)
             start = time.monotonic()
             self._admit()
             if self.generator.active:

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 TGI_FINISH = {"eos": "eos_token", "stop": "stop_sequence", "length": "length"}
+# Texts shorter than this are tokenized in place (a fraction of a millisecond); longer ones in a worker thread, so
+# that a large request never stalls the event loop (and every other client's stream with it).
+INLINE_CHARS = 16_384
 # Names that mean "whatever this server serves": TGI's clients send one of these (huggingface_hub sends "tgi").
 MODEL_ALIASES = ("", "default", "tgi", "dummy")
 
@@ -85,11 +88,15 @@ class Service:
         raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}", "model",
                        code="model_not_found")
 
-    # ------------------------------------------------------------------ text <-> tokens, off the event loop
+    # ------------------------------------------------------------------ text <-> tokens, large ones off the event loop
     async def encode(self, text: str) -> list[int]:
+        if len(text) < INLINE_CHARS:
+            return self.sc.tokenizer.encode(text)
         return await run_in_threadpool(self.sc.tokenizer.encode, text)
 
     async def decode(self, ids: list[int]) -> str:
+        if len(ids) < INLINE_CHARS // 4:
+            return self.sc.tokenizer.decode(ids)
         return await run_in_threadpool(self.sc.tokenizer.decode, ids)
 
     async def tokens_of(self, prompt: Any) -> list[list[int]]:
