@@ -48,3 +48,24 @@ def test_cache_overflow_is_a_clear_error(tmp_path):
     cache = model.new_cache(batch_size=1, max_len=4)
     with pytest.raises(StarCoderError, match="the KV cache holds 4 positions; 0 used, 5 more asked"):
         model(random_ids(1, 5), cache=cache)
+
+
+def test_prefix_store_longest_match_replacement_and_lru_budget():
+    from starcoder.cache import PrefixStore
+
+    def kv(n):  # (n_layer, n_kv, n, hd) float32: 2 * 4 * n * 4 bytes each
+        return torch.arange(2 * n * 4, dtype=torch.float32).reshape(2, 1, n, 4), torch.zeros(2, 1, n, 4)
+
+    store = PrefixStore(max_bytes=20 * 2 * (2 * 1 * 4 * 4))  # room for 20 positions of keys and values
+    store.put([1, 2, 3, 4], *kv(4))
+    store.put([1, 2, 3, 4, 5, 6], *kv(6))  # supersedes its own prefix
+    assert len(store.entries) == 1
+    prefix, n = store.longest([1, 2, 3, 9])
+    assert n == 3 and prefix.tokens.tolist() == [1, 2, 3, 4, 5, 6]
+    assert torch.equal(prefix.k, kv(6)[0])  # a copy of what was given
+    store.put([7, 8] * 4, *kv(8))
+    store.longest([1, 2])  # used: the other one is now the least recently used
+    store.put([9] * 8, *kv(8))  # over the budget: the least recently used goes
+    assert store.longest([7, 8])[1] == 0 and store.longest([1, 2])[1] == 2 and store.nbytes <= store.max_bytes
+    store.put(list(range(30)), *kv(30))  # larger than the whole budget: not kept, nothing lost
+    assert store.longest(list(range(30)))[1] == 0 and len(store.entries) == 2

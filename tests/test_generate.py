@@ -293,3 +293,76 @@ def test_non_finite_logits_fail_their_row_only(pair, monkeypatch):
     events = generator.step()
     assert isinstance(events[1].error, ModelOutputError) and events[0].error is None
     assert [seq.request for seq in generator.active] == [0]
+
+
+# ------------------------------------------------------------------------------------------- prefix reuse, chunks
+def run(generator, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[list[int]]:
+    """Each prompt through the generator one after another (submitted, then stepped to the end)."""
+    out = []
+    for request, ids in enumerate(prompts):
+        generator.submit(ids, params, n, request)
+        done: dict[int, list[int]] = {}
+        while generator.pending or generator.active:
+            for event in generator.step():
+                assert event.error is None
+                if event.completion is not None:
+                    done[event.sample] = event.completion.token_ids
+        out += [done[s] for s in range(n)]
+    return out
+
+
+def test_prefix_reuse_and_chunked_prefill_give_the_same_tokens(pair):
+    """Keystrokes in a fill-in-the-middle prompt (the prefix grows at its end, the suffix stays): with the prefix
+    store and chunked prefill, every answer equals the one computed from scratch, past the sliding window."""
+    from starcoder.generate import Generator
+
+    _, model, tokenizer = pair
+    fmt = PromptFormat.for_tokenizer(tokenizer)
+    typed = "    total = sum(values)"
+    prompts = [tokenizer.encode(fmt.infill(CODE + typed[:i], "\n    return total\n")) for i in range(8, len(typed), 3)]
+    params = SamplingParams(max_new_tokens=6)
+    plain = run(Generator(model, tokenizer, max_batch=2, prefix_cache_mb=0), prompts, params)
+    cached = Generator(model, tokenizer, max_batch=3, prefix_cache_mb=64, prefill_chunk=7)
+    assert run(cached, prompts, params) == plain
+    assert cached.reused_tokens > sum(len(p) for p in prompts[1:]) // 2  # most of each later prompt was reused
+    assert run(cached, prompts[-1:], params, n=3) == plain[-1:] * 3  # n samples of a cached prompt
+
+
+def test_requests_join_and_leave_while_a_long_prompt_is_chunked(pair):
+    from starcoder.generate import Generator
+
+    _, model, tokenizer = pair
+    long_prompt, short = tokenizer.encode(CODE * 2), tokenizer.encode("import os\n")
+    alone = generate(model, tokenizer, [Request(long_prompt, SamplingParams(max_new_tokens=8)),
+                                        Request(short, SamplingParams(max_new_tokens=20))])
+    generator = Generator(model, tokenizer, max_batch=2, prefill_chunk=4)
+    generator.submit(short, SamplingParams(max_new_tokens=20), request=1)
+    events = generator.step()  # the short prompt is done in one chunk and decodes from here on
+    generator.submit(long_prompt, SamplingParams(max_new_tokens=8), request=0)
+    steps_while_prefilling = 0
+    while generator.pending or generator.active:
+        steps_while_prefilling += bool(generator.pending)
+        events += generator.step()
+    done = {e.request: e.completion.token_ids for e in events if e.completion is not None}
+    assert [done[0], done[1]] == [alone[0][0].token_ids, alone[1][0].token_ids]
+    assert steps_while_prefilling == -(-len(long_prompt) // 4)  # one chunk per step, the short one decoding
+
+
+def test_a_cancelled_prompt_leaves_what_was_computed(pair):
+    from starcoder.generate import Generator
+
+    _, model, tokenizer = pair
+    ids = tokenizer.encode(CODE * 2)
+    generator = Generator(model, tokenizer, max_batch=1, prefill_chunk=8)
+    generator.submit(ids, SamplingParams(max_new_tokens=4), request=5)
+    generator.step()
+    generator.step()
+    generator.cancel(5)
+    assert not generator.pending and generator.free_slots == 1
+    prefix, n = generator.prefixes.longest(ids)
+    assert n == 16 and len(prefix.tokens) == 16
+    alone = generate(model, tokenizer, [Request(ids, SamplingParams(max_new_tokens=4))])[0][0].token_ids
+    assert generator.add(ids, SamplingParams(max_new_tokens=4)) and generator.reused_tokens == 16
+    while generator.active:
+        generator.step()
+    assert run(generator, [ids], SamplingParams(max_new_tokens=4)) == [alone]

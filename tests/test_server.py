@@ -384,3 +384,22 @@ def test_ignore_eos_extension_generates_max_tokens(client):
     done = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 30, "temperature": 0,
                                                 "ignore_eos": True}).json()
     assert done["usage"]["completion_tokens"] == 30 and done["choices"][0]["finish_reason"] == "length"
+
+
+def test_keystrokes_reuse_the_previous_prompt(client, model_dir):
+    """An editor's requests, one per keystroke: each prompt is computed only from where it differs from what the
+    server has seen, and every answer equals the one computed from scratch."""
+    sc = starcoder.load(model_dir)
+
+    def reused() -> float:
+        line = next(x for x in client.get("/metrics").text.splitlines()
+                    if x.startswith("starcoder_prompt_tokens_reused_total "))
+        return float(line.split()[1])
+
+    before = reused()
+    prefix = "import os\n\n\ndef list_files(directory):\n    "
+    for typed in ("", "r", "re", "ret"):
+        answer = client.post("/v1/completions", json={"prompt": prefix + typed, "suffix": "\n", "max_tokens": 8,
+                                                      "temperature": 0}).json()
+        assert answer["choices"][0]["text"] == sc.infill(prefix + typed, "\n", max_new_tokens=8).text
+    assert reused() - before >= 3 * len(sc.tokenizer.encode("<fim_prefix>" + prefix)) - 3

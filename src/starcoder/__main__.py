@@ -149,6 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise StarCoderError(f"the server needs its extra: pip install 'starcoder[serve]' ({e})") from None
     serve(args.model, args.host, args.port, args.dtype, api_key=args.api_key or os.environ.get("STARCODER_API_KEY"),
           max_batch=args.max_batch, max_queue=args.max_queue, timeout=args.timeout, max_body_mb=args.max_body_mb,
+          prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk or None,
           attribution_index=Path(args.attribution_index) if args.attribution_index else None)
 
 
@@ -375,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "playground page (default: $STARCODER_API_KEY)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted (default 4 MB; "
                    "larger ones get 413)")
+    p.add_argument("--prefix-cache-mb", type=float, default=512.0, help="memory for keys and values of earlier "
+                   "prompts, so that a prompt starting as one of them did is computed only from where it differs "
+                   "(default 512; 0 turns reuse off)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens computed between two decode steps, "
+                   "so that a long prompt never stalls running streams (default 256; 0: whole prompts at once)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait for its next token")

@@ -8,6 +8,11 @@ need no padding: each is prefilled alone into its slot, then all slots decode to
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -97,3 +102,75 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         self.lengths += T
+
+    # ------------------------------------------------------------------ prefixes kept for reuse
+    def keys_values(self, row: int, n: int) -> tuple[Tensor, Tensor]:
+        """The first n positions of a row: (n_layer, n_kv, n, hd) keys and values (views, not copies)."""
+        return self.k[:, row, :, :n], self.v[:, row, :, :n]
+
+    def load(self, row: int, k: Tensor, v: Tensor) -> None:
+        """Make a row hold exactly these keys and values (a prefix kept from an earlier prompt)."""
+        n = k.shape[2]
+        self.k[:, row, :, :n] = k
+        self.v[:, row, :, :n] = v
+        self.lengths[row] = n
+
+
+@dataclass
+class Prefix:
+    tokens: np.ndarray  # (L,) the prompt tokens whose keys and values these are
+    k: Tensor  # (n_layer, n_kv, L, hd)
+    v: Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class PrefixStore:
+    """Keys and values of earlier prompts, so that a prompt that starts as one of them did is computed only from
+    where it differs (a request per keystroke in an editor, n samples, an evaluation's shared preamble).
+
+    Lookup is by the longest common token prefix (llama.cpp's slot reuse, without its fixed slots); the least
+    recently used prompts go first when the store is over its byte budget. Positions are absolute, so a reused
+    prefix is valid for both families (learned and rotary positions) and under a sliding window.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[int, Prefix] = OrderedDict()
+        self.nbytes = 0
+        self._keys = itertools.count()
+
+    def longest(self, ids: list[int]) -> tuple[Prefix | None, int]:
+        """The kept prompt sharing the longest token prefix with `ids`, and that length."""
+        query = np.asarray(ids, dtype=np.int64)
+        best, best_key, best_n = None, None, 0
+        for key, entry in self.entries.items():
+            m = min(len(entry.tokens), len(query))
+            if m <= best_n:
+                continue
+            differ = np.flatnonzero(entry.tokens[:m] != query[:m])
+            n = int(differ[0]) if len(differ) else m
+            if n > best_n:
+                best, best_key, best_n = entry, key, n
+        if best_key is not None:
+            self.entries.move_to_end(best_key)
+        return best, best_n
+
+    def put(self, ids: list[int], k: Tensor, v: Tensor) -> None:
+        """Keep a copy of a prompt's keys and values (and drop kept prompts that are a prefix of it)."""
+        if not ids or k.nbytes + v.nbytes > self.max_bytes:
+            return
+        tokens = np.asarray(ids, dtype=np.int64)
+        entry = Prefix(tokens, k.clone(), v.clone())
+        for key, old in list(self.entries.items()):
+            if len(old.tokens) <= len(tokens) and np.array_equal(old.tokens, tokens[: len(old.tokens)]):
+                self._drop(key)
+        self.entries[next(self._keys)] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: int) -> None:
+        self.nbytes -= self.entries.pop(key).nbytes

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .cache import PrefixStore
 from .errors import ModelOutputError, SamplingError, StarCoderError
 from .fim import PromptFormat
 from .tokenizer import Tokenizer
@@ -271,21 +273,41 @@ def all_finite(logits: Tensor) -> Tensor:
     return torch.isfinite(logits.sum(-1))
 
 
-class Generator:
-    """Sequences in the slots of one KV cache: add() prefills, step() decodes one token for all of them."""
+@dataclass(eq=False)
+class Prefill:
+    """A prompt being computed into the scratch row, a chunk at a time, before its n samples take their rows."""
 
-    def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None):
+    ids: list[int]
+    params: SamplingParams
+    n: int
+    request: int
+    done: int = 0  # prompt tokens whose keys and values are in the scratch row
+    started: bool = False
+    logits: list[Tensor] = field(default_factory=list)  # every position's, when the prompt is scored
+
+
+class Generator:
+    """Sequences in the slots of one KV cache: submit() queues a prompt, step() computes a chunk of the oldest
+    queued prompt and then one token for every running sequence; add() is submit() plus the whole prefill."""
+
+    def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None,
+                 prefix_cache_mb: float = 256.0, prefill_chunk: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.format = PromptFormat.for_tokenizer(tokenizer)
         self.stop_ids = {tokenizer.token_id(t) for t in self.format.stop_tokens}
         context = model.config.max_positions
         self.max_len = min(max_len or context, context)
         self.cache = model.new_cache(max_batch, self.max_len)
+        self.scratch = model.new_cache(1, self.max_len)  # prompts are computed here, then copied to their slots
+        self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20))
+        self.prefill_chunk = prefill_chunk  # prompt tokens computed per step (None: a whole prompt at once)
+        self.pending: deque[Prefill] = deque()
         self.active: list[Sequence] = []  # active[i] lives in cache row i
+        self.reused_tokens = 0  # prompt tokens taken from the prefix store instead of computed
 
     @property
     def free_slots(self) -> int:
-        return self.cache.batch_size - len(self.active)
+        return self.cache.batch_size - len(self.active) - sum(p.n for p in self.pending)
 
     def fit(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """The prompt, checked against the context; with params.truncate its start is dropped to fit."""
@@ -300,50 +322,94 @@ class Generator:
             f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the "
             f"context of {self.max_len} tokens; shorten the prompt, lower max_new_tokens, or truncate the prompt")
 
-    @torch.inference_mode()
-    def add(self, prompt_ids: list[int], params: SamplingParams, n: int = 1, request: int = 0) -> list[Event]:
-        """Prefill a prompt once for n samples; returns each sample's first token."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int = 1, request: int = 0) -> None:
+        """Queue a prompt for n samples; its slots are held from now on, its first tokens come from step()."""
         if n < 1 or n > self.free_slots:
             raise StarCoderError(f"{n} samples asked, {self.free_slots} free slots of {self.cache.batch_size}")
-        ids = self.fit(prompt_ids, params)
-        slot = len(self.active)
-        self.cache.clear(slot)
-        keep = 0 if params.prompt_logprobs is not None else 1  # scoring the prompt needs every position's logits
-        logits = self.model(torch.tensor([ids]), cache=self.cache.rows(slot), logits_to_keep=keep).logits[0]
-        sequences = []
-        for sample in range(n):
-            if sample:
-                self.cache.copy_row(slot, slot + sample)
-            sequences.append(Sequence(ids, params, self.tokenizer, self.stop_ids, request, sample))
-        if params.prompt_logprobs is not None:
-            sequences[0].score_prompt(logits)
-            for seq in sequences[1:]:
-                seq.prompt_logprobs = sequences[0].prompt_logprobs
-        logits = logits[-1]
-        self.active.extend(sequences)
-        finite = bool(all_finite(logits))
-        events = [self._advance(seq, logits, finite) for seq in sequences]
-        self._retire_finished()
+        self.pending.append(Prefill(self.fit(prompt_ids, params), params, n, request))
+
+    @torch.inference_mode()
+    def add(self, prompt_ids: list[int], params: SamplingParams, n: int = 1, request: int = 0) -> list[Event]:
+        """Prefill a prompt once for n samples, now; returns each sample's first token."""
+        self.submit(prompt_ids, params, n, request)
+        job = self.pending[-1]
+        events: list[Event] = []
+        while job in self.pending:
+            events += self._prefill(None)
         return events
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """One new token for every active sequence."""
+        """A chunk of the oldest queued prompt (its samples' first tokens once it is done), then one new token
+        for every running sequence."""
+        events = self._prefill(self.prefill_chunk) if self.pending else []
         if not self.active:
-            return []
+            return events
         last = torch.tensor([[seq.generated[-1]] for seq in self.active])  # (n, 1)
         logits = self.model(last, cache=self.cache.rows(0, len(self.active))).logits[:, -1]  # (n, V)
         finite = all_finite(logits).tolist()  # (n,)
-        events = [self._advance(seq, logits[i], finite[i]) for i, seq in enumerate(self.active)]
+        events += [self._advance(seq, logits[i], finite[i]) for i, seq in enumerate(self.active)]
         self._retire_finished()
         return events
 
     def cancel(self, request: int) -> None:
-        """Stop every sequence of a request now (a client went away); its slots are free after this call."""
+        """Stop every sequence of a request now (a client went away); its slots are free after this call. The
+        part of its prompt already computed stays in the prefix store."""
+        for job in list(self.pending):
+            if job.request == request:
+                if job is self.pending[0] and job.done and job.params.prompt_logprobs is None:
+                    self.prefixes.put(job.ids[: job.done], *self.scratch.keys_values(0, job.done))
+                self.pending.remove(job)
         for seq in self.active:
             if seq.request == request and seq.finish_reason is None:
                 seq.finish_reason = "stop"
         self._retire_finished()
+
+    # ------------------------------------------------------------------ prompts
+    def _prefill(self, budget: int | None) -> list[Event]:
+        """Compute up to `budget` more tokens of the oldest queued prompt; when it is complete, its samples
+        take their slots and choose their first tokens. A prompt that fails fails its own request only."""
+        job = self.pending[0]
+        scored = job.params.prompt_logprobs is not None  # scoring needs every position's logits: no reuse
+        try:
+            if not job.started:
+                job.started = True
+                self.scratch.clear(0)
+                prefix, n = (None, 0) if scored else self.prefixes.longest(job.ids)
+                n = min(n, len(job.ids) - 1)  # the last token is always computed: its logits pick the first token
+                if prefix is not None and n > 0:
+                    self.scratch.load(0, prefix.k[:, :, :n], prefix.v[:, :, :n])
+                    job.done = n
+                    self.reused_tokens += n
+            end = len(job.ids) if budget is None else min(len(job.ids), job.done + budget)
+            chunk = torch.tensor([job.ids[job.done : end]])
+            logits = self.model(chunk, cache=self.scratch.rows(0), logits_to_keep=0 if scored else 1).logits[0]
+            job.done = end
+            if scored:
+                job.logits.append(logits)
+            if end < len(job.ids):
+                return []
+        except Exception as e:  # noqa: BLE001 - handed to whoever asked for this prompt
+            self.pending.popleft()
+            return [Event(job.request, 0, TokenInfo(-1, ""), "", "error", error=e)]
+        self.pending.popleft()
+        kept = self.scratch.keys_values(0, len(job.ids))
+        self.prefixes.put(job.ids, *kept)
+        slot = len(self.active)
+        sequences = []
+        for sample in range(job.n):
+            self.cache.load(slot + sample, *kept)
+            sequences.append(Sequence(job.ids, job.params, self.tokenizer, self.stop_ids, job.request, sample))
+        if scored:
+            sequences[0].score_prompt(torch.cat(job.logits))
+            for seq in sequences[1:]:
+                seq.prompt_logprobs = sequences[0].prompt_logprobs
+        last = logits[-1]
+        self.active.extend(sequences)
+        finite = bool(all_finite(last))
+        events = [self._advance(seq, last, finite) for seq in sequences]
+        self._retire_finished()
+        return events
 
     def _advance(self, seq: Sequence, logits: Tensor, finite: bool) -> Event:
         """The sequence's next token; a sequence that cannot go on fails alone, the others keep their rows."""

@@ -71,8 +71,10 @@ class Stats:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None):
-        self.generator = Generator(model, tokenizer, max_batch=max_batch, max_len=max_len)
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
+                 prefix_cache_mb: float = 512.0, prefill_chunk: int | None = 256):
+        self.generator = Generator(model, tokenizer, max_batch=max_batch, max_len=max_len,
+                                   prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk)
         self.max_queue = max_queue
         self.stats = Stats()
         self._commands: queue.Queue = queue.Queue()
@@ -95,7 +97,8 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting) + self._in_transit
+        """Requests without their first token yet: queued, or having their prompt computed."""
+        return len(self._waiting) + self._in_transit + len(self.generator.pending)
 
     @property
     def active(self) -> int:
@@ -131,10 +134,10 @@ class Engine:
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._take_commands(block=not self.generator.active and not self._waiting)
+            self._take_commands(block=not (self.generator.active or self.generator.pending or self._waiting))
             start = time.monotonic()
             self._admit()
-            if self.generator.active:
+            if self.generator.active or self.generator.pending:
                 try:
                     events = self.generator.step()
                 except Exception as e:  # noqa: BLE001 - a failed step fails the requests in it, not the server
@@ -173,14 +176,10 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and self._waiting[0].n <= self.generator.free_slots:
             job = self._waiting.popleft()
-            try:
-                events = self.generator.add(job.prompt_ids, job.params, job.n, request=job.id)
-            except Exception as e:  # noqa: BLE001 - this prompt fails alone
-                if not isinstance(e, StarCoderError):
-                    log.exception("prefill failed")
+            try:  # its prompt is computed a chunk per step, between the decode steps of running sequences
+                self.generator.submit(job.prompt_ids, job.params, job.n, request=job.id)
+            except StarCoderError as e:
                 self._fail(job, e)
-            else:
-                self._deliver(events)
 
     def _deliver(self, events: list[Event]) -> None:
         for event in events:

@@ -126,6 +126,8 @@ def add_routes(app: FastAPI, s: Service) -> None:
                 ("requests_cancelled_total", "counter", "requests cancelled (client gone, timeout)", st.cancelled),
                 ("requests_failed_total", "counter", "requests that failed during generation", st.failed),
                 ("prompt_tokens_total", "counter", "prompt tokens accepted", st.prompt_tokens),
+                ("prompt_tokens_reused_total", "counter", "prompt tokens taken from earlier prompts' keys and values",
+                 engine.generator.reused_tokens),
                 ("generated_tokens_total", "counter", "tokens generated", st.generated_tokens),
                 ("decode_steps_total", "counter", "batched decode steps", st.steps),
                 ("busy_seconds_total", "counter", "seconds the engine spent computing", st.busy_seconds),
