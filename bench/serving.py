@@ -34,8 +34,9 @@ PROMPT = ('import json\nimport os\n\n\ndef load_config(path):\n    """Read the J
           '    defaults = {{"name": "example-{i}", "retries": {i}, "verbose": False}}\n')
 
 
-def start_server(model: str, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "starcoder", "serve", "--port", str(port), "--max-batch", "16", "--max-queue", "64"]
+def start_server(model: str, port: int, extra: list[str] = ()) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "starcoder", "serve", "--port", str(port), "--max-batch", "16", "--max-queue", "64",
+           *extra]
     if model != "embedded":
         cmd += ["--model", model]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -366,3 +366,41 @@ def test_a_cancelled_prompt_leaves_what_was_computed(pair):
     while generator.active:
         generator.step()
     assert run(generator, [ids], SamplingParams(max_new_tokens=4)) == [alone]
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_p=0.95, seed=11)])
+def test_speculation_changes_nothing_but_speed(pair, sampling, monkeypatch):
+    """Drafted tokens are kept only as far as they equal the sequence's own choice, with its own random draws in
+    the same order: greedy and seeded sampling give plain decoding's tokens, whatever the drafts."""
+    import starcoder.generate
+    from starcoder.generate import Generator
+
+    _, model, tokenizer = pair
+    ids = tokenizer.encode(CODE * 2)
+    params = SamplingParams(max_new_tokens=40, **sampling)
+    (plain,) = run(Generator(model, tokenizer, max_batch=1), [ids], params)
+
+    def drafts(history, k):  # right for two tokens, then wrong: both the taking and the refusing are exercised
+        ahead = plain[len(history) - len(ids) : len(history) - len(ids) + k]
+        return ahead[:2] + [(t + 1) % 49152 for t in ahead[2:]]
+
+    monkeypatch.setattr(starcoder.generate, "ngram_draft", drafts)
+    speculative = Generator(model, tokenizer, max_batch=1, speculate="ngram")
+    assert run(speculative, [ids], params) == [plain]
+    assert 0 < speculative.accepted_tokens < speculative.drafted_tokens
+    with pytest.raises(StarCoderError, match="unknown speculation"):
+        Generator(model, tokenizer, speculate="medusa")
+
+
+def test_ngram_draft_and_back_off():
+    from starcoder.speculate import DraftLength, ngram_draft
+
+    history = [5, 6, 7, 8, 9, 1, 2, 5, 6, 7]
+    assert ngram_draft(history, 3) == [8, 9, 1]  # the tokens after the earlier "5 6 7"
+    assert ngram_draft([1, 2, 3, 4], 3) == [] and ngram_draft(history, 0) == []
+    length = DraftLength(4)
+    length.update(4, 4)
+    assert length.value == 8
+    length.update(8, 0)
+    length.update(4, 0)
+    assert length.value == 2

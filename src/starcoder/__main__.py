@@ -56,7 +56,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace):
     from .api import load
 
-    return load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    return load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle, speculate=args.speculate)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -149,7 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise StarCoderError(f"the server needs its extra: pip install 'starcoder[serve]' ({e})") from None
     serve(args.model, args.host, args.port, args.dtype, api_key=args.api_key or os.environ.get("STARCODER_API_KEY"),
           max_batch=args.max_batch, max_queue=args.max_queue, timeout=args.timeout, max_body_mb=args.max_body_mb,
-          prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk or None,
+          prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk or None, speculate=args.speculate,
           attribution_index=Path(args.attribution_index) if args.attribution_index else None)
 
 
@@ -310,6 +310,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import DTYPE_CHOICES
     from .config import PRESETS
+    from .speculate import MODES as SPECULATE_MODES
 
     parser = argparse.ArgumentParser(prog="starcoder", description="StarCoder and StarCoder2 code models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and details")
@@ -337,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="model directory or hub id (org/name); default: the embedded model")
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (auto: as stored)")
     g.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (pickle) checkpoints")
+    g.add_argument("--speculate", default="none", choices=SPECULATE_MODES, help="ngram: draft tokens by prompt "
+                   "lookup, same output, faster where the text repeats its input (default none)")
     g = generation.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
@@ -379,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-mb", type=float, default=512.0, help="memory for keys and values of earlier "
                    "prompts, so that a prompt starting as one of them did is computed only from where it differs "
                    "(default 512; 0 turns reuse off)")
+    p.add_argument("--speculate", default="none", choices=SPECULATE_MODES, help="ngram: prompt-lookup drafts for a "
+                   "sequence decoding alone (default none)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens computed between two decode steps, "
                    "so that a long prompt never stalls running streams (default 256; 0: whole prompts at once)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default 8)")

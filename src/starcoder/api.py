@@ -29,8 +29,8 @@ def default_model_dir() -> Path:
 class StarCoder:
     """A model and its tokenizer. Sampling options are SamplingParams' fields, passed as keywords."""
 
-    def __init__(self, model, tokenizer: Tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer: Tokenizer, speculate: str = "none"):
+        self.model, self.tokenizer, self.speculate = model, tokenizer, speculate
         self.format = PromptFormat.for_tokenizer(tokenizer)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise StarCoderError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -52,7 +52,7 @@ class StarCoder:
     def generate(self, prompts: Sequence[str], n: int = 1, **sampling: Any) -> list[list[Completion]]:
         params = SamplingParams(**sampling)
         requests = [Request(self.tokenizer.encode(p), params, n) for p in prompts]
-        return generate(self.model, self.tokenizer, requests)
+        return generate(self.model, self.tokenizer, requests, speculate=self.speculate)
 
     def complete(self, prompt: str, **sampling: Any) -> Completion:
         return self.generate([prompt], **sampling)[0][0]
@@ -69,7 +69,7 @@ class StarCoder:
     # ------------------------------------------------------------------ streams of text
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
         request = Request(self.tokenizer.encode(prompt), SamplingParams(**sampling))
-        for event in stream(self.model, self.tokenizer, [request]):
+        for event in stream(self.model, self.tokenizer, [request], speculate=self.speculate):
             if event.text:
                 yield event.text
 
@@ -87,13 +87,14 @@ def _with_chat_stops(sampling: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(model: str | os.PathLike | None = None, dtype: str | None = None, device: str = "cpu",
-         allow_pickle: bool = False, pack: bool = True) -> StarCoder:
+         allow_pickle: bool = False, pack: bool = True, speculate: str = "none") -> StarCoder:
     """A model directory or hub id with its tokenizer, for inference; None means the embedded default model.
 
     On the CPU the weights are packed for oneDNN (pack=True), which decodes about 1.5x faster; pass pack=False
-    to get a model that can also be trained or saved (as `.model`).
+    to get a model that can also be trained or saved (as `.model`). speculate="ngram" drafts tokens by prompt
+    lookup while a single sequence decodes (same output, faster where the text repeats its input).
     """
     model_dir = default_model_dir() if model is None else resolve_model_dir(model)
     model = load_model(model_dir, dtype=dtype, device=device, allow_pickle=allow_pickle,
                        pack=pack and device == "cpu")
-    return StarCoder(model, Tokenizer.from_dir(model_dir))
+    return StarCoder(model, Tokenizer.from_dir(model_dir), speculate)

@@ -22,6 +22,7 @@ from torch import Tensor
 from .cache import PrefixStore
 from .errors import ModelOutputError, SamplingError, StarCoderError
 from .fim import PromptFormat
+from .speculate import MODES, DraftLength, ngram_draft
 from .tokenizer import Tokenizer
 
 MAX_LOGPROBS = 20
@@ -129,6 +130,7 @@ class Sequence:
         self.emitted = 0  # characters of text already shown
         self.finish_reason: str | None = None
         self.prompt_logprobs: list[TokenInfo] | None = None
+        self.draft = DraftLength()
         self.started = time.monotonic()
         self.line_start = 0  # where the text's current line begins (for min_indent)
         self._longest_stop = max((len(s) for s in params.stop), default=0)
@@ -291,7 +293,9 @@ class Generator:
     queued prompt and then one token for every running sequence; add() is submit() plus the whole prefill."""
 
     def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None,
-                 prefix_cache_mb: float = 256.0, prefill_chunk: int | None = None):
+                 prefix_cache_mb: float = 256.0, prefill_chunk: int | None = None, speculate: str = "none"):
+        if speculate not in MODES:
+            raise StarCoderError(f"unknown speculation {speculate!r}; choose one of {', '.join(MODES)}")
         self.model, self.tokenizer = model, tokenizer
         self.format = PromptFormat.for_tokenizer(tokenizer)
         self.stop_ids = {tokenizer.token_id(t) for t in self.format.stop_tokens}
@@ -304,6 +308,8 @@ class Generator:
         self.pending: deque[Prefill] = deque()
         self.active: list[Sequence] = []  # active[i] lives in cache row i
         self.reused_tokens = 0  # prompt tokens taken from the prefix store instead of computed
+        self.speculate = speculate  # "ngram": prompt lookup while one sequence decodes alone (see speculate.py)
+        self.drafted_tokens = self.accepted_tokens = 0
 
     @property
     def free_slots(self) -> int:
@@ -345,10 +351,41 @@ class Generator:
         events = self._prefill(self.prefill_chunk) if self.pending else []
         if not self.active:
             return events
+        if self.speculate == "ngram" and len(self.active) == 1:
+            # Alone, a sequence's step is bound by reading the weights, and checking a few drafted tokens costs
+            # about the same. With company the batch already uses that read, and drafting would only add work.
+            speculated = self._speculative_step(self.active[0])
+            if speculated is not None:
+                return events + speculated
         last = torch.tensor([[seq.generated[-1]] for seq in self.active])  # (n, 1)
         logits = self.model(last, cache=self.cache.rows(0, len(self.active))).logits[:, -1]  # (n, V)
         finite = all_finite(logits).tolist()  # (n,)
         events += [self._advance(seq, logits[i], finite[i]) for i, seq in enumerate(self.active)]
+        self._retire_finished()
+        return events
+
+    def _speculative_step(self, seq: Sequence) -> list[Event] | None:
+        """Check a prompt-lookup draft in one forward pass and keep it as far as it equals what the sequence
+        chooses (sampled or greedy, its own choice decides: the output is plain decoding's). None: no draft."""
+        room = seq.params.max_new_tokens - len(seq.generated) - 1
+        draft = ngram_draft(seq.prompt_ids + seq.generated, min(seq.draft.value, room))
+        if not draft:
+            return None
+        start = int(self.cache.lengths[0])
+        ids = torch.tensor([[seq.generated[-1], *draft]])  # (1, 1 + k)
+        logits = self.model(ids, cache=self.cache.rows(0)).logits[0]  # (1 + k, V): position i checks draft[i]
+        finite = all_finite(logits).tolist()
+        events, accepted = [], 0
+        for i in range(len(draft) + 1):
+            events.append(self._advance(seq, logits[i], finite[i]))
+            if seq.finish_reason is not None or i == len(draft) or events[-1].token.id != draft[i]:
+                break
+            accepted += 1
+        # Keys and values of refused draft tokens lie past the row's length, where nothing sees them.
+        self.cache.lengths[0] = start + 1 + accepted
+        seq.draft.update(len(draft), accepted)
+        self.drafted_tokens += len(draft)
+        self.accepted_tokens += accepted
         self._retire_finished()
         return events
 
@@ -445,13 +482,14 @@ class Request:
     n: int = 1
 
 
-def stream(model, tokenizer: Tokenizer, requests: Seq[Request], max_batch: int = 8) -> Iterator[Event]:
+def stream(model, tokenizer: Tokenizer, requests: Seq[Request], max_batch: int = 8,
+           speculate: str = "none") -> Iterator[Event]:
     """Run requests through one Generator, admitting each as soon as it has slots for all its samples."""
     if not requests:
         return
     longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
     batch = max(max_batch, max(r.n for r in requests))
-    generator = Generator(model, tokenizer, max_batch=batch, max_len=longest)
+    generator = Generator(model, tokenizer, max_batch=batch, max_len=longest, speculate=speculate)
     for r in requests:  # fail before any work is done
         generator.fit(r.prompt_ids, r.params)
     pending = list(enumerate(requests))
@@ -469,10 +507,11 @@ def _raising(events: list[Event]) -> Iterator[Event]:
         yield event
 
 
-def generate(model, tokenizer: Tokenizer, requests: Seq[Request], max_batch: int = 8) -> list[list[Completion]]:
+def generate(model, tokenizer: Tokenizer, requests: Seq[Request], max_batch: int = 8,
+             speculate: str = "none") -> list[list[Completion]]:
     """Every request's n completions, in order."""
     results: list[list[Completion | None]] = [[None] * r.n for r in requests]
-    for event in stream(model, tokenizer, requests, max_batch):
+    for event in stream(model, tokenizer, requests, max_batch, speculate):
         if event.completion is not None:
             results[event.request][event.sample] = event.completion
     return results  # type: ignore[return-value]

@@ -57,7 +57,7 @@ def add_routes(app: FastAPI, s: Service) -> None:
             top_p=min(max(body.top_p, 1e-9), 1.0),  # top_p <= 0 keeps the likeliest token only, as llama.cpp
             repetition_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, seed=None if body.seed < 0 else body.seed,
-            stop=tuple(body.stop), min_indent=body.n_indent,
+            stop=tuple(body.stop), min_indent=body.n_indent, ignore_eos=body.ignore_eos,
             time_limit=body.t_max_predict_ms / 1000 if body.t_max_predict_ms > 0 else None)
 
     def final(body: LlamaCompletionRequest, c: Completion | None, prompt_tokens: int, prompt_ms: float,

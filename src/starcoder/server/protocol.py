@@ -193,6 +193,7 @@ class LlamaCompletionRequest(LenientBody):
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
     cache_prompt: bool = True
+    ignore_eos: bool = False  # generate n_predict tokens whatever the model says
     n_indent: int = Field(0, ge=0)  # end before a new line indented less than this
     t_max_prompt_ms: int = -1  # accepted; prompts are not cut short by time
     t_max_predict_ms: int = -1  # once this many ms of generation are spent, end at the next line break

@@ -1,0 +1,181 @@
+"""Editor latency against llama.cpp's llama-server on the same weights (issue 15).
+
+    python bench/editor.py [--preset starcoderbase-1b] [--rounds 2] [--keystrokes 20]
+
+Both servers get the same token ids on their llama.cpp-style `/completion` route (prompt caching on, greedy,
+exactly `n_predict` tokens with `ignore_eos`), with 2 slots each, on a random checkpoint of the preset's shape
+converted for llama.cpp by its own `convert_hf_to_gguf.py` (bf16). Sides alternate, each in a fresh process.
+
+- Keystroke replay: a line of a real file typed one character at a time, a fill-in-the-middle request per
+  keystroke (PSM, ~1,200 tokens of prefix, ~200 of suffix, 16 new tokens), one after another: median and p95
+  latency per keystroke. Two files: CPython's textwrap.py and a JavaScript file. Target: median <= 0.5x
+  llama-server's.
+- Head-of-line: a stream decodes 200 tokens; after its 20th a 2,000-token prompt arrives. Reported: the stream's
+  longest gap between tokens from then on, its median gap, and the long prompt's time to answer. Target: longest
+  gap <= 3x the median gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import llamacpp
+from common import RESULTS, make_checkpoint
+from common import parser as common_parser
+
+SIDES = ("starcoder", "llama.cpp")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ours(model_dir: Path, port: int) -> subprocess.Popen:
+    from serving import start_server  # same launcher as the serving benchmark
+
+    return start_server(str(model_dir), port, extra=["--max-batch", "2"])
+
+
+def javascript_file() -> Path:
+    candidates = sorted(Path("/usr/lib/node_modules/npm/node_modules").rglob("*.js"), key=lambda p: -p.stat().st_size)
+    for path in candidates:
+        text = path.read_text(errors="replace")
+        if 20_000 < len(text) < 200_000 and text.count("\n") > 400:
+            return path
+    raise RuntimeError("no JavaScript file of a useful size under /usr/lib/node_modules/npm")
+
+
+def keystroke_prompts(tokenizer, path: Path, keystrokes: int) -> list[list[int]]:
+    """FIM prompts (token ids) for typing one line of `path`: ~1,200 prefix tokens ending in the line typed so
+    far, ~200 suffix tokens after it. The prefix starts at a fixed place, so it only grows at its end."""
+    text = path.read_text(errors="replace")
+    lines = text.splitlines(keepends=True)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    # the first line of some length that has about 1,200 tokens before it
+    first = next(i for i in range(len(lines)) if len(tokenizer.encode(text[: starts[i]])) > 1400)
+    row = next(i for i in range(first, len(lines)) if len(lines[i].strip()) >= keystrokes + 8)
+    line_start, line = starts[row], lines[row].rstrip("\n")
+    prefix_start = next(s for s in starts if len(tokenizer.encode(text[s:line_start])) <= 1200)
+    suffix_ids = tokenizer.encode("\n" + text[starts[row + 1] :])[:200]
+    fim = [tokenizer.token_id(t) for t in ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")]
+    indent = len(line) - len(line.lstrip())
+    return [[fim[0], *tokenizer.encode(text[prefix_start:line_start] + line[: indent + k]), fim[1], *suffix_ids,
+             fim[2]] for k in range(1, keystrokes + 1)]
+
+
+async def keystroke_replay(url: str, prompts: list[list[int]]) -> list[float]:
+    import httpx
+
+    latencies = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        for ids in prompts:
+            start = time.perf_counter()
+            response = await http.post("/completion", json={"prompt": ids, "n_predict": 16, "temperature": 0,
+                                                            "cache_prompt": True, "ignore_eos": True})
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+async def head_of_line(url: str, short: list[int], long: list[int]) -> dict:
+    import httpx
+
+    arrivals: list[float] = []
+    answered: dict[str, float] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        async def long_request() -> None:
+            start = time.perf_counter()
+            response = await http.post("/completion", json={"prompt": long, "n_predict": 8, "temperature": 0,
+                                                            "cache_prompt": True, "ignore_eos": True})
+            response.raise_for_status()
+            answered["seconds"] = time.perf_counter() - start
+
+        sent = None
+        body = {"prompt": short, "n_predict": 200, "temperature": 0, "stream": True, "ignore_eos": True}
+        async with http.stream("POST", "/completion", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                arrivals.append(time.perf_counter())
+                if len(arrivals) == 20:
+                    sent = asyncio.ensure_future(long_request())
+        await sent
+    gaps = [b - a for a, b in zip(arrivals[19:], arrivals[20:], strict=False)]
+    return {"max_gap": max(gaps), "median_gap": statistics.median(gaps), "long_prompt_seconds": answered["seconds"]}
+
+
+def measure(side: str, model_dir: Path, gguf: Path, workloads: dict) -> dict:
+    port = free_port()
+    server = start_ours(model_dir, port) if side == "starcoder" else llamacpp.start_server(gguf, port, context=4096)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(keystroke_replay(url, [workloads["warm"]]))
+        result = {name: asyncio.run(keystroke_replay(url, prompts)) for name, prompts in workloads["files"].items()}
+        result["head_of_line"] = asyncio.run(head_of_line(url, workloads["short"], workloads["long"]))
+        return result
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def main() -> None:
+    parser = common_parser(__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--keystrokes", type=int, default=20)
+    args = parser.parse_args()
+    import textwrap
+
+    from starcoder import load_tokenizer
+
+    model_dir = make_checkpoint(args.preset, args.dtype)
+    gguf = llamacpp.convert(model_dir, RESULTS / f"{args.preset}-{args.dtype}.gguf", "bf16")
+    tokenizer = load_tokenizer(model_dir)
+    files = {"textwrap.py": Path(textwrap.__file__), "javascript": javascript_file()}
+    workloads = {"files": {name: keystroke_prompts(tokenizer, path, args.keystrokes) for name, path in files.items()},
+                 "short": tokenizer.encode(Path(textwrap.__file__).read_text()[:400])[:100],
+                 "long": tokenizer.encode(Path(json.__file__).read_text() * 4)[:2000],
+                 "warm": tokenizer.encode("def f(x):\n    return x\n")}
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for _ in range(args.rounds):
+        for side in SIDES:
+            runs[side].append(measure(side, model_dir, gguf, workloads))
+
+    def best(side: str, name: str) -> list[float]:  # the round with the lowest median
+        return min((r[name] for r in runs[side]), key=statistics.median)
+
+    def pct(values: list[float], q: float) -> float:
+        return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+    print(f"{args.preset}, random, {args.dtype}; {args.keystrokes} keystrokes per file, 16 new tokens each; "
+          f"best of {args.rounds} alternating rounds; {files['javascript']}")
+    print(f"{'keystroke latency (s)':34}{'ours':>10}{'llama.cpp':>11}{'ratio':>8}")
+    summary = {}
+    for name in files:
+        ours, theirs = best("starcoder", name), best("llama.cpp", name)
+        for label, q in (("median", 0.5), ("p95", 0.95)):
+            a, b = pct(ours, q), pct(theirs, q)
+            summary[f"{name} {label}"] = (a, b)
+            print(f"{name + ' ' + label:34}{a:10.3f}{b:11.3f}{a / b:7.2f}x")
+    print(f"{'head-of-line (s)':34}{'ours':>10}{'llama.cpp':>11}")
+    hol = {side: min((r["head_of_line"] for r in runs[side]), key=lambda h: h["max_gap"]) for side in SIDES}
+    for key in ("max_gap", "median_gap", "long_prompt_seconds"):
+        print(f"{key:34}{hol['starcoder'][key]:10.3f}{hol['llama.cpp'][key]:11.3f}")
+    for side in SIDES:
+        print(f"{side}: longest gap / median gap = {hol[side]['max_gap'] / hol[side]['median_gap']:.1f}x")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"editor-{args.preset}.json").write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
