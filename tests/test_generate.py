@@ -404,3 +404,23 @@ def test_ngram_draft_and_back_off():
     length.update(8, 0)
     length.update(4, 0)
     assert length.value == 2
+
+
+def test_a_running_sequence_gets_a_token_every_step_while_a_long_prompt_is_computed(pair):
+    """Automatic chunks: while a sequence decodes, a long prompt is computed a part per step (the running
+    sequence's gap stays about three steps); with nothing decoding, a prompt is computed whole."""
+    from starcoder.generate import Generator
+
+    _, model, tokenizer = pair
+    generator = Generator(model, tokenizer, max_batch=2)
+    generator.submit(tokenizer.encode("import os\n"), SamplingParams(max_new_tokens=60, ignore_eos=True), request=1)
+    generator.step()  # alone: computed whole, then decoding
+    long_prompt = tokenizer.encode(CODE * 2)[:100]
+    generator.submit(long_prompt, SamplingParams(max_new_tokens=4), request=0)
+    steps = 0
+    while generator.pending:
+        events = generator.step()
+        steps += 1
+        assert [e.request for e in events].count(1) == 1  # the running sequence never waits a step out
+    assert 2 <= steps < len(long_prompt)
+    assert generator._chunk() >= 16

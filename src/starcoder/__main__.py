@@ -384,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 512; 0 turns reuse off)")
     p.add_argument("--speculate", default="none", choices=SPECULATE_MODES, help="ngram: prompt-lookup drafts for a "
                    "sequence decoding alone (default none)")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens computed between two decode steps, "
-                   "so that a long prompt never stalls running streams (default 256; 0: whole prompts at once)")
+    p.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens computed between two decode steps, "
+                   "so that a long prompt never stalls running streams (default 0: as many as take about two decode "
+                   "steps' time while others decode, whole prompts when none does)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait for its next token")

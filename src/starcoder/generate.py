@@ -269,6 +269,10 @@ class Sequence:
                           len(self.prompt_ids), self.seed, self.request, self.sample, self.prompt_logprobs)
 
 
+def _average(mean: float | None, value: float, weight: float = 0.2) -> float:
+    return value if mean is None else (1 - weight) * mean + weight * value
+
+
 def all_finite(logits: Tensor) -> Tensor:
     """(..., V) -> (...): whether each row has no nan or inf. A row's sum is not finite exactly when one of its
     values is not (finite logits cannot add up past float range), and summing is 30x cheaper than isfinite."""
@@ -304,7 +308,11 @@ class Generator:
         self.cache = model.new_cache(max_batch, self.max_len)
         self.scratch = model.new_cache(1, self.max_len)  # prompts are computed here, then copied to their slots
         self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20))
-        self.prefill_chunk = prefill_chunk  # prompt tokens computed per step (None: a whole prompt at once)
+        # Prompt tokens computed per step. None: as many as fit in about two decode steps' time while others
+        # decode (their longest gap stays near three ordinary ones), the whole prompt when nothing does.
+        self.prefill_chunk = prefill_chunk
+        self._step_seconds: float | None = None  # moving averages: a decode step, and a prompt token in a chunk
+        self._token_seconds: float | None = None
         self.pending: deque[Prefill] = deque()
         self.active: list[Sequence] = []  # active[i] lives in cache row i
         self.reused_tokens = 0  # prompt tokens taken from the prefix store instead of computed
@@ -348,7 +356,7 @@ class Generator:
     def step(self) -> list[Event]:
         """A chunk of the oldest queued prompt (its samples' first tokens once it is done), then one new token
         for every running sequence."""
-        events = self._prefill(self.prefill_chunk) if self.pending else []
+        events = self._timed_prefill() if self.pending else []
         if not self.active:
             return events
         if self.speculate == "ngram" and len(self.active) == 1:
@@ -357,9 +365,11 @@ class Generator:
             speculated = self._speculative_step(self.active[0])
             if speculated is not None:
                 return events + speculated
+        started = time.perf_counter()
         last = torch.tensor([[seq.generated[-1]] for seq in self.active])  # (n, 1)
         logits = self.model(last, cache=self.cache.rows(0, len(self.active))).logits[:, -1]  # (n, V)
         finite = all_finite(logits).tolist()  # (n,)
+        self._step_seconds = _average(self._step_seconds, time.perf_counter() - started)
         events += [self._advance(seq, logits[i], finite[i]) for i, seq in enumerate(self.active)]
         self._retire_finished()
         return events
@@ -403,6 +413,21 @@ class Generator:
         self._retire_finished()
 
     # ------------------------------------------------------------------ prompts
+    def _chunk(self) -> int | None:
+        if self.prefill_chunk or not self.active:
+            return self.prefill_chunk
+        if self._step_seconds is None or self._token_seconds is None:
+            return 32  # a first, small chunk to learn how long a prompt token takes
+        return max(16, int(2 * self._step_seconds / self._token_seconds))
+
+    def _timed_prefill(self) -> list[Event]:
+        job, chunk = self.pending[0], self._chunk()
+        before, started = job.done, time.perf_counter()
+        events = self._prefill(chunk)
+        if chunk is not None and job.done > before:
+            self._token_seconds = _average(self._token_seconds, (time.perf_counter() - started) / (job.done - before))
+        return events
+
     def _prefill(self, budget: int | None) -> list[Event]:
         """Compute up to `budget` more tokens of the oldest queued prompt; when it is complete, its samples
         take their slots and choose their first tokens. A prompt that fails fails its own request only."""

@@ -75,7 +75,7 @@ class Gate:
 
 def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, timeout: float = 600.0, attribution_index: Path | None = None,
-               max_body_mb: float = 4.0, prefix_cache_mb: float = 512.0, prefill_chunk: int | None = 256,
+               max_body_mb: float = 4.0, prefix_cache_mb: float = 512.0, prefill_chunk: int | None = None,
                speculate: str | None = None) -> FastAPI:
     engine = Engine(sc.model, sc.tokenizer, max_batch=max_batch, max_queue=max_queue,
                     prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk,
