@@ -401,9 +401,15 @@ def test_ngram_draft_and_back_off():
     length = DraftLength(4)
     length.update(4, 4)
     assert length.value == 8
-    length.update(8, 0)
-    length.update(4, 0)
-    assert length.value == 2
+    for drafted in (8, 4, 2):
+        length.update(drafted, 0)
+    assert length.value == 1 and length.next() == 1
+    length.update(1, 0)  # refused even at one token: a rest, longer each time
+    assert [length.next() for _ in range(3)] == [0, 0, 1]
+    length.update(1, 0)
+    assert [length.next() for _ in range(5)] == [0, 0, 0, 0, 1]
+    length.update(1, 1)
+    assert length.value == 2 and length.next() == 2
 
 
 def test_a_running_sequence_gets_a_token_every_step_while_a_long_prompt_is_computed(pair):

@@ -377,8 +377,8 @@ class Generator:
     def _speculative_step(self, seq: Sequence) -> list[Event] | None:
         """Check a prompt-lookup draft in one forward pass and keep it as far as it equals what the sequence
         chooses (sampled or greedy, its own choice decides: the output is plain decoding's). None: no draft."""
-        room = seq.params.max_new_tokens - len(seq.generated) - 1
-        draft = ngram_draft(seq.prompt_ids + seq.generated, min(seq.draft.value, room))
+        k = min(seq.draft.next(), seq.params.max_new_tokens - len(seq.generated) - 1)
+        draft = ngram_draft(seq.prompt_ids + seq.generated, k) if k > 0 else []
         if not draft:
             return None
         start = int(self.cache.lengths[0])

@@ -12,6 +12,7 @@ import numpy as np
 
 MODES = ("none", "ngram")
 MAX_DRAFT = 8
+MAX_PAUSE = 64  # steps
 NGRAMS = (4, 3, 2)  # the longest match wins; single tokens match too often to predict anything
 
 
@@ -34,15 +35,30 @@ def ngram_draft(history: list[int], k: int) -> list[int]:
 
 
 class DraftLength:
-    """How many tokens to draft: doubles after a draft is taken whole, halves after one is refused, so that text
-    with nothing to look up costs next to nothing (llama.cpp measured lookup below 1x when it did not back off)."""
+    """How many tokens to draft: doubles after a draft is taken whole, halves after one is refused, and after
+    single-token drafts keep being refused, none for a while (longer each time), so that text with nothing to
+    look up costs next to nothing (llama.cpp measured its lookup below 1x when it did not back off)."""
 
     def __init__(self, start: int = 4):
         self.value = start
+        self.pause = 0  # steps left without drafting
+        self._refusals = 0  # single-token drafts refused in a row
+
+    def next(self) -> int:
+        """The draft length for this step (0: do not draft now)."""
+        if self.pause:
+            self.pause -= 1
+            return 0
+        return self.value
 
     def update(self, drafted: int, accepted: int) -> None:
         if not drafted:
             return
+        if accepted == 0 and self.value == 1:
+            self._refusals += 1
+            self.pause = min(MAX_PAUSE, 2**self._refusals)
+        elif accepted:
+            self._refusals = 0
         if accepted == drafted:
             self.value = min(MAX_DRAFT, self.value * 2)
         elif accepted == 0:
