@@ -54,6 +54,26 @@ def run_child(script: str, side: str, args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def wait_until_healthy(server: subprocess.Popen, port: int, name: str, limit: float = 300) -> subprocess.Popen:
+    """The server process once GET /health answers 200 (both ours and llama-server have it)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            raise RuntimeError(f"{name} exited: {server.stderr.read()[-2000:]}")
+        time.sleep(0.5)
+    server.terminate()
+    raise RuntimeError(f"{name} did not start within {limit:g} s")
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """The flags every benchmark takes: the checkpoint's shape and dtype, and the child-process plumbing."""
     p = argparse.ArgumentParser(description=description)

@@ -13,10 +13,9 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
-from common import RESULTS
+from common import RESULTS, wait_until_healthy
 
 ROOT = RESULTS / "llamacpp"
 TARGETS = ("llama-server", "llama-bench", "llama-quantize")
@@ -75,24 +74,12 @@ def _run_converter(model_dir: str, out: str, outtype: str) -> None:
 
 def start_server(gguf: Path, port: int, parallel: int = 2, context: int = 4096, threads: int | None = None):
     """llama-server on loopback with prompt caching (its default), `parallel` slots sharing `context` tokens."""
-    import httpx
-
     threads = threads or os.cpu_count() or 2
     server = subprocess.Popen([str(build() / "llama-server"), "-m", str(gguf), "--port", str(port), "--host",
                                "127.0.0.1", "-t", str(threads), "-tb", str(threads), "-c", str(context * parallel),
                                "--parallel", str(parallel), "--no-webui"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            raise RuntimeError(f"llama-server exited: {server.stderr.read()[-2000:]}")
-        time.sleep(0.5)
-    raise RuntimeError("llama-server did not start within 300 s")
+    return wait_until_healthy(server, port, "llama-server")
 
 
 if __name__ == "__main__":

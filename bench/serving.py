@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS, make_checkpoint
+from common import RESULTS, make_checkpoint, wait_until_healthy
 from common import parser as common_parser
 
 PROMPT = ('import json\nimport os\n\n\ndef load_config(path):\n    """Read the JSON settings file at path and return '
@@ -40,18 +40,7 @@ def start_server(model: str, port: int, extra: list[str] = ()) -> subprocess.Pop
     if model != "embedded":
         cmd += ["--model", model]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    import httpx
-
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.5)
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited: {server.stderr.read()[-2000:]}")
-    raise RuntimeError("the server did not start within 300 s")
+    return wait_until_healthy(server, port, "starcoder serve")
 
 
 async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
@@ -164,6 +153,7 @@ async def faults(url: str, pid: int, max_tokens: int) -> dict:
             "answered_4xx": sum(400 <= s < 500 for s in statuses), "good_clients": len(good),
             "good_completed": sum(g is not None for g in good),
             "good_equal_alone": sum(g == a for g, a in zip(good, alone, strict=True)),
+            "good_differing": [[i, a, g] for i, (g, a) in enumerate(zip(good, alone, strict=True)) if g != a],
             "idle_after_streams_s": idle_after_streams, "idle_after_abandon_s": idle_after_abandon,
             "rss_before_mb": rss_before / 2**20, "rss_after_mb": rss_after / 2**20}
 
