@@ -184,6 +184,23 @@ def test_generating_with_the_embedded_model_is_deterministic(tmp_path):
     assert rescored["tasks"] == first["tasks"]
 
 
+def test_infilling_in_the_spm_layout(tmp_path):
+    """--fim-mode spm puts the suffix first: the greedy middle is the model's answer to that prompt."""
+    import starcoder
+    from starcoder.eval.tasks import get_task
+
+    summary = evaluate(EvalConfig(["humaneval-infill-single"], tmp_path / "spm", limit=2, temperature=0,
+                                  max_new_tokens=16, fim_mode="spm", save_generations=True), progress=False)
+    assert summary["tasks"]["humaneval-infill-single"]["samples"] == 2
+    problem = get_task("humaneval-infill-single").problems()[0]
+    first = read_jsonl(tmp_path / "spm" / "humaneval-infill-single" / "samples.jsonl")[0]["completion"]
+    sc = starcoder.load()
+    expected = sc.infill(problem.prompt, problem.suffix, mode="spm", max_new_tokens=16, stop=problem.stop).text
+    assert first == expected
+    with pytest.raises(StarCoderError, match="fim_mode must be one of psm, spm"):
+        EvalConfig(["humaneval"], tmp_path, fim_mode="ps").check()
+
+
 def test_generation_only_then_scoring_through_the_cli(tmp_path, capsys):
     assert main(["evaluate", "--tasks", "humaneval", "--limit", "1", "--max-new-tokens", "8",
                  "--generation-only", "--out", str(tmp_path / "gen")]) == 0

@@ -430,3 +430,18 @@ def test_a_running_sequence_gets_a_token_every_step_while_a_long_prompt_is_compu
         assert [e.request for e in events].count(1) == 1  # the running sequence never waits a step out
     assert 2 <= steps < len(long_prompt)
     assert generator._chunk() >= 16
+
+
+def test_spm_layout_lets_typing_reuse_the_whole_prompt(pair):
+    """With the suffix first and the prefix last, a keystroke only extends the prompt: all of it is reused."""
+    from starcoder.generate import Generator
+
+    _, model, tokenizer = pair
+    fmt = PromptFormat.for_tokenizer(tokenizer)
+    prompts = [tokenizer.encode(fmt.infill(CODE + "    total = "[:i], "\n    return total\n", "spm"))
+               for i in range(4, 12)]
+    generator = Generator(model, tokenizer, max_batch=1)
+    plain = run(Generator(model, tokenizer, max_batch=1, prefix_cache_mb=0), prompts, SamplingParams(max_new_tokens=4))
+    assert run(generator, prompts, SamplingParams(max_new_tokens=4)) == plain
+    computed = sum(map(len, prompts)) - generator.reused_tokens
+    assert computed <= len(prompts[0]) + 3 * (len(prompts) - 1)  # the first prompt, then a few tokens a keystroke

@@ -403,3 +403,17 @@ def test_keystrokes_reuse_the_previous_prompt(client, model_dir):
                                                       "temperature": 0}).json()
         assert answer["choices"][0]["text"] == sc.infill(prefix + typed, "\n", max_new_tokens=8).text
     assert reused() - before >= 3 * len(sc.tokenizer.encode("<fim_prefix>" + prefix)) - 3
+
+
+def test_spm_layout_is_an_option(model_dir):
+    from fastapi.testclient import TestClient
+
+    from starcoder.server.app import create_app
+
+    sc = starcoder.load(model_dir)
+    with TestClient(create_app(sc, "tiny", fim_mode="spm")) as client:
+        answer = client.post("/v1/completions", json={"prompt": "def f(x):\n    return ", "suffix": "\n",
+                                                      "max_tokens": 6, "temperature": 0}).json()
+    assert answer["choices"][0]["text"] == sc.infill("def f(x):\n    return ", "\n", mode="spm", max_new_tokens=6).text
+    assert answer["usage"]["prompt_tokens"] == len(sc.tokenizer.encode(sc.infill_prompt("def f(x):\n    return ",
+                                                                                        "\n", "spm")))

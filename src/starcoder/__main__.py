@@ -150,6 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port, args.dtype, api_key=args.api_key or os.environ.get("STARCODER_API_KEY"),
           max_batch=args.max_batch, max_queue=args.max_queue, timeout=args.timeout, max_body_mb=args.max_body_mb,
           prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk or None, speculate=args.speculate,
+          fim_mode=args.fim_mode,
           attribution_index=Path(args.attribution_index) if args.attribution_index else None)
 
 
@@ -216,7 +217,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         data=data, n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
         generations=Path(args.generations) if args.generations else None, save_generations=args.save_generations,
-        generation_only=args.generation_only, workers=args.workers, dtype=args.dtype)
+        generation_only=args.generation_only, workers=args.workers, dtype=args.dtype, fim_mode=args.fim_mode)
     summary = evaluate(config, progress=True if args.progress else None)
     if args.generation_only:
         print(f"generations written to {config.out}/TASK/samples.jsonl")
@@ -382,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-mb", type=float, default=512.0, help="memory for keys and values of earlier "
                    "prompts, so that a prompt starting as one of them did is computed only from where it differs "
                    "(default 512; 0 turns reuse off)")
+    p.add_argument("--fim-mode", default="psm", choices=["psm", "spm"], help="layout of the infilling prompts the "
+                   "server builds; spm puts the prefix last, so that typing only extends the prompt and every "
+                   "keystroke reuses what came before (default psm, the published layout)")
     p.add_argument("--speculate", default="none", choices=SPECULATE_MODES, help="ngram: prompt-lookup drafts for a "
                    "sequence decoding alone (default none)")
     p.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens computed between two decode steps, "
@@ -449,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", help="score saved generations (a samples file, or a directory written by "
                    "--save-generations) instead of generating")
     p.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
+    p.add_argument("--fim-mode", default="psm", choices=["psm", "spm"], help="infilling prompt layout (default psm, "
+                   "the published one)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("quantize", help="GPTQ-quantize a model to 4 or 8 bits (AutoGPTQ-compatible files)")

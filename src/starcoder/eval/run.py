@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..checkpoint import write_text_atomic
 from ..errors import StarCoderError
+from ..fim import FIM_MODES
 from .execute import LANGUAGES, Limits, Outcome, check_toolchain, run_many
 from .metrics import KS, pass_at_k, pass_at_ks
 from .report import write_reports
@@ -46,6 +47,7 @@ class EvalConfig:
     generation_only: bool = False
     workers: int | None = None
     dtype: str | None = None
+    fim_mode: str = "psm"  # infilling prompt layout: "psm" (the published one) or "spm"
 
     def check(self) -> None:
         if not self.tasks:
@@ -55,7 +57,8 @@ class EvalConfig:
                                    ("limit", self.limit is None or self.limit >= 1, ">= 1"),
                                    ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
                                    ("temperature", self.temperature >= 0, ">= 0"),
-                                   ("top_p", 0 < self.top_p <= 1, "in (0, 1]")]:
+                                   ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                                   ("fim_mode", self.fim_mode in FIM_MODES, f"one of {', '.join(FIM_MODES)}")]:
             if not ok:
                 raise StarCoderError(f"{name} must be {expected}, got {getattr(self, name)}")
         unused = set(self.data) - set(self.tasks)
@@ -114,7 +117,7 @@ def generate_samples(config: EvalConfig, tasks: Sequence[Task], problems: dict[s
     for task in tasks:  # every prompt is checked before the first token is generated
         requests[task.name] = []
         for index, problem in enumerate(problems[task.name]):
-            ids = sc.tokenizer.encode(problem.model_input(sc.format.infill))
+            ids = sc.tokenizer.encode(problem.model_input(lambda p, s: sc.format.infill(p, s, config.fim_mode)))
             room = context - len(ids)
             if room < 1:
                 raise StarCoderError(f"{task.name} {problem.task_id}: the prompt ({len(ids)} tokens) fills the "

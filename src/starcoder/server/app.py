@@ -76,7 +76,7 @@ class Gate:
 def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, timeout: float = 600.0, attribution_index: Path | None = None,
                max_body_mb: float = 4.0, prefix_cache_mb: float = 512.0, prefill_chunk: int | None = None,
-               speculate: str | None = None) -> FastAPI:
+               speculate: str | None = None, fim_mode: str = "psm") -> FastAPI:
     engine = Engine(sc.model, sc.tokenizer, max_batch=max_batch, max_queue=max_queue,
                     prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk,
                     speculate=speculate if speculate is not None else sc.speculate)
@@ -88,7 +88,7 @@ def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_b
 
     app = FastAPI(title="starcoder", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
-    service = Service(sc, engine, model_name, timeout)
+    service = Service(sc, engine, model_name, timeout, fim_mode)
 
     # ------------------------------------------------------------------ errors
     @app.exception_handler(RequestValidationError)
@@ -133,7 +133,7 @@ def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_b
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None, **options) -> None:
     """Load the model and serve it; options are create_app's (api_key, max_batch, max_queue, timeout,
-    attribution_index, max_body_mb, prefix_cache_mb, prefill_chunk, speculate)."""
+    attribution_index, max_body_mb, prefix_cache_mb, prefill_chunk, speculate, fim_mode)."""
     import uvicorn
 
     from ..api import load

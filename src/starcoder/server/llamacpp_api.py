@@ -124,7 +124,7 @@ def add_routes(app: FastAPI, s: Service) -> None:
             prompt = sc.format.repository("", files, "", body.input_prefix, body.input_suffix)
         else:
             extra = "".join(e.text for e in body.input_extra)
-            prompt = sc.infill_prompt(extra + body.input_prefix, body.input_suffix)
+            prompt = s.infill_prompt(extra + body.input_prefix, body.input_suffix)
         return await run(body, await s.encode(prompt + body.prompt), request)
 
 

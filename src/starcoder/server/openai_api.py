@@ -27,7 +27,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def add_routes(app: FastAPI, s: Service) -> None:
-    sc, engine, model_name = s.sc, s.engine, s.model_name
+    engine, model_name = s.engine, s.model_name
 
     def check_common(body: CompletionRequest | ChatCompletionRequest) -> None:
         if body.logit_bias:
@@ -53,7 +53,7 @@ def add_routes(app: FastAPI, s: Service) -> None:
                 raise APIError(400, "suffix needs a single text prompt", "suffix")
             if body.echo:
                 raise APIError(400, "echo cannot be combined with suffix", "echo")
-            prompts = [await s.encode(sc.infill_prompt(body.prompt, body.suffix))]
+            prompts = [await s.encode(s.infill_prompt(body.prompt, body.suffix))]
         else:
             prompts = await s.tokens_of(body.prompt)
         score_prompt = body.echo and body.logprobs is not None

@@ -78,8 +78,12 @@ def error_response(request: Request, e: APIError, headers: dict[str, str] | None
 
 
 class Service:
-    def __init__(self, sc: StarCoder, engine: Engine, model_name: str, timeout: float):
+    def __init__(self, sc: StarCoder, engine: Engine, model_name: str, timeout: float, fim_mode: str = "psm"):
         self.sc, self.engine, self.model_name, self.timeout = sc, engine, model_name, timeout
+        self.fim_mode = fim_mode  # the layout of fill-in-the-middle prompts the server builds
+
+    def infill_prompt(self, prefix: str, suffix: str) -> str:
+        return self.sc.infill_prompt(prefix, suffix, self.fim_mode)
 
     def check_model(self, name: str | None, any_name: bool = False) -> None:
         """The model a request names must be this server's (or an alias); TGI's chat route takes any name."""
