@@ -64,11 +64,8 @@ class KVCache:
         return first
 
     def copy_row(self, source: int, target: int) -> None:
-        """Give row `target` the contents of row `source` (n samples sharing one prefilled prompt)."""
-        n = int(self.lengths[source])
-        self.k[:, target, :, :n] = self.k[:, source, :, :n]
-        self.v[:, target, :, :n] = self.v[:, source, :, :n]
-        self.lengths[target] = n
+        """Give row `target` the contents of row `source` (a finished sequence's hole filled by the last row)."""
+        self.load(target, *self.keys_values(source, int(self.lengths[source])))
 
     def clear(self, row: int) -> None:
         self.lengths[row] = 0  # stale keys past a row's length are never visible

@@ -40,6 +40,8 @@ class Gate:
 
     def __init__(self, app, api_key: str | None, max_body: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body
+        self.too_large = APIError(413, f"the request body is larger than the server's limit of "
+                                       f"{max_body / 2**20:g} MB (--max-body-mb)", kind="request_too_large")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -51,11 +53,9 @@ class Gate:
                 error = APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
                                  kind="authentication_error", code="invalid_api_key")
                 return await error_response(request, error)(scope, receive, send)
-        too_large = APIError(413, f"the request body is larger than the server's limit of "
-                                  f"{self.max_body / 2**20:g} MB (--max-body-mb)", kind="request_too_large")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
-            return await error_response(request, too_large)(scope, receive, send)
+            return await error_response(request, self.too_large)(scope, receive, send)
         received = 0
 
         async def counting_receive():  # a body sent in chunks, without a length, is counted as it comes
@@ -63,7 +63,7 @@ class Gate:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_body:
-                raise StarletteHTTPException(413, too_large.message)
+                raise StarletteHTTPException(413, self.too_large.message)
             return message
 
         try:

@@ -153,7 +153,7 @@ class Service:
                 raise APIError(499, "client closed the request")
             return work.result()
         except TimeoutError:
-            raise APIError(504, f"no token within {self.timeout:g} s", kind="timeout") from None
+            raise self._timed_out() from None
         finally:
             watcher.cancel()
             if not work.done():
@@ -181,7 +181,7 @@ class Service:
                 if item is None:
                     open_jobs -= 1
                 elif isinstance(item, TimeoutError):
-                    raise APIError(504, f"no token within {self.timeout:g} s", kind="timeout")
+                    raise self._timed_out()
                 elif isinstance(item, BaseException):
                     raise item
                 else:
@@ -191,6 +191,9 @@ class Service:
                 task.cancel()
             for job in jobs:
                 self.engine.cancel(job)
+
+    def _timed_out(self) -> APIError:
+        return APIError(504, f"no token within {self.timeout:g} s", kind="timeout")
 
     def sse(self, chunks: AsyncIterator[dict], api: str) -> StreamingResponse:
         """Server-sent events. A stream that fails after it started ends with an error event in its API's shape
