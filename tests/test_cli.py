@@ -96,6 +96,21 @@ def test_complete_streams_the_same_text_as_json(tiny, capsys):
     assert streamed == json.loads(capsys.readouterr().out)["text"] + "\n"
 
 
+@pytest.mark.parametrize("speculation", [["--speculate", "ngram"], ["--draft-model", "EMBEDDED"]])
+def test_speculation_gives_the_same_text(speculation, capsys):
+    """The embedded model drafting for itself accepts every greedy draft; either way the text is plain decoding's."""
+    from starcoder.api import default_model_dir
+
+    speculation = [str(default_model_dir()) if a == "EMBEDDED" else a for a in speculation]
+    args = ["complete", "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):", "--max-new-tokens", "24", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)["text"]
+    assert main([*args, *speculation]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == plain
+    assert main([*args, "--speculate", "ngram", "--draft-model", speculation[-1]]) == 2
+    assert "speculate='draft'" in capsys.readouterr().err
+
+
 def test_infill_from_a_file_with_a_cursor(tiny, tmp_path, capsys):
     source = tmp_path / "a.py"
     source.write_text("def f(x):\n    <|cursor|>\n")

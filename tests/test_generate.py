@@ -369,10 +369,9 @@ def test_a_cancelled_prompt_leaves_what_was_computed(pair):
 
 
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_p=0.95, seed=11)])
-def test_speculation_changes_nothing_but_speed(pair, sampling, monkeypatch):
+def test_speculation_changes_nothing_but_speed(pair, sampling):
     """Drafted tokens are kept only as far as they equal the sequence's own choice, with its own random draws in
     the same order: greedy and seeded sampling give plain decoding's tokens, whatever the drafts."""
-    import starcoder.generate
     from starcoder.generate import Generator
 
     _, model, tokenizer = pair
@@ -380,16 +379,55 @@ def test_speculation_changes_nothing_but_speed(pair, sampling, monkeypatch):
     params = SamplingParams(max_new_tokens=40, **sampling)
     (plain,) = run(Generator(model, tokenizer, max_batch=1), [ids], params)
 
-    def drafts(history, k):  # right for two tokens, then wrong: both the taking and the refusing are exercised
-        ahead = plain[len(history) - len(ids) : len(history) - len(ids) + k]
-        return ahead[:2] + [(t + 1) % 49152 for t in ahead[2:]]
+    class HalfRight:  # right for two tokens, then wrong: both the taking and the refusing are exercised
+        def draft(self, history, k):
+            ahead = plain[len(history) - len(ids) : len(history) - len(ids) + k]
+            return ahead[:2] + [(t + 1) % 49152 for t in ahead[2:]]
 
-    monkeypatch.setattr(starcoder.generate, "ngram_draft", drafts)
-    speculative = Generator(model, tokenizer, max_batch=1, speculate="ngram")
+    speculative = Generator(model, tokenizer, max_batch=1, speculate=HalfRight())
     assert run(speculative, [ids], params) == [plain]
     assert 0 < speculative.accepted_tokens < speculative.drafted_tokens
     with pytest.raises(StarCoderError, match="unknown speculation"):
         Generator(model, tokenizer, speculate="medusa")
+    with pytest.raises(StarCoderError, match="needs a draft model"):
+        Generator(model, tokenizer, speculate="draft")
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_p=0.95, seed=11)])
+def test_a_draft_model_changes_nothing_but_speed(pair, sampling, tmp_path):
+    """A draft model that agrees (the model itself) and one that does not (other random weights): plain
+    decoding's tokens either way, with requests joining and leaving (drafts only while one sequence decodes),
+    past the sliding window."""
+    from starcoder.generate import Generator
+    from starcoder.speculate import DraftModel
+
+    hf, model, tokenizer = pair
+    family = hf.config.model_type
+    other = FAMILIES[family]()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p))
+    other.save_pretrained(tmp_path)
+    prompts = [tokenizer.encode(CODE * 2), tokenizer.encode("import os\n")]
+    params = SamplingParams(max_new_tokens=40, **sampling)
+    plain = run(Generator(model, tokenizer, max_batch=2), prompts, params)
+    for draft_model, agrees in ((model, True), (load_model(tmp_path), False)):
+        generator = Generator(model, tokenizer, max_batch=2, speculate=DraftModel(draft_model))
+        assert run(generator, prompts, params) == plain
+        together = generate(model, tokenizer, [Request(p, params) for p in prompts],
+                            speculate=DraftModel(draft_model))
+        assert [c[0].token_ids for c in together] == plain
+        if agrees and not sampling:
+            assert generator.accepted_tokens == generator.drafted_tokens > 0
+        else:
+            assert generator.accepted_tokens < generator.drafted_tokens
+
+
+def test_a_draft_model_must_share_the_tokenizer(tmp_path):
+    from starcoder.speculate import DraftModel
+
+    with pytest.raises(StarCoderError, match="draft model's tokenizer differs"):
+        DraftModel(None, Tokenizer.for_family("gpt_bigcode"), Tokenizer.for_family("starcoder2"))
 
 
 def test_ngram_draft_and_back_off():

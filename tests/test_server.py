@@ -417,3 +417,27 @@ def test_spm_layout_is_an_option(model_dir):
     assert answer["choices"][0]["text"] == sc.infill("def f(x):\n    return ", "\n", mode="spm", max_new_tokens=6).text
     assert answer["usage"]["prompt_tokens"] == len(sc.tokenizer.encode(sc.infill_prompt("def f(x):\n    return ",
                                                                                         "\n", "spm")))
+
+
+def test_serve_with_a_draft_model(model_dir, monkeypatch):
+    """`serve --draft-model`: the engine drafts with it, and streams carry plain decoding's text."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from starcoder.server.app import serve
+    from starcoder.speculate import DraftModel
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.setdefault("app", app))
+    serve(model_dir, speculate="draft", draft_model=model_dir)
+    app = served["app"]
+    assert isinstance(app.state.engine.generator.drafter, DraftModel)
+    body = {"model": str(model_dir), "prompt": "def add(a, b):\n", "max_tokens": 16, "temperature": 0}
+    with TestClient(app) as client:
+        answer = client.post("/v1/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        text = answer.json()["choices"][0]["text"]
+        metrics = client.get("/metrics").text
+    assert text == starcoder.load(model_dir).complete("def add(a, b):\n", max_new_tokens=16).text
+    accepted = app.state.engine.generator.accepted_tokens
+    assert accepted > 0 and f"starcoder_draft_tokens_accepted_total {accepted}" in metrics

@@ -56,7 +56,8 @@ def cmd_init(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace):
     from .api import load
 
-    return load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle, speculate=args.speculate)
+    return load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle, speculate=args.speculate,
+                draft_model=args.draft_model)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -150,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port, args.dtype, api_key=args.api_key or os.environ.get("STARCODER_API_KEY"),
           max_batch=args.max_batch, max_queue=args.max_queue, timeout=args.timeout, max_body_mb=args.max_body_mb,
           prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk or None, speculate=args.speculate,
-          fim_mode=args.fim_mode,
+          draft_model=args.draft_model, fim_mode=args.fim_mode,
           attribution_index=Path(args.attribution_index) if args.attribution_index else None)
 
 
@@ -339,8 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="model directory or hub id (org/name); default: the embedded model")
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (auto: as stored)")
     g.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (pickle) checkpoints")
-    g.add_argument("--speculate", default="none", choices=SPECULATE_MODES, help="ngram: draft tokens by prompt "
-                   "lookup, same output, faster where the text repeats its input (default none)")
+    g.add_argument("--speculate", default="none", choices=SPECULATE_MODES, help="draft tokens and check several "
+                   "at once, same output: ngram by prompt lookup (fast where the text repeats its input), draft by "
+                   "--draft-model (default none)")
+    g.add_argument("--draft-model", help="a smaller model with the same tokenizer that drafts tokens "
+                   "(implies --speculate draft)")
     g = generation.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
@@ -386,8 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fim-mode", default="psm", choices=["psm", "spm"], help="layout of the infilling prompts the "
                    "server builds; spm puts the prefix last, so that typing only extends the prompt and every "
                    "keystroke reuses what came before (default psm, the published layout)")
-    p.add_argument("--speculate", default="none", choices=SPECULATE_MODES, help="ngram: prompt-lookup drafts for a "
-                   "sequence decoding alone (default none)")
+    p.add_argument("--speculate", default="none", choices=SPECULATE_MODES, help="drafts checked several at a time "
+                   "while one sequence decodes alone: ngram by prompt lookup, draft by --draft-model (default none)")
+    p.add_argument("--draft-model", help="a smaller model with the same tokenizer that drafts tokens "
+                   "(implies --speculate draft)")
     p.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens computed between two decode steps, "
                    "so that a long prompt never stalls running streams (default 0: as many as take about two decode "
                    "steps' time while others decode, whole prompts when none does)")

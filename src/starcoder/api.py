@@ -14,6 +14,7 @@ from .checkpoint import load_model, resolve_model_dir
 from .errors import StarCoderError
 from .fim import PromptFormat, RepoFile
 from .generate import Completion, Request, SamplingParams, generate, stream
+from .speculate import Drafter, DraftModel, drafter_for
 from .tokenizer import Tokenizer
 
 
@@ -29,8 +30,9 @@ def default_model_dir() -> Path:
 class StarCoder:
     """A model and its tokenizer. Sampling options are SamplingParams' fields, passed as keywords."""
 
-    def __init__(self, model, tokenizer: Tokenizer, speculate: str = "none"):
-        self.model, self.tokenizer, self.speculate = model, tokenizer, speculate
+    def __init__(self, model, tokenizer: Tokenizer, speculate: str | Drafter = "none"):
+        self.model, self.tokenizer = model, tokenizer
+        self.speculate = drafter_for(speculate)  # checked now, shared by every generation (a draft model's cache)
         self.format = PromptFormat.for_tokenizer(tokenizer)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise StarCoderError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -87,14 +89,25 @@ def _with_chat_stops(sampling: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(model: str | os.PathLike | None = None, dtype: str | None = None, device: str = "cpu",
-         allow_pickle: bool = False, pack: bool = True, speculate: str = "none") -> StarCoder:
+         allow_pickle: bool = False, pack: bool = True, speculate: str = "none",
+         draft_model: str | os.PathLike | None = None) -> StarCoder:
     """A model directory or hub id with its tokenizer, for inference; None means the embedded default model.
 
     On the CPU the weights are packed for oneDNN (pack=True), which decodes about 1.5x faster; pass pack=False
-    to get a model that can also be trained or saved (as `.model`). speculate="ngram" drafts tokens by prompt
-    lookup while a single sequence decodes (same output, faster where the text repeats its input).
+    to get a model that can also be trained or saved (as `.model`). While a single sequence decodes, tokens can be
+    drafted and checked several at a time, with the same output: speculate="ngram" by prompt lookup (faster where
+    the text repeats its input), speculate="draft" by `draft_model`, a smaller model with the same tokenizer.
     """
+    if draft_model is not None and speculate in ("none", "draft"):
+        speculate = "draft"
+    elif draft_model is not None:
+        raise StarCoderError(f"a draft model is used with speculate='draft', not {speculate!r}")
     model_dir = default_model_dir() if model is None else resolve_model_dir(model)
-    model = load_model(model_dir, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                       pack=pack and device == "cpu")
-    return StarCoder(model, Tokenizer.from_dir(model_dir), speculate)
+    pack = pack and device == "cpu"
+    model = load_model(model_dir, dtype=dtype, device=device, allow_pickle=allow_pickle, pack=pack)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    if speculate == "draft" and draft_model is not None:
+        draft_dir = resolve_model_dir(draft_model)
+        drafter = load_model(draft_dir, dtype=dtype, device=device, allow_pickle=allow_pickle, pack=pack)
+        speculate = DraftModel(drafter, Tokenizer.from_dir(draft_dir), tokenizer)
+    return StarCoder(model, tokenizer, speculate)

@@ -113,6 +113,13 @@ class KVCache:
         self.lengths[row] = n
 
 
+def common_prefix(a, b) -> int:
+    """How many leading tokens two token sequences share."""
+    m = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:m]) != np.asarray(b[:m]))
+    return int(differ[0]) if len(differ) else m
+
+
 @dataclass
 class Prefix:
     tokens: np.ndarray  # (L,) the prompt tokens whose keys and values these are
@@ -144,11 +151,9 @@ class PrefixStore:
         query = np.asarray(ids, dtype=np.int64)
         best, best_key, best_n = None, None, 0
         for key, entry in self.entries.items():
-            m = min(len(entry.tokens), len(query))
-            if m <= best_n:
+            if min(len(entry.tokens), len(query)) <= best_n:
                 continue
-            differ = np.flatnonzero(entry.tokens[:m] != query[:m])
-            n = int(differ[0]) if len(differ) else m
+            n = common_prefix(entry.tokens, query)
             if n > best_n:
                 best, best_key, best_n = entry, key, n
         if best_key is not None:

@@ -22,7 +22,7 @@ from .cache import PrefixStore
 from .errors import ModelOutputError, StarCoderError
 from .fim import PromptFormat
 from .sequence import MAX_LOGPROBS, Completion, Event, SamplingParams, Sequence, TokenInfo, all_finite
-from .speculate import MODES, ngram_draft
+from .speculate import Drafter, drafter_for
 from .tokenizer import Tokenizer
 
 __all__ = ["MAX_LOGPROBS", "Completion", "Event", "Generator", "Request", "SamplingParams", "Sequence",
@@ -51,9 +51,8 @@ class Generator:
     queued prompt and then one token for every running sequence; add() is submit() plus the whole prefill."""
 
     def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None,
-                 prefix_cache_mb: float = 256.0, prefill_chunk: int | None = None, speculate: str = "none"):
-        if speculate not in MODES:
-            raise StarCoderError(f"unknown speculation {speculate!r}; choose one of {', '.join(MODES)}")
+                 prefix_cache_mb: float = 256.0, prefill_chunk: int | None = None,
+                 speculate: str | Drafter | None = "none"):
         self.model, self.tokenizer = model, tokenizer
         self.format = PromptFormat.for_tokenizer(tokenizer)
         self.stop_ids = {tokenizer.token_id(t) for t in self.format.stop_tokens}
@@ -70,7 +69,8 @@ class Generator:
         self.pending: deque[Prefill] = deque()
         self.active: list[Sequence] = []  # active[i] lives in cache row i
         self.reused_tokens = 0  # prompt tokens taken from the prefix store instead of computed
-        self.speculate = speculate  # "ngram": prompt lookup while one sequence decodes alone (see speculate.py)
+        # Drafts (prompt lookup or a draft model, see speculate.py) are checked while one sequence decodes alone.
+        self.drafter = drafter_for(speculate)
         self.drafted_tokens = self.accepted_tokens = 0
 
     @property
@@ -113,7 +113,7 @@ class Generator:
         events = self._timed_prefill() if self.pending else []
         if not self.active:
             return events
-        if self.speculate == "ngram" and len(self.active) == 1:
+        if self.drafter is not None and len(self.active) == 1:
             # Alone, a sequence's step is bound by reading the weights, and checking a few drafted tokens costs
             # about the same. With company the batch already uses that read, and drafting would only add work.
             speculated = self._speculative_step(self.active[0])
@@ -129,10 +129,10 @@ class Generator:
         return events
 
     def _speculative_step(self, seq: Sequence) -> list[Event] | None:
-        """Check a prompt-lookup draft in one forward pass and keep it as far as it equals what the sequence
-        chooses (sampled or greedy, its own choice decides: the output is plain decoding's). None: no draft."""
+        """Check a draft in one forward pass and keep it as far as it equals what the sequence chooses (sampled
+        or greedy, its own choice decides: the output is plain decoding's). None: no draft this step."""
         k = min(seq.draft.next(), seq.params.max_new_tokens - len(seq.generated) - 1)
-        draft = ngram_draft(seq.prompt_ids + seq.generated, k) if k > 0 else []
+        draft = self.drafter.draft(seq.prompt_ids + seq.generated, k) if k > 0 else []
         if not draft:
             return None
         start = int(self.cache.lengths[0])
@@ -262,7 +262,7 @@ class Request:
 
 
 def stream(model, tokenizer: Tokenizer, requests: Seq[Request], max_batch: int = 8,
-           speculate: str = "none") -> Iterator[Event]:
+           speculate: str | Drafter | None = "none") -> Iterator[Event]:
     """Run requests through one Generator, admitting each as soon as it has slots for all its samples."""
     if not requests:
         return
@@ -287,7 +287,7 @@ def _raising(events: list[Event]) -> Iterator[Event]:
 
 
 def generate(model, tokenizer: Tokenizer, requests: Seq[Request], max_batch: int = 8,
-             speculate: str = "none") -> list[list[Completion]]:
+             speculate: str | Drafter | None = "none") -> list[list[Completion]]:
     """Every request's n completions, in order."""
     results: list[list[Completion | None]] = [[None] * r.n for r in requests]
     for event in stream(model, tokenizer, requests, max_batch, speculate):

@@ -1,16 +1,27 @@
-"""Prompt lookup: draft the next tokens from an earlier place where the last few tokens already occurred.
+"""Speculative decoding's drafters: guesses of the next few tokens that the generator checks in one forward pass
+(on a CPU a pass over a few tokens costs about what a pass over one does: both read every weight once).
 
-Code edits and refactors repeat their input, so the tokens that followed the latest earlier occurrence of the
-text's last n-gram are often the next ones. The generator checks a draft in one forward pass (on a CPU a pass over
-a few tokens costs about what a pass over one does: both read every weight once) and keeps the drafted tokens as
-far as they equal what it would have chosen, so the output is exactly plain decoding's, greedy or sampled.
+- Prompt lookup ("ngram"): code edits and refactors repeat their input, so the tokens that followed the latest
+  earlier occurrence of the text's last n-gram are often the next ones. Costs next to nothing.
+- A draft model ("draft"): a smaller model with the same tokenizer guesses greedily, with its own KV cache.
+
+The generator keeps drafted tokens as far as they equal what the sequence chooses itself. For sampling this is the
+standard rejection rule (accept x with probability min(1, p(x)/q(x)), else sample from max(0, p - q)) for a draft
+that puts all its probability on one token: accepting with probability p(x) and otherwise drawing from p without
+x is the same as drawing from p and comparing. So the output is exactly plain decoding's, greedy or sampled.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Protocol
 
-MODES = ("none", "ngram")
+import numpy as np
+import torch
+
+from .cache import common_prefix
+from .errors import StarCoderError
+
+MODES = ("none", "ngram", "draft")
 MAX_DRAFT = 8
 MAX_PAUSE = 64  # steps
 NGRAMS = (4, 3, 2)  # the longest match wins; single tokens match too often to predict anything
@@ -63,3 +74,70 @@ class DraftLength:
             self.value = min(MAX_DRAFT, self.value * 2)
         elif accepted == 0:
             self.value = max(1, self.value // 2)
+
+
+class Drafter(Protocol):
+    def draft(self, history: list[int], k: int) -> list[int]:
+        """Up to k guesses of the tokens that follow history (prompt and generated tokens); [] for none."""
+
+
+class PromptLookup:
+    def draft(self, history: list[int], k: int) -> list[int]:
+        return ngram_draft(history, k)
+
+
+class DraftModel:
+    """A small model guessing greedily for a large one. Its KV cache holds the last history it drafted from, so
+    each draft computes only the tokens the large model accepted since (and the one it chose), then k steps."""
+
+    def __init__(self, model, tokenizer=None, target_tokenizer=None):
+        vocab = [t.backend.get_vocab(with_added_tokens=True) for t in (tokenizer, target_tokenizer) if t is not None]
+        if len(vocab) == 2 and vocab[0] != vocab[1]:
+            raise StarCoderError("the draft model's tokenizer differs from the model's: a draft model must "
+                                 "share its tokenizer (e.g. a smaller model of the same family)")
+        self.model = model
+        self.cache = None
+        self.tokens: list[int] = []  # what the cache holds keys and values of
+
+    @torch.inference_mode()
+    def draft(self, history: list[int], k: int) -> list[int]:
+        if k <= 0 or len(history) + k > self.model.config.max_positions:
+            return []
+        self._reserve(len(history) + k)
+        same = common_prefix(self.tokens, history)
+        keep = min(same, len(history) - 1)  # at least one token is fed: its logits give the first guess
+        self.cache.lengths[0] = keep
+        ids = torch.tensor([history[keep:]])
+        guesses: list[int] = []
+        while True:
+            logits = self.model(ids, cache=self.cache, logits_to_keep=1).logits[0, -1]
+            guesses.append(int(logits.argmax()))
+            if len(guesses) == k:
+                break
+            ids = torch.tensor([guesses[-1:]])
+        self.tokens = history + guesses[:-1]
+        return guesses
+
+    def _reserve(self, n: int) -> None:
+        """A cache for at least n positions, grown by doubling (keeping what it holds)."""
+        if self.cache is not None and self.cache.max_len >= n:
+            return
+        size = min(self.model.config.max_positions, max(1024, 2 * n))
+        grown = self.model.new_cache(1, size)
+        if self.cache is not None and self.tokens:
+            grown.load(0, *self.cache.keys_values(0, len(self.tokens)))
+        self.cache = grown
+
+
+def drafter_for(speculate: str | Drafter | None) -> Drafter | None:
+    """The drafter a speculation setting means: None for "none", prompt lookup for "ngram", a Drafter as is."""
+    if speculate is None or speculate == "none":
+        return None
+    if speculate == "ngram":
+        return PromptLookup()
+    if speculate == "draft":
+        raise StarCoderError("speculate='draft' needs a draft model (--draft-model DIR): a smaller model with the "
+                             "same tokenizer")
+    if isinstance(speculate, str):
+        raise StarCoderError(f"unknown speculation {speculate!r}; choose one of {', '.join(MODES)}")
+    return speculate

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..api import StarCoder
 from ..errors import StarCoderError
 from ..memory import return_freed_memory
+from ..speculate import Drafter
 from . import attribution_api, llamacpp_api, openai_api, tgi_api
 from .engine import Engine
 from .service import APIError, Service, api_of, as_api_error, error_response
@@ -76,7 +77,7 @@ class Gate:
 def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, timeout: float = 600.0, attribution_index: Path | None = None,
                max_body_mb: float = 4.0, prefix_cache_mb: float = 512.0, prefill_chunk: int | None = None,
-               speculate: str | None = None, fim_mode: str = "psm") -> FastAPI:
+               speculate: str | Drafter | None = None, fim_mode: str = "psm") -> FastAPI:
     engine = Engine(sc.model, sc.tokenizer, max_batch=max_batch, max_queue=max_queue,
                     prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk,
                     speculate=speculate if speculate is not None else sc.speculate)
@@ -133,12 +134,14 @@ def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_b
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None, **options) -> None:
     """Load the model and serve it; options are create_app's (api_key, max_batch, max_queue, timeout,
-    attribution_index, max_body_mb, prefix_cache_mb, prefill_chunk, speculate, fim_mode)."""
+    attribution_index, max_body_mb, prefix_cache_mb, prefill_chunk, fim_mode) and load's (speculate,
+    draft_model)."""
     import uvicorn
 
     from ..api import load
 
-    sc = load(model, dtype=dtype)
+    sc = load(model, dtype=dtype, speculate=options.pop("speculate", None) or "none",
+              draft_model=options.pop("draft_model", None))
     name = str(model) if model is not None else "starcoder-embedded"
     uvicorn.run(create_app(sc, name, **options), host=host, port=port, log_level="info")
 

@@ -72,7 +72,7 @@ class Stats:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
-                 prefix_cache_mb: float = 512.0, prefill_chunk: int | None = None, speculate: str = "none"):
+                 prefix_cache_mb: float = 512.0, prefill_chunk: int | None = None, speculate="none"):
         self.generator = Generator(model, tokenizer, max_batch=max_batch, max_len=max_len,
                                    prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk, speculate=speculate)
         self.max_queue = max_queue
