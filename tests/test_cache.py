@@ -10,13 +10,14 @@ from conftest import HF_MODELS, ours_from_hf, random_ids
 from starcoder import StarCoderError
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-gqa", "starcoder2-window"])
 @torch.no_grad()
-def test_rows_of_different_lengths_decode_together(name, tmp_path):
+def test_rows_of_different_lengths_decode_together(name, paged, tmp_path):
     model = ours_from_hf(HF_MODELS[name](), tmp_path)
     prompts = [random_ids(1, 5, seed=1), random_ids(1, 11, seed=2), random_ids(1, 2, seed=3)]
     continuation = random_ids(3, 12, seed=4)  # 11 + 12 tokens runs past the window of 8
-    cache = model.new_cache(batch_size=3, max_len=24)
+    cache = model.new_cache(batch_size=3, max_len=24, paged=paged)
     for row, prompt in enumerate(prompts):
         model(prompt, cache=cache.rows(row))  # each prompt prefilled alone into its slot
     assert cache.lengths.tolist() == [5, 11, 2]
@@ -27,20 +28,52 @@ def test_rows_of_different_lengths_decode_together(name, tmp_path):
         assert_close(together[row : row + 1], alone)
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @torch.no_grad()
-def test_copied_row_continues_like_the_original(tmp_path):
+def test_a_moved_row_continues_like_the_original(paged, tmp_path):
     model = ours_from_hf(HF_MODELS["starcoder2-window"](), tmp_path)
-    prompt = random_ids(1, 10)
-    cache = model.new_cache(batch_size=3, max_len=20)
+    prompt, other = random_ids(1, 10), random_ids(1, 3, seed=7)
+    cache = model.new_cache(batch_size=3, max_len=20, paged=paged)
     model(prompt, cache=cache.rows(0))
-    cache.copy_row(0, 2)
-    cache.clear(1)
-    assert cache.lengths.tolist() == [10, 0, 10]
+    model(prompt, cache=cache.rows(2))
+    model(other, cache=cache.rows(1))
     token = random_ids(3, 1, seed=5)
-    token[2] = token[0]
-    model(token[1:2], cache=cache.rows(1))  # row 1 gets an unrelated one-token prompt
-    out = model(token, cache=cache).logits
-    assert_close(out[2], out[0])
+    expected = model(token[:1], cache=cache.rows(0)).logits
+    cache.move_row(2, 0)  # row 2's copy of the prompt takes the place of row 0 (which went on)
+    assert cache.lengths.tolist() == [10, 3, 0]
+    out = model(token[:2], cache=cache.rows(0, 2)).logits
+    assert_close(out[:1], expected)
+    assert_close(out[1:], model(torch.cat([other, token[1:2]], 1)).logits[:, -1:])
+
+
+@pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-window"])
+@torch.no_grad()
+def test_a_paged_row_holds_its_tokens_and_a_windowed_one_only_the_window(name, tmp_path, monkeypatch):
+    """Blocks follow the tokens a row holds; under a sliding window a row generating three windows' worth keeps
+    about one window of blocks, and its logits stay those of the whole sequence computed at once."""
+    import starcoder.cache
+
+    monkeypatch.setattr(starcoder.cache, "BLOCK", 4)
+    model = ours_from_hf(HF_MODELS[name](), tmp_path)
+    window = model.config.sliding_window
+    ids = random_ids(1, 60, seed=3)
+    full = model(ids).logits
+    cache = model.new_cache(batch_size=2, max_len=64, paged=True)
+    model(ids[:, :5], cache=cache.rows(1))  # a short neighbour
+    prompt = model(ids[:, :6], cache=cache.rows(0)).logits
+    held = []
+    steps = []
+    for t in range(6, 60):
+        steps.append(model(ids[:, t : t + 1], cache=cache.rows(0)).logits)
+        held.append(len(cache.state[0].blocks))
+    assert_close(torch.cat([prompt, *steps], 1), full)
+    block_bytes = cache.nbytes // sum(len(s.blocks) for s in cache.state)
+    if window:
+        assert 3 * window <= 60 and max(held) <= window // 4 + 2  # about the window, however long the row runs
+    else:
+        assert held[-1] == 15 and cache.nbytes == (15 + 2) * block_bytes  # 60 and 5 tokens in blocks of 4
+    cache.clear(0)
+    assert cache.nbytes == 2 * block_bytes
 
 
 def test_cache_overflow_is_a_clear_error(tmp_path):

@@ -78,6 +78,31 @@ def test_greedy_past_the_sliding_window(pair):
     assert our_greedy(ours, tok, ids, 60) == hf_greedy(hf, tok, ids, 60)  # 70 positions, window 16
 
 
+def test_a_windowed_model_holds_about_the_window_for_a_three_window_generation(pair, monkeypatch):
+    """The generator's paged slots give back what falls out of the sliding window (blocks of 4 here): the KV
+    memory of a 70-position greedy run stays near the window of 16, and its tokens stay transformers'."""
+    import starcoder.cache
+    from starcoder.generate import Generator
+
+    hf, ours, tok = pair
+    window = ours.config.sliding_window
+    if window is None:
+        pytest.skip("no sliding window in this family")
+    monkeypatch.setattr(starcoder.cache, "BLOCK", 4)
+    ids = tok.encode(CODE)[:10]
+    generator = Generator(ours, tok, max_batch=2, prefix_cache_mb=0)
+    events = generator.add(ids, SamplingParams(max_new_tokens=60))
+    config, item = ours.config, generator.cache.pool.k.element_size()
+    position_bytes = 2 * config.n_layer * config.n_kv_head * config.head_dim * item  # keys and values
+    held = []
+    while generator.active:
+        events += generator.step()
+        held.append(generator.cache.nbytes // position_bytes)
+    assert max(held) <= window + 2 * 4 < 70  # the window and at most a block on either side
+    tokens = next(e.completion.token_ids for e in events if e.completion is not None)
+    assert tokens == hf_greedy(hf, tok, [ids], 60)[0]
+
+
 def test_batch_equals_each_prompt_alone(pair):
     _, ours, tok = pair
     prompts = [tok.encode(CODE), tok.encode("x = 1"), tok.encode("# a comment\n")]

@@ -1,9 +1,12 @@
-"""The KV cache: keys and values of every layer, preallocated, storing only the KV heads.
+"""KV caches: keys and values of every layer, storing only the KV heads; and the store of earlier prompts' ones.
 
-Each row of the cache is a slot with its own length. A batch whose rows are all at the same length reads and
-writes plain slices (a prompt being prefilled, a batch decoding in step); rows at different lengths (sequences
-of different prompt lengths decoding together) write their one new token each at its own position. So prompts
-need no padding: each is prefilled alone into its slot, then all slots decode together.
+Each row of a cache is a slot with its own length, so prompts need no padding: each is prefilled alone, then all
+slots decode together, each writing its new tokens at its own position.
+
+- KVCache is one preallocated block per row: plain slices, the layout for computing a prompt (and for tests).
+- PagedKVCache holds each row in blocks of BLOCK positions from a shared pool that grows as rows do, so memory
+  follows the tokens actually held, not max_batch x max_len; under a sliding window a row gives back the blocks
+  that fell out of the window, so it holds about the window however long it runs (exact past it).
 """
 
 from __future__ import annotations
@@ -63,9 +66,15 @@ class KVCache:
             raise StarCoderError(f"cache rows have different lengths: {self.lengths.tolist()}")
         return first
 
-    def copy_row(self, source: int, target: int) -> None:
-        """Give row `target` the contents of row `source` (a finished sequence's hole filled by the last row)."""
+    def move_row(self, source: int, target: int) -> None:
+        """Give row `target` the contents of row `source`, which is left empty (a finished sequence's hole
+        filled by the last row)."""
         self.load(target, *self.keys_values(source, int(self.lengths[source])))
+        self.clear(source)
+
+    def key_positions(self) -> Tensor | None:
+        """Keys are stored at their positions: the attention pattern follows from the lengths alone."""
+        return None
 
     def clear(self, row: int) -> None:
         self.lengths[row] = 0  # stale keys past a row's length are never visible
@@ -111,6 +120,142 @@ class KVCache:
         self.k[:, row, :, :n] = k
         self.v[:, row, :, :n] = v
         self.lengths[row] = n
+
+
+BLOCK = 64  # positions per block of a paged cache
+
+
+class _Pool:
+    """The blocks every row of a paged cache (and its row views) draws from: (n_layer, n_blocks, BLOCK, n_kv, hd)
+    keys and values, grown by doubling when they run out. Block 0 is never handed out: it pads short rows."""
+
+    def __init__(self, config: Config, blocks: int, dtype: torch.dtype, device):
+        shape = (config.n_layer, max(2, blocks), BLOCK, config.n_kv_head, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.free = list(range(shape[1] - 1, 0, -1))
+
+    def take(self) -> int:
+        if not self.free:
+            n = self.k.shape[1]
+            self.k, self.v = (torch.cat([t, torch.zeros_like(t)], dim=1) for t in (self.k, self.v))
+            self.free = list(range(2 * n - 1, n - 1, -1))
+        return self.free.pop()
+
+
+@dataclass
+class _Row:
+    blocks: list[int]  # pool blocks holding this row's positions, in order
+    first: int = 0  # the row's position index // BLOCK that blocks[0] holds (> 0 once a window dropped blocks)
+
+
+class PagedKVCache:
+    """Rows of keys and values held in blocks of a shared pool; see the module's docstring.
+
+    Before each forward pass start_positions() makes room for the new tokens and lays out where each row's keys
+    are: update() then writes a layer's new keys into their blocks and returns every row's blocks gathered as
+    (B, n_kv, S, hd), with key_positions() telling the attention which position each gathered key has.
+    """
+
+    def __init__(self, config: Config, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
+        self.pool = _Pool(config, batch_size * 4, dtype, device)
+        self.max_len = max_len
+        self.window = config.sliding_window if config.sliding_window and config.sliding_window < max_len else None
+        self.state = [_Row([]) for _ in range(batch_size)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+        self._layout: tuple[Tensor, Tensor, Tensor] | None = None  # written slots, gathered blocks, key positions
+
+    def rows(self, start: int, stop: int | None = None) -> PagedKVCache:
+        """Rows [start, stop) as a cache of their own, sharing this one's pool and rows."""
+        stop = start + 1 if stop is None else stop
+        view = PagedKVCache.__new__(PagedKVCache)
+        view.pool, view.max_len, view.window = self.pool, self.max_len, self.window
+        view.state, view.lengths, view._layout = self.state[start:stop], self.lengths[start:stop], None
+        return view
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.state)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks the rows hold (the pool may keep more, free, for rows to grow into)."""
+        per_block = self.pool.k[:, 0].nbytes + self.pool.v[:, 0].nbytes
+        return per_block * sum(len(row.blocks) for row in self.state)
+
+    def clear(self, row: int) -> None:
+        self.pool.free += self.state[row].blocks
+        self.state[row] = _Row([])
+        self.lengths[row] = 0
+
+    def move_row(self, source: int, target: int) -> None:
+        """Row `target` takes row `source`'s blocks (no copy); `source` is left empty."""
+        self.clear(target)
+        self.state[target], self.state[source] = self.state[source], _Row([])
+        self.lengths[target], self.lengths[source] = self.lengths[source].clone(), 0
+
+    def load(self, row: int, k: Tensor, v: Tensor) -> None:
+        """Make a row hold exactly these keys and values, (n_layer, n_kv, n, hd) (a computed prompt); under a
+        sliding window only the blocks the next token can still see."""
+        self.clear(row)
+        n = k.shape[2]
+        first = max(0, n - self.window) // BLOCK if self.window else 0
+        state = self.state[row] = _Row([], first)
+        for b in range(first, -(-n // BLOCK)):
+            block = self.pool.take()
+            state.blocks.append(block)
+            piece = slice(b * BLOCK, min(n, (b + 1) * BLOCK))
+            width = piece.stop - piece.start
+            self.pool.k[:, block, :width] = k[:, :, piece].transpose(1, 2)
+            self.pool.v[:, block, :width] = v[:, :, piece].transpose(1, 2)
+        self.lengths[row] = n
+
+    def start_positions(self, T: int) -> int | Tensor:
+        """Room for T new tokens in every row (blocks taken, blocks out of the window given back), and where
+        they go: one int when all rows are at the same length, else each row's (B,) length."""
+        lengths = self.lengths
+        longest = int(lengths.max())
+        if longest + T > self.max_len:
+            raise StarCoderError(f"the KV cache holds {self.max_len} positions; {longest} used, {T} more asked")
+        slots = []
+        for state, n in zip(self.state, lengths.tolist(), strict=True):
+            if self.window:  # every query from now on is at n or later: it sees positions > n - window
+                while (state.first + 1) * BLOCK <= n - self.window + 1 and state.blocks:
+                    self.pool.free.append(state.blocks.pop(0))
+                    state.first += 1
+            while (state.first + len(state.blocks)) * BLOCK < n + T:
+                state.blocks.append(self.pool.take())
+            slots += [state.blocks[p // BLOCK - state.first] * BLOCK + p % BLOCK for p in range(n, n + T)]
+        held = max(len(state.blocks) for state in self.state)
+        table = torch.tensor([s.blocks + [0] * (held - len(s.blocks)) for s in self.state])  # (B, held)
+        offsets = torch.arange(held * BLOCK)
+        firsts = torch.tensor([s.first * BLOCK for s in self.state])[:, None]
+        counts = torch.tensor([len(s.blocks) * BLOCK for s in self.state])[:, None]
+        # Padding keys get a position no query reaches, so the causal rule hides them.
+        positions = torch.where(offsets < counts, firsts + offsets, torch.iinfo(torch.long).max)  # (B, S)
+        device = self.pool.k.device
+        self._layout = (torch.tensor(slots, device=device), table.to(device), positions.to(device))
+        first = int(lengths[0])
+        return first if bool((lengths == first).all()) else lengths.to(device)
+
+    def key_positions(self) -> Tensor:
+        """(B, S): the position of each key update() returns."""
+        return self._layout[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor, start) -> tuple[Tensor, Tensor]:
+        """Write new keys/values (B, n_kv, T, hd) into their blocks; every row's keys so far (B, n_kv, S, hd)."""
+        slots, table, _ = self._layout
+        B, KV, T, hd = k.shape
+        out = []
+        for pool, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):
+            pool.view(-1, KV, hd).index_copy_(0, slots, new.transpose(1, 2).reshape(B * T, KV, hd))
+            # One gather; index_select over whole blocks is ~10x faster than pool[table] on the CPU.
+            held = pool.view(pool.shape[0], -1).index_select(0, table.flatten())
+            out.append(held.view(B, -1, KV, hd).transpose(1, 2))  # (B, KV, S, hd)
+        return out[0], out[1]
+
+    def advance(self, T: int) -> None:
+        self.lengths += T
 
 
 def common_prefix(a, b) -> int:

@@ -295,6 +295,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                            max_positions=512),
     "tiny-starcoder2": dict(model_type="starcoder2", n_embd=64, n_layer=2, n_head=4, n_kv_head=2, n_inner=256,
                             max_positions=512, rope_theta=10000.0, sliding_window=128),
+    "tiny_starcoder_py": dict(model_type="gpt_bigcode", n_embd=768, n_layer=20, n_head=12, n_kv_head=1,
+                              n_inner=3072, max_positions=8192),  # bigcode/tiny_starcoder_py, 164M: a draft model
     "starcoderbase-1b": dict(model_type="gpt_bigcode", n_embd=2048, n_layer=24, n_head=16, n_kv_head=1,
                              n_inner=8192, max_positions=8192),
     "starcoderbase-3b": dict(model_type="gpt_bigcode", n_embd=2816, n_layer=36, n_head=22, n_kv_head=1,

@@ -58,7 +58,7 @@ class Generator:
         self.stop_ids = {tokenizer.token_id(t) for t in self.format.stop_tokens}
         context = model.config.max_positions
         self.max_len = min(max_len or context, context)
-        self.cache = model.new_cache(max_batch, self.max_len)
+        self.cache = model.new_cache(max_batch, self.max_len, paged=True)  # the slots of running sequences
         self.scratch = model.new_cache(1, self.max_len)  # prompts are computed here, then copied to their slots
         self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20))
         # Prompt tokens computed per step. None: as many as fit in about two decode steps' time while others
@@ -248,9 +248,10 @@ class Generator:
                 continue
             last = len(self.active) - 1
             if i != last:  # keep the active slots contiguous: the last one moves into the hole
-                self.cache.copy_row(last, i)
+                self.cache.move_row(last, i)
                 self.active[i] = self.active[last]
-            self.cache.clear(last)
+            else:
+                self.cache.clear(last)
             self.active.pop()
 
 

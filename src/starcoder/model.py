@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import KVCache
+from .cache import KVCache, PagedKVCache
 from .config import Config
 from .errors import StarCoderError
 
@@ -116,12 +116,14 @@ ALL_KEYS = "all"  # every query sees every key (one new token, no window cut, no
 
 
 def attention_pattern(
-    attention_mask: Tensor | None, start: int | Tensor, T: int, S: int, window: int | None, device
+    attention_mask: Tensor | None, start: int | Tensor, T: int, S: int, window: int | None, device,
+    key_positions: Tensor | None = None,
 ) -> Tensor | str:
     """Which keys each query may see: causal, optionally windowed, and blind to padded keys.
 
-    `start` is the position of the first new token: one int for the batch, or one per row (B,). A padded query
-    still sees itself, so its (ignored) output stays finite rather than NaN.
+    `start` is the position of the first new token: one int for the batch, or one per row (B,). Key j is at
+    position j, or at key_positions[b, j] (a paged cache's gathered blocks). A padded query still sees itself,
+    so its (ignored) output stays finite rather than NaN.
     """
     if attention_mask is not None and attention_mask.shape[-1] != S:
         raise StarCoderError(
@@ -129,14 +131,15 @@ def attention_pattern(
         )
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
-    if attention_mask is None and isinstance(start, int) and (window is None or window >= S):
+    if attention_mask is None and key_positions is None and isinstance(start, int) and (window is None or window >= S):
         if start == 0:
             return CAUSAL
         if T == 1:
             return ALL_KEYS
     starts = torch.as_tensor(start, device=device).reshape(-1, 1, 1)  # (B or 1, 1, 1)
     q_pos = starts + torch.arange(T, device=device)[None, :, None]  # (B or 1, T, 1)
-    k_pos = torch.arange(S, device=device)[None, None, :]  # (1, 1, S)
+    k_pos = torch.arange(S, device=device) if key_positions is None else key_positions
+    k_pos = k_pos.reshape(-1, 1, S)  # (1 or B, 1, S)
     visible = k_pos <= q_pos  # (B or 1, T, S)
     if window is not None:
         visible = visible & (q_pos - k_pos < window)
@@ -185,7 +188,7 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
 
     def forward(self, x: Tensor, pattern: Tensor | str, rotary: tuple[Tensor, Tensor] | None,
-                cache: KVCache | None, start: int | Tensor, layer: int) -> Tensor:
+                cache: KVCache | PagedKVCache | None, start: int | Tensor, layer: int) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -245,14 +248,17 @@ class Decoder(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedKVCache | None = None,
         output_hidden_states: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         config = self.config
         B, T = input_ids.shape
         # Where the new tokens go: one start for the batch, or one per cache row when rows differ in length.
         start = cache.start_positions(T) if cache is not None else 0
+        key_positions = cache.key_positions() if cache is not None else None
         S = (start if isinstance(start, int) else int(start.max())) + T
+        if key_positions is not None:
+            S = key_positions.shape[-1]
         if position_ids is None:
             if isinstance(start, int):
                 position_ids = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
@@ -268,7 +274,7 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(position_ids)
         else:
             rotary = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype)
-        pattern = attention_pattern(attention_mask, start, T, S, config.sliding_window, x.device)
+        pattern = attention_pattern(attention_mask, start, T, S, config.sliding_window, x.device, key_positions)
 
         hidden = [x] if output_hidden_states else None
         for i, block in enumerate(self.layers):
@@ -297,9 +303,11 @@ class CausalLM(nn.Module):
         if self.config.tie_embeddings and not self.lm_head.packed:
             self.lm_head.weight = self.model.embed.weight
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  paged: bool = False) -> KVCache | PagedKVCache:
         weight = self.model.embed.weight
-        return KVCache(self.config, batch_size, max_len, dtype or weight.dtype, weight.device)
+        kind = PagedKVCache if paged else KVCache
+        return kind(self.config, batch_size, max_len, dtype or weight.dtype, weight.device)
 
     def forward(
         self,
@@ -307,7 +315,7 @@ class CausalLM(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         labels: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedKVCache | None = None,
         output_hidden_states: bool = False,
         logits_to_keep: int = 0,
     ) -> ModelOutput:
