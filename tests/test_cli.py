@@ -148,3 +148,12 @@ def test_commands_use_the_embedded_model_by_default(capsys):
     assert json.loads(capsys.readouterr().out)["completion_tokens"] >= 1
     assert main(["info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model_type"] == "starcoder2"
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--cache-reuse=-1", "cache_reuse must be 0 (off) or a number of tokens, not -1"),
+    ("--prefill-chunk=-3", "prefill_chunk must be a positive number of tokens"),
+])
+def test_bad_serving_settings_are_refused_before_listening(flag, message, capsys):
+    assert main(["serve", flag, "--port", "1"]) == 2
+    assert message in capsys.readouterr().err

@@ -508,3 +508,38 @@ def test_spm_layout_lets_typing_reuse_the_whole_prompt(pair):
     assert run(generator, prompts, SamplingParams(max_new_tokens=4)) == plain
     computed = sum(map(len, prompts)) - generator.reused_tokens
     assert computed <= len(prompts[0]) + 3 * (len(prompts) - 1)  # the first prompt, then a few tokens a keystroke
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "starcoder2"])
+def test_cache_reuse_takes_the_text_after_an_edit_at_its_new_positions(family, tmp_path):
+    """Typing into the middle of a prompt: with cache_reuse the kept prompt's tail is taken at its new positions
+    (rotary keys re-rotated) instead of computed. In a one-layer model keys and values depend only on the token
+    and its position, so moving them is exact there: the same greedy tokens as computing the prompt whole. Keys
+    of learned positions (StarCoder) cannot move: only the common prefix is reused."""
+    from starcoder.cache import common_prefix
+    from starcoder.generate import Generator
+
+    if family == "starcoder2":
+        hf = hf_starcoder2(vocab_size=49152, num_hidden_layers=1, sliding_window=16, max_position_embeddings=128,
+                           weight_std=1.0)
+    else:
+        hf = hf_gpt_bigcode(vocab_size=49152, n_layer=1, n_positions=128, weight_std=1.0)
+    hf.save_pretrained(tmp_path)
+    model, tok = load_model(tmp_path), Tokenizer.for_family(family)
+    before, after = tok.encode("def area(r):\n    return "), tok.encode("\n\n\nprint(area(2.0))\n" * 2)
+    first, second = before + tok.encode("3.14") + after, before + tok.encode("3.14159 * r * r") + after
+
+    def greedy(generator, ids):
+        events = generator.add(ids, SamplingParams(max_new_tokens=12, ignore_eos=True))
+        while generator.active:
+            events += generator.step()
+        return next(e.completion.token_ids for e in events if e.completion is not None)
+
+    generator = Generator(model, tok, max_batch=1, cache_reuse=4)
+    greedy(generator, first)
+    reused = generator.reused_tokens
+    tokens = greedy(generator, second)
+    shared = common_prefix(first, second)
+    moved = len(after) - 1 if family == "starcoder2" else 0
+    assert generator.reused_tokens - reused == shared + moved
+    assert tokens == greedy(Generator(model, tok, max_batch=1, prefix_cache_mb=0), second)

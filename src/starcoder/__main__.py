@@ -151,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port, args.dtype, api_key=args.api_key or os.environ.get("STARCODER_API_KEY"),
           max_batch=args.max_batch, max_queue=args.max_queue, timeout=args.timeout, max_body_mb=args.max_body_mb,
           prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk or None, speculate=args.speculate,
-          draft_model=args.draft_model, fim_mode=args.fim_mode,
+          draft_model=args.draft_model, fim_mode=args.fim_mode, cache_reuse=args.cache_reuse,
           attribution_index=Path(args.attribution_index) if args.attribution_index else None)
 
 
@@ -397,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens computed between two decode steps, "
                    "so that a long prompt never stalls running streams (default 0: as many as take about two decode "
                    "steps' time while others decode, whole prompts when none does)")
+    p.add_argument("--cache-reuse", type=int, default=0, metavar="N", help="also reuse the kept prompt's tokens "
+                   "after an edit, at their new positions, when at least N of them match (llama.cpp's --cache-reuse; "
+                   "StarCoder2 only: rotary keys are re-rotated). Approximate: those tokens' keys and values saw the "
+                   "text before the edit (default 0: off, exact)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait for its next token")

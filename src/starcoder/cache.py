@@ -114,12 +114,13 @@ class KVCache:
         """The first n positions of a row: (n_layer, n_kv, n, hd) keys and values (views, not copies)."""
         return self.k[:, row, :, :n], self.v[:, row, :, :n]
 
-    def load(self, row: int, k: Tensor, v: Tensor) -> None:
-        """Make a row hold exactly these keys and values (a prefix kept from an earlier prompt)."""
-        n = k.shape[2]
-        self.k[:, row, :, :n] = k
-        self.v[:, row, :, :n] = v
-        self.lengths[row] = n
+    def load(self, row: int, k: Tensor, v: Tensor, at: int = 0) -> None:
+        """Make a row hold its first `at` positions and then these keys and values (a prefix kept from an earlier
+        prompt, or a later part of it moved to new positions)."""
+        end = at + k.shape[2]
+        self.k[:, row, :, at:end] = k
+        self.v[:, row, :, at:end] = v
+        self.lengths[row] = end
 
 
 BLOCK = 64  # positions per block of a paged cache
@@ -263,6 +264,11 @@ def common_prefix(a, b) -> int:
     m = min(len(a), len(b))
     differ = np.flatnonzero(np.asarray(a[:m]) != np.asarray(b[:m]))
     return int(differ[0]) if len(differ) else m
+
+
+def common_suffix(a, b) -> int:
+    """How many trailing tokens two token sequences share."""
+    return common_prefix(np.asarray(a)[::-1], np.asarray(b)[::-1])
 
 
 @dataclass

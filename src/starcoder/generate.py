@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .cache import PrefixStore
+from .cache import Prefix, PrefixStore, common_suffix
 from .errors import ModelOutputError, StarCoderError
 from .fim import PromptFormat
+from .model import move_keys
 from .sequence import MAX_LOGPROBS, Completion, Event, SamplingParams, Sequence, TokenInfo, all_finite
 from .speculate import Drafter, drafter_for
 from .tokenizer import Tokenizer
@@ -44,6 +45,7 @@ class Prefill:
     done: int = 0  # prompt tokens whose keys and values are in the scratch row
     started: bool = False
     logits: list[Tensor] = field(default_factory=list)  # every position's, when the prompt is scored
+    moved: tuple[int, Tensor, Tensor] | None = None  # keys and values to take at a position instead of computing
 
 
 class Generator:
@@ -52,7 +54,11 @@ class Generator:
 
     def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None,
                  prefix_cache_mb: float = 256.0, prefill_chunk: int | None = None,
-                 speculate: str | Drafter | None = "none"):
+                 speculate: str | Drafter | None = "none", cache_reuse: int = 0):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise StarCoderError(f"prefill_chunk must be a positive number of tokens, not {prefill_chunk}")
+        if cache_reuse < 0:
+            raise StarCoderError(f"cache_reuse must be 0 (off) or a number of tokens, not {cache_reuse}")
         self.model, self.tokenizer = model, tokenizer
         self.format = PromptFormat.for_tokenizer(tokenizer)
         self.stop_ids = {tokenizer.token_id(t) for t in self.format.stop_tokens}
@@ -64,6 +70,9 @@ class Generator:
         # Prompt tokens computed per step. None: as many as fit in about two decode steps' time while others
         # decode (their longest gap stays near three ordinary ones), the whole prompt when nothing does.
         self.prefill_chunk = prefill_chunk
+        # Off (0) or the fewest tokens after an edit worth taking from the kept prompt at their new positions
+        # (llama.cpp's --cache-reuse): approximate, as their keys and values saw the text before the edit.
+        self.cache_reuse = cache_reuse
         self._step_seconds: float | None = None  # moving averages: a decode step, and a prompt token in a chunk
         self._token_seconds: float | None = None
         self.pending: deque[Prefill] = deque()
@@ -176,10 +185,11 @@ class Generator:
 
     def _timed_prefill(self) -> list[Event]:
         job, chunk = self.pending[0], self._chunk()
-        before, started = job.done, time.perf_counter()
+        before, started = job.done - self.reused_tokens, time.perf_counter()
         events = self._prefill(chunk)
-        if chunk is not None and job.done > before:
-            self._token_seconds = _average(self._token_seconds, (time.perf_counter() - started) / (job.done - before))
+        computed = job.done - self.reused_tokens - before
+        if chunk is not None and computed > 0:
+            self._token_seconds = _average(self._token_seconds, (time.perf_counter() - started) / computed)
         return events
 
     def _prefill(self, budget: int | None) -> list[Event]:
@@ -197,13 +207,23 @@ class Generator:
                     self.scratch.load(0, prefix.k[:, :, :n], prefix.v[:, :, :n])
                     job.done = n
                     self.reused_tokens += n
-            end = len(job.ids) if budget is None else min(len(job.ids), job.done + budget)
-            chunk = torch.tensor([job.ids[job.done : end]])
-            logits = self.model(chunk, cache=self.scratch.rows(0), logits_to_keep=0 if scored else 1).logits[0]
-            job.done = end
-            if scored:
-                job.logits.append(logits)
-            if end < len(job.ids):
+                    job.moved = self._moved_part(prefix, n, job.ids) if self.cache_reuse else None
+            while job.done < len(job.ids) and (budget is None or budget > 0):
+                if job.moved is not None and job.done == job.moved[0]:
+                    _, k, v = job.moved
+                    self.scratch.load(0, k, v, at=job.done)
+                    job.done += k.shape[2]
+                    self.reused_tokens += k.shape[2]
+                    job.moved = None
+                stop = len(job.ids) if job.moved is None else job.moved[0]
+                end = stop if budget is None else min(stop, job.done + budget)
+                chunk = torch.tensor([job.ids[job.done : end]])
+                logits = self.model(chunk, cache=self.scratch.rows(0), logits_to_keep=0 if scored else 1).logits[0]
+                budget = None if budget is None else budget - (end - job.done)
+                job.done = end
+                if scored:
+                    job.logits.append(logits)
+            if job.done < len(job.ids):
                 return []
         except Exception as e:  # noqa: BLE001 - handed to whoever asked for this prompt
             self.pending.popleft()
@@ -226,6 +246,18 @@ class Generator:
         events = [self._advance(seq, last, finite) for seq in sequences]
         self._retire_finished()
         return events
+
+    def _moved_part(self, prefix: Prefix, n: int, ids: list[int]) -> tuple[int, Tensor, Tensor] | None:
+        """After an edit (the first n tokens shared), the kept prompt's tokens that the new prompt ends with,
+        moved to their new positions, when there are at least cache_reuse of them: the text after the cursor
+        when typing into a fill-in-the-middle prompt. The last token is always computed: its logits are needed."""
+        shared = min(common_suffix(prefix.tokens, ids), len(ids) - n, len(prefix.tokens) - n)
+        length = shared - 1
+        at, source = len(ids) - shared, len(prefix.tokens) - shared
+        if length < self.cache_reuse or (at != source and self.model.config.learned_positions):
+            return None
+        part = slice(source, source + length)
+        return at, move_keys(prefix.k[:, :, part], at - source, self.model.config), prefix.v[:, :, part]
 
     def _advance(self, seq: Sequence, logits: Tensor, finite: bool) -> Event:
         """The sequence's next token; a sequence that cannot go on fails alone, the others keep their rows."""

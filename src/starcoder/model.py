@@ -110,6 +110,19 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def move_keys(k: Tensor, delta: int, config: Config) -> Tensor:
+    """Cached keys (n_layer, n_kv, L, hd) as they would be `delta` positions later: a rotary key at position p is
+    R(p) k and R(p + delta) = R(delta) R(p) (llama.cpp's KV shift). Learned positions are added into the hidden
+    state itself, so a StarCoder key cannot move."""
+    if delta == 0:
+        return k
+    if config.learned_positions:
+        raise StarCoderError("keys of a model with learned positions cannot move to other positions")
+    offsets = torch.full((1, k.shape[2]), delta, device=k.device)
+    cos, sin = rotary_cos_sin(offsets, config.head_dim, config.rope_theta, torch.float32)
+    return apply_rotary(k.transpose(1, 2).float(), cos, sin).to(k.dtype).transpose(1, 2)  # n_layer as the batch
+
+
 # What a layer's attention must apply: a boolean mask (B or 1, 1, T, S), or one of two patterns that need none.
 CAUSAL = "causal"  # query t sees keys 0..t: the whole input is new and nothing cuts the view
 ALL_KEYS = "all"  # every query sees every key (one new token, no window cut, no padding)

@@ -77,9 +77,9 @@ class Gate:
 def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, timeout: float = 600.0, attribution_index: Path | None = None,
                max_body_mb: float = 4.0, prefix_cache_mb: float = 512.0, prefill_chunk: int | None = None,
-               speculate: str | Drafter | None = None, fim_mode: str = "psm") -> FastAPI:
+               speculate: str | Drafter | None = None, fim_mode: str = "psm", cache_reuse: int = 0) -> FastAPI:
     engine = Engine(sc.model, sc.tokenizer, max_batch=max_batch, max_queue=max_queue,
-                    prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk,
+                    prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk, cache_reuse=cache_reuse,
                     speculate=speculate if speculate is not None else sc.speculate)
 
     @asynccontextmanager
@@ -134,7 +134,7 @@ def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_b
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None, **options) -> None:
     """Load the model and serve it; options are create_app's (api_key, max_batch, max_queue, timeout,
-    attribution_index, max_body_mb, prefix_cache_mb, prefill_chunk, fim_mode) and load's (speculate,
+    attribution_index, max_body_mb, prefix_cache_mb, prefill_chunk, cache_reuse, fim_mode) and load's (speculate,
     draft_model)."""
     import uvicorn
 

@@ -71,10 +71,11 @@ class Stats:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
-                 prefix_cache_mb: float = 512.0, prefill_chunk: int | None = None, speculate="none"):
-        self.generator = Generator(model, tokenizer, max_batch=max_batch, max_len=max_len,
-                                   prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk, speculate=speculate)
+    def __init__(self, model, tokenizer, max_queue: int = 64, **generator_options):
+        """generator_options are the Generator's (max_batch, max_len, prefix_cache_mb, prefill_chunk, speculate,
+        cache_reuse)."""
+        generator_options.setdefault("prefix_cache_mb", 512.0)
+        self.generator = Generator(model, tokenizer, **generator_options)
         self.max_queue = max_queue
         self.stats = Stats()
         self._commands: queue.Queue = queue.Queue()
