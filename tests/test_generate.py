@@ -543,3 +543,23 @@ def test_cache_reuse_takes_the_text_after_an_edit_at_its_new_positions(family, t
     moved = len(after) - 1 if family == "starcoder2" else 0
     assert generator.reused_tokens - reused == shared + moved
     assert tokens == greedy(Generator(model, tok, max_batch=1, prefix_cache_mb=0), second)
+
+
+def test_a_costly_drafter_drafts_only_while_it_pays():
+    """A draft model's tokens cost time: at a low acceptance it rests (probing one token now and then), at a high
+    one it drafts; a free drafter (prompt lookup) keeps its length whatever the acceptance."""
+    from starcoder.speculate import DraftLength
+
+    length = DraftLength(4)
+    for _ in range(10):
+        length.update(4, 0)
+    lengths = [length.next(cost=0.3) for _ in range(40)]
+    assert lengths.count(0) >= 30 and set(lengths) <= {0, 1}  # resting, with one-token probes
+    length = DraftLength(4)
+    for _ in range(10):
+        length.update(4, 4)
+    assert length.next(cost=0.3) >= 4
+    length = DraftLength(8)
+    for _ in range(5):
+        length.update(8, 3)  # 0.375 kept: a cheap drafter should still draft, a costly one draft little
+    assert length.next(cost=0.0) == length.value and length.next(cost=0.15) < length.value

@@ -81,6 +81,7 @@ class Generator:
         # Drafts (prompt lookup or a draft model, see speculate.py) are checked while one sequence decodes alone.
         self.drafter = drafter_for(speculate)
         self.drafted_tokens = self.accepted_tokens = 0
+        self._draft_cost: float | None = None  # moving average: a drafted token's time, in decode steps
 
     @property
     def free_slots(self) -> int:
@@ -140,13 +141,19 @@ class Generator:
     def _speculative_step(self, seq: Sequence) -> list[Event] | None:
         """Check a draft in one forward pass and keep it as far as it equals what the sequence chooses (sampled
         or greedy, its own choice decides: the output is plain decoding's). None: no draft this step."""
-        k = min(seq.draft.next(), seq.params.max_new_tokens - len(seq.generated) - 1)
+        k = min(seq.draft.next(self._draft_cost or 0.0), seq.params.max_new_tokens - len(seq.generated) - 1)
+        drafting = time.perf_counter()
         draft = self.drafter.draft(seq.prompt_ids + seq.generated, k) if k > 0 else []
         if not draft:
             return None
-        start = int(self.cache.lengths[0])
+        if self._step_seconds:  # what a drafted token costs, in decode steps
+            per_token = (time.perf_counter() - drafting) / len(draft) / self._step_seconds
+            self._draft_cost = _average(self._draft_cost, per_token)
+        start, verifying = int(self.cache.lengths[0]), time.perf_counter()
         ids = torch.tensor([[seq.generated[-1], *draft]])  # (1, 1 + k)
         logits = self.model(ids, cache=self.cache.rows(0)).logits[0]  # (1 + k, V): position i checks draft[i]
+        # Checking a few tokens costs about a decode step: it is one, for what a drafted token costs.
+        self._step_seconds = _average(self._step_seconds, time.perf_counter() - verifying)
         finite = all_finite(logits).tolist()
         events, accepted = [], 0
         for i in range(len(draft) + 1):

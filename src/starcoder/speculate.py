@@ -24,6 +24,7 @@ from .errors import StarCoderError
 MODES = ("none", "ngram", "draft")
 MAX_DRAFT = 8
 MAX_PAUSE = 64  # steps
+FREE_DRAFT = 0.02  # a drafted token costing less than this share of a decode step is free (prompt lookup)
 NGRAMS = (4, 3, 2)  # the longest match wins; single tokens match too often to predict anything
 
 
@@ -48,23 +49,38 @@ def ngram_draft(history: list[int], k: int) -> list[int]:
 class DraftLength:
     """How many tokens to draft: doubles after a draft is taken whole, halves after one is refused, and after
     single-token drafts keep being refused, none for a while (longer each time), so that text with nothing to
-    look up costs next to nothing (llama.cpp measured its lookup below 1x when it did not back off)."""
+    look up costs next to nothing (llama.cpp measured its lookup below 1x when it did not back off).
+
+    A drafter that costs something (a draft model) drafts only as far as it pays: k drafted tokens kept at the
+    measured rate a yield (1 - a^(k+1)) / (1 - a) tokens per verify pass, for 1 + k x cost decode steps' time,
+    against one token per plain step (the rule of Leviathan et al. for the best draft length)."""
 
     def __init__(self, start: int = 4):
         self.value = start
         self.pause = 0  # steps left without drafting
-        self._refusals = 0  # single-token drafts refused in a row
+        self._refusals = 0  # single-token drafts refused in a row, or drafts not worth their cost
+        self.acceptance = 0.5  # moving average of the share of drafted tokens kept
 
-    def next(self) -> int:
-        """The draft length for this step (0: do not draft now)."""
+    def next(self, cost: float = 0.0) -> int:
+        """The draft length for this step (0: do not draft now); cost: drafting one token, in decode steps."""
         if self.pause:
             self.pause -= 1
             return 0
-        return self.value
+        if cost < FREE_DRAFT:
+            return self.value
+        a = min(self.acceptance, 0.99)
+        gains = [(1 - a ** (k + 1)) / (1 - a) / (1 + k * cost) for k in range(1, self.value + 1)]
+        best = max(range(len(gains)), key=gains.__getitem__)
+        if gains[best] > 1:
+            return best + 1
+        self._refusals += 1  # not worth it now: rest, then draft one token to measure again
+        self.pause = min(MAX_PAUSE, 2**self._refusals)
+        return 1
 
     def update(self, drafted: int, accepted: int) -> None:
         if not drafted:
             return
+        self.acceptance = 0.7 * self.acceptance + 0.3 * accepted / drafted
         if accepted == 0 and self.value == 1:
             self._refusals += 1
             self.pause = min(MAX_PAUSE, 2**self._refusals)
