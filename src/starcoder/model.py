@@ -268,10 +268,11 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         # Where the new tokens go: one start for the batch, or one per cache row when rows differ in length.
         start = cache.start_positions(T) if cache is not None else 0
-        key_positions = cache.key_positions() if cache is not None else None
-        S = (start if isinstance(start, int) else int(start.max())) + T
+        key_positions = cache.key_positions() if cache is not None else None  # None: key j is at position j
         if key_positions is not None:
             S = key_positions.shape[-1]
+        else:
+            S = (start if isinstance(start, int) else int(start.max())) + T
         if position_ids is None:
             if isinstance(start, int):
                 position_ids = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
