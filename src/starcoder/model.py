@@ -10,6 +10,7 @@ Everything else (pre-LayerNorm blocks, GELU MLP, tied embeddings) is shared.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,8 +36,16 @@ class ModelOutput:
 _FUSABLE = {"gelu_pytorch_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
 
 
-def _onednn_ready() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+@functools.cache
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear runs this dtype on this CPU: float32 wherever oneDNN is built in; bfloat16 only
+    where the CPU has the instructions (AVX-512 BF16, AVX-NE-CONVERT, AMX). Elsewhere (AVX2-only CPUs) oneDNN
+    refuses bfloat16 outright, so those take F.linear."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Linear(nn.Linear):
@@ -51,7 +60,7 @@ class Linear(nn.Linear):
     memory bandwidth, about 1.5x the plain layout, but it is opaque, so such a layer serves inference only.
     """
 
-    use_onednn = _onednn_ready()
+    use_onednn = True  # where onednn_supports(dtype); tests turn it off to compare with F.linear bit for bit
 
     @property
     def packed(self) -> bool:
@@ -61,8 +70,7 @@ class Linear(nn.Linear):
         if self.packed and torch.is_grad_enabled() and x.requires_grad:
             raise StarCoderError("this model's weights are packed for CPU inference; load it without pack=True "
                                  "to train it")
-        if self.packed or (self.use_onednn and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16)
-                           and self.weight.dtype == x.dtype
+        if self.packed or (self.use_onednn and x.is_cpu and onednn_supports(x.dtype) and self.weight.dtype == x.dtype
                            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             attr, algorithm = _FUSABLE.get(activation, ("none", ""))
             y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
@@ -72,7 +80,7 @@ class Linear(nn.Linear):
 
 
 def can_pack(weight: Tensor) -> bool:
-    return _onednn_ready() and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16) and weight.dim() == 2
+    return onednn_supports(weight.dtype) and weight.is_cpu and weight.dim() == 2
 
 
 def pack_weight(weight: Tensor) -> Tensor:

@@ -19,14 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model import _FUSABLE, _activation
+from ..model import _FUSABLE, _activation, onednn_supports
 from . import native
 from .pack import QuantizedWeight
 
 DECODE_ROWS = 8  # up to this many input rows, the decode kernels; beyond, dequantize and run one matmul
 _NATIVE_ACTIVATIONS = {None: 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # what kernels.cpp applies itself
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernel takes
-BLOCK_N = 64  # the kernel's layout packs 64 output channels at a time: [K, 32] bytes, low nibbles first
 INNER_K_TILES = 2
 
 
@@ -35,17 +34,23 @@ def _kernels_available() -> bool:
 
 
 @functools.cache
-def _layout_understood() -> bool:
-    """Whether this PyTorch packs int4 weights as unpack_int4() reads them (checked once on a probe)."""
+def int4_block() -> int | None:
+    """How many output channels PyTorch's int4 layout packs together on this CPU (64 with AVX-512, 32 with AVX2),
+    found on a probe; None if the layout is none that unpack_int4() reads (then long inputs use PyTorch's kernel
+    too, only slower)."""
     q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
-    return torch.equal(unpack_int4(packed, 128, 64).to(torch.int32), q.view(2, 64, 64).transpose(1, 2))
+    for block in (64, 32):
+        if torch.equal(unpack_int4(packed, 128, 64, block).to(torch.int32), q.view(128 // block, block, 64).mT):
+            return block
+    return None
 
 
-def unpack_int4(packed: Tensor, N: int, K: int) -> Tensor:
-    """The kernel's packed bytes (N, K/2) -> the integers as (N/64, K, 64): block b holds output channels
-    64b .. 64b+63 (byte j of a row = channel j in the low nibble, channel j + 32 in the high one)."""
-    blocks = packed.view(N // BLOCK_N, K, BLOCK_N // 2)
+def unpack_int4(packed: Tensor, N: int, K: int, block: int) -> Tensor:
+    """The kernel's packed bytes (N, K/2) -> the integers as (N/block, K, block): block b holds output channels
+    block*b .. block*b + block-1 (byte j of a row = channel j in the low nibble, channel j + block/2 in the high
+    one)."""
+    blocks = packed.view(N // block, K, block // 2)
     return torch.cat((blocks & 15, blocks >> 4), dim=-1)
 
 
@@ -109,7 +114,7 @@ class QuantLinear(nn.Module):
         sizes = torch.bincount(groups)
         size = K if weight.group_size == -1 else int(sizes[0])
         kernel_group = next((g for g in KERNEL_GROUPS if size % g == 0 and K % g == 0), None)
-        if kernel_group is None or N % BLOCK_N or not bool((sizes == size).all()):
+        if kernel_group is None or N % 64 or not bool((sizes == size).all()):  # 64: the widest layout block
             return
         chunk_group = groups[::kernel_group]  # the GPTQ group of each run of kernel_group input rows
         scales = weight.scales.float()[chunk_group]  # (K / kernel_group, N)
@@ -163,7 +168,7 @@ class QuantLinear(nn.Module):
             y = _matmul(x2, w, self.bias, activation)
             return y.view(*shape[:-1], self.out_features).to(x.dtype)
         if self.mode == "int4":
-            if x2.shape[0] <= DECODE_ROWS or not _layout_understood():
+            if x2.shape[0] <= DECODE_ROWS or int4_block() is None:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.kernel_group,
                                                               self.scales_and_zeros)
             else:
@@ -181,23 +186,22 @@ class QuantLinear(nn.Module):
 
     def _dequantized_matmul(self, x: Tensor) -> Tensor:
         """x (M, K) @ W^T for long inputs on the stock layout: W rebuilt in bfloat16 from the packed bytes, 64
-        channels a block, each block's matmul one slice of a batched matmul."""
-        N, K, g = self.out_features, self.in_features, self.kernel_group
-        q = unpack_int4(self.packed, N, K)  # (N/64, K, 64) uint8
-        sz = self.scales_and_zeros.view(K // g, N // BLOCK_N, BLOCK_N, 2).transpose(0, 1)  # (N/64, K/g, 64, 2)
-        scale, offset = sz[..., 0].unsqueeze(2), sz[..., 1].unsqueeze(2)  # (N/64, K/g, 1, 64)
+        channels a block (32 on AVX2), each block's matmul one slice of a batched matmul."""
+        N, K, g, B = self.out_features, self.in_features, self.kernel_group, int4_block()
+        q = unpack_int4(self.packed, N, K, B)  # (N/B, K, B) uint8
+        sz = self.scales_and_zeros.view(K // g, N // B, B, 2).transpose(0, 1)  # (N/B, K/g, B, 2)
+        scale, offset = sz[..., 0].unsqueeze(2), sz[..., 1].unsqueeze(2)  # (N/B, K/g, 1, B)
         # (q - 8) * scale + offset = q * scale + (offset - 8 * scale)
-        w = torch.empty(N // BLOCK_N, K // g, g, BLOCK_N, dtype=self.dtype)
-        torch.addcmul(offset - 8 * scale, q.view(N // BLOCK_N, K // g, g, BLOCK_N), scale, out=w)
-        y = torch.matmul(x.unsqueeze(0), w.view(N // BLOCK_N, K, BLOCK_N))  # (N/64, M, 64)
+        w = torch.empty(N // B, K // g, g, B, dtype=self.dtype)
+        torch.addcmul(offset - 8 * scale, q.view(N // B, K // g, g, B), scale, out=w)
+        y = torch.matmul(x.unsqueeze(0), w.view(N // B, K, B))  # (N/B, M, B)
         return y.transpose(0, 1).reshape(x.shape[0], N)
 
 
 def _matmul(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     """activation(x (M, K) @ w (N, K)^T + bias) on oneDNN where it can (much faster than MKL's path on AMD
     CPUs), with the bias and a GELU fused into the matmul."""
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available() and (
-            bias is None or bias.dtype == x.dtype):
+    if onednn_supports(x.dtype) and w.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
         attr, algorithm = _FUSABLE.get(activation, ("none", ""))
         y = torch.ops.mkldnn._linear_pointwise(x, w, bias, attr, [], algorithm)
         return y if activation is None or activation in _FUSABLE else _activation(activation)(y)
