@@ -59,6 +59,6 @@ def test_the_embedded_model_is_the_default():
 def test_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    monkeypatch.setattr(starcoder.api, "resources", SimpleNamespace(files=lambda _: tmp_path))
+    monkeypatch.setattr(starcoder.paths, "resources", SimpleNamespace(files=lambda _: tmp_path))
     with pytest.raises(starcoder.StarCoderError, match="no embedded default model"):
         starcoder.load()

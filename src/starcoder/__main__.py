@@ -12,8 +12,8 @@ from .errors import StarCoderError
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .api import default_model_dir
     from .info import format_info, model_info
+    from .paths import default_model_dir
 
     info = model_info(args.model or default_model_dir(), allow_pickle=args.allow_pickle)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
@@ -165,7 +165,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from .api import default_model_dir
+    from .paths import default_model_dir
     from .tokenizer import load_tokenizer
     from .train.data import read_corpus, tokenize_corpus
 
@@ -228,7 +228,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from .api import default_model_dir
+    from .paths import default_model_dir
     from .quantize.gptq import QuantSettings
     from .quantize.run import quantize_model
 
@@ -302,8 +302,8 @@ def cmd_attribute(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .api import default_model_dir
     from .bench import format_measurement, measure
+    from .paths import default_model_dir
 
     m = measure(args.model or default_model_dir(), args.prompt_tokens, args.new_tokens, args.dtype)
     print(json.dumps(m, indent=2) if args.json else format_measurement(m))

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from .chat import STOP as CHAT_STOP
 from .chat import chat_prompt
-from .checkpoint import load_model, resolve_model_dir
+from .checkpoint import load_model
 from .errors import StarCoderError
 from .fim import PromptFormat, RepoFile
 from .generate import Completion, Request, SamplingParams, generate, stream
+from .paths import default_model_dir, resolve_model_dir
 from .speculate import Drafter, DraftModel, drafter_for
 from .tokenizer import Tokenizer
-
-
-def default_model_dir() -> Path:
-    """The model shipped inside the package, used when no model is named."""
-    path = Path(str(resources.files("starcoder") / "assets" / "model"))
-    if not (path / "config.json").is_file():
-        raise StarCoderError("no model given, and this installation has no embedded default model; "
-                             "pass a model directory or hub id (--model)")
-    return path
 
 
 class StarCoder:

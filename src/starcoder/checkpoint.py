@@ -10,8 +10,6 @@ import json
 import logging
 import mmap
 import os
-import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,9 @@ from torch import nn
 from .config import Config
 from .convert import IGNORED_HF_TENSORS, convert_hf_tensor, expected_hf_shapes, ours_to_hf
 from .errors import CheckpointError, StarCoderError
+from .files import atomic, write_text_atomic
 from .model import CausalLM, Linear, build_model, can_pack, is_packed, pack_weight
+from .paths import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,40 +57,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-# ---------------------------------------------------------------------------------------------- finding a model
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_model_dir(path_or_id: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                      revision: str | None = None) -> Path:
-    """A local directory as is; a hub id (org/name) through the Hugging Face cache, downloading when online."""
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise StarCoderError(f"{path} is a file; pass the model directory that holds config.json")
-    name = str(path_or_id)
-    if not _HUB_ID.match(name):
-        raise StarCoderError(f"{name}: no such model directory (nor a hub id of the form org/name)")
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
-    where = cache_dir or constants.HF_HUB_CACHE
-    if constants.HF_HUB_OFFLINE:
-        raise StarCoderError(f"{name} is not a local directory and is not in the Hugging Face cache ({where}); "
-                             "HF_HUB_OFFLINE is set, so it was not downloaded") from None
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
-    try:
-        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
-    except Exception as e:  # network, auth, missing repo: all mean the same thing to the user
-        raise StarCoderError(f"{name} is not a local directory, not in the Hugging Face cache ({where}), "
-                             f"and could not be downloaded: {type(e).__name__}: {e}") from None
 
 
 def weight_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
@@ -390,7 +356,8 @@ def write_tensors(out: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: 
     names = [SAFETENSORS_SINGLE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards, strict=True):
-        write_atomic(out / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        with atomic(out / name) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                  "weight_map": {t: name for name, shard in zip(names, shards, strict=True) for t in shard}}
@@ -412,25 +379,3 @@ def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[
         shards[-1][name] = tensor
         size += tensor.nbytes
     return shards
-
-
-def write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; the result is an ordinary one
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))

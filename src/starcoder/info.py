@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointReader, dtype_name, load_config, resolve_model_dir, weight_files
+from .checkpoint import CheckpointReader, dtype_name, load_config, weight_files
+from .paths import resolve_model_dir
 
 
 def model_info(path_or_id: str | os.PathLike, allow_pickle: bool = False,

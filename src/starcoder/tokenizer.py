@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import StarCoderError
+from .files import write_text_atomic
+from .paths import resolve_model_dir
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -100,8 +102,6 @@ class Tokenizer:
 
     def save(self, model_dir: str | os.PathLike) -> None:
         """tokenizer.json plus the small config files transformers' AutoTokenizer reads."""
-        from .checkpoint import write_text_atomic
-
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(model_dir / "tokenizer.json", self.backend.to_str())
@@ -135,8 +135,6 @@ def _configured_eos(model_dir: Path) -> str | None:
 
 def load_tokenizer(path_or_id: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer of a model directory or hub id (through the Hugging Face cache)."""
-    from .checkpoint import resolve_model_dir
-
     return Tokenizer.from_dir(resolve_model_dir(path_or_id, cache_dir))
 
 

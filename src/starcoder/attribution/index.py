@@ -15,8 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..checkpoint import write_text_atomic
 from ..errors import StarCoderError
+from ..files import write_text_atomic
+from ..paths import default_model_dir
 from . import membership, search
 
 FORMAT = "starcoder-attribution-1"
@@ -26,8 +27,6 @@ SHARD_BYTES = 256 * 1024 * 1024
 
 def embedded_corpus() -> Path:
     """The embedded model's training corpus, as it left the data pipeline (shipped with the model)."""
-    from ..api import default_model_dir
-
     return Path(default_model_dir()) / "corpus.jsonl.xz"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic
 from .dedup import BANDS, NUM_PERM, keys_of
 
 
@@ -47,19 +48,13 @@ class SignatureFiles:
             f.close()
 
 
-def tmp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
 def save_arrays(path: Path, array: np.ndarray | None = None, **arrays: np.ndarray) -> None:
     """np.save / np.savez by rename."""
-    tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
+    with atomic(path) as tmp, open(tmp, "wb") as f:
         if arrays:
             np.savez(f, **arrays)
         else:
             np.save(f, array)
-    tmp.replace(path)
 
 
 class ShardWriter:

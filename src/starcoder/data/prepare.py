@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import write_text_atomic
 from ..errors import StarCoderError
+from ..files import atomic, write_text_atomic
 from . import sources
 from .dedup import (
     NUM_PERM,
@@ -38,7 +38,7 @@ from .dedup import (
     kept_per_cluster,
     signature,
 )
-from .files import ShardWriter, SignatureFiles, save_arrays, tmp_path
+from .files import ShardWriter, SignatureFiles, save_arrays
 from .filters import PERMISSIVE_LICENSES, generated_reason, license_reason, opt_out_reason, quality_reason
 from .report import Report, write_chart
 
@@ -91,6 +91,8 @@ class Pipeline:
         if settings_file.exists():
             if json.loads(settings_file.read_text()) != settings:
                 raise StarCoderError(f"{self.out} holds a run with other settings or inputs; use a new --out")
+            for stale in self.out.rglob("*.tmp"):  # what a killed run was writing
+                stale.unlink()
             return sources.plan_from_json(json.loads(plan_file.read_text()))
         if self.out.exists() and any(self.out.iterdir()):
             raise StarCoderError(f"{self.out} exists and is not empty")
@@ -137,7 +139,7 @@ class Pipeline:
         report, checks = Report(), self._checks()
         digests, stars, sizes, signatures = [], [], [], []
         rows_path = self._filtered(rank, "jsonl")
-        with open(tmp_path(rows_path), "w", encoding="utf-8") as rows:
+        with atomic(rows_path) as rows_tmp, open(rows_tmp, "w", encoding="utf-8") as rows:
             for unit in self.tasks[rank]:
                 for item in sources.read(unit):
                     if isinstance(item, sources.Skipped):
@@ -154,14 +156,11 @@ class Pipeline:
                     sizes.append(size)
                     sig = signature(item.content)
                     signatures.append(np.zeros(NUM_PERM, np.uint32) if sig is None else sig)
-        tmp = tmp_path(self._filtered(rank, "signatures.u32"))
-        with open(tmp, "wb") as f:
-            for sig in signatures:
-                f.write(sig.tobytes())
-        tmp.replace(self._filtered(rank, "signatures.u32"))
-        save_arrays(self._filtered(rank, "meta.npz"), digests=np.array(digests, dtype="S32"),
-              stars=np.array(stars, dtype=np.int64), sizes=np.array(sizes, dtype=np.int64))
-        tmp_path(rows_path).replace(rows_path)
+            with atomic(self._filtered(rank, "signatures.u32")) as tmp, open(tmp, "wb") as f:
+                for sig in signatures:
+                    f.write(sig.tobytes())
+            save_arrays(self._filtered(rank, "meta.npz"), digests=np.array(digests, dtype="S32"),
+                        stars=np.array(stars, dtype=np.int64), sizes=np.array(sizes, dtype=np.int64))
         write_text_atomic(self._filtered(rank, "report.json"), report.to_json())
 
     @staticmethod
@@ -242,7 +241,7 @@ class Pipeline:
         keep = np.load(self.work / "dedup" / f"{rank:05d}.keep.npy")
         report = Report()
         shard = self.shard_path(rank)
-        with ShardWriter(tmp_path(shard), self.config.output_format) as writer, \
+        with atomic(shard) as tmp, ShardWriter(tmp, self.config.output_format) as writer, \
                 open(self._filtered(rank, "jsonl"), encoding="utf-8") as rows:
             for index, line in enumerate(rows):
                 if not keep[index]:
@@ -258,7 +257,6 @@ class Pipeline:
                         new_size = len(text.encode("utf-8", errors="surrogatepass"))
                         report.redact(origin, size, new_size, findings, redacted_lines(text, findings))
                 writer.write(row)
-        tmp_path(shard).replace(shard)
         write_text_atomic(done, report.to_json())
 
     # ---- the run's report ------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..files import pyplot, save_figure
+
 STAGES = ("read", "language", "license", "opt_out", "quality", "generated", "decontaminate", "exact_dedup",
           "near_dedup", "pii")
 EXAMPLES_PER_REASON = 2
@@ -79,11 +81,9 @@ class Report:
 
 def write_chart(summary: dict, path: Path) -> None:
     """Documents and megabytes left after each stage, and what each stage removed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("data")
+    if plt is None:
+        return
     stages = summary["stages"]
     names = list(stages)
     fig, (documents, megabytes) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -102,7 +102,4 @@ def write_chart(summary: dict, path: Path) -> None:
         fig.text(0.99, 0.02, "PII redacted: " + ", ".join(f"{k.lower()} {v:,}" for k, v in redacted.items()),
                  ha="right", va="bottom", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)

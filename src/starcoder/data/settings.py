@@ -3,10 +3,10 @@ PrepareConfig."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import StarCoderError
+from ..files import read_settings
 from .filters import PERMISSIVE_LICENSES
 from .prepare import PrepareConfig
 
@@ -17,24 +17,7 @@ CONFIG_KEYS = {"input": list, "out": str, "languages": list, "licenses": list, "
 
 def read_config_file(path: Path) -> dict:
     """Settings from a TOML, YAML or JSON file, checked against CONFIG_KEYS."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".toml":
-            import tomllib
-
-            raw = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-        else:
-            raw = json.loads(text)
-    except OSError as e:
-        raise StarCoderError(f"{path}: cannot read ({e})") from None
-    except Exception as e:  # the parsers' own error types
-        raise StarCoderError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({e})") from None
-    if not isinstance(raw, dict):
-        raise StarCoderError(f"{path}: expected a mapping of settings")
+    raw = read_settings(path)
     for key, value in raw.items():
         if key not in CONFIG_KEYS:
             raise StarCoderError(f"{path}: unknown setting {key!r} (known: {', '.join(CONFIG_KEYS)})")

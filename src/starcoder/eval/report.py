@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import write_atomic, write_text_atomic
+from ..files import pyplot, save_figure, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,8 @@ def write_reports(out: Path, summary: dict[str, Any]) -> None:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install 'starcoder[eval]'): no chart written")
+    plt = pyplot("eval")
+    if plt is None:
         return
     columns = [c for c in _metrics(summary) if c.startswith("pass@")]
     tasks = list(summary["tasks"])
@@ -65,5 +60,4 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_title(model + settings, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)

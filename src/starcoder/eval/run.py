@@ -18,8 +18,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..checkpoint import write_text_atomic
 from ..errors import StarCoderError
+from ..files import write_text_atomic
 from ..fim import FIM_MODES
 from .execute import LANGUAGES, Limits, Outcome, check_toolchain, run_many
 from .metrics import KS, pass_at_k, pass_at_ks

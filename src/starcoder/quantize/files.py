@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import SAFETENSORS_INDEX, CheckpointReader, write_atomic, write_text_atomic
+from ..checkpoint import SAFETENSORS_INDEX, CheckpointReader
 from ..config import Config
 from ..convert import convert_hf_tensor, join_c_attn, ours_to_hf, split_c_attn
 from ..errors import CheckpointError
+from ..files import atomic, write_text_atomic
 from ..memory import return_freed_memory
 from ..model import build_model
 from . import native
@@ -138,7 +139,8 @@ class QuantizedWriter:
         from safetensors.torch import save_file
 
         tensors = {n: t.contiguous() for n, t in tensors.items()}
-        write_atomic(self.out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        with atomic(self.out / name) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         self.weight_map.update({n: name for n in tensors})
         self.total_bytes += sum(t.nbytes for t in tensors.values())
 

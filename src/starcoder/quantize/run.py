@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointReader, load_config, model_from_reader, resolve_model_dir, weight_files
+from ..checkpoint import CheckpointReader, load_config, model_from_reader, weight_files
 from ..errors import StarCoderError
 from ..model import CAUSAL, rotary_cos_sin
+from ..paths import resolve_model_dir
 from ..tokenizer import Tokenizer
 from .files import LINEARS, QuantizedWriter, read_quant_config
 from .gptq import Hessian, QuantSettings, gptq, rtn

@@ -16,7 +16,6 @@ import hashlib
 import json
 import lzma
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StarCoderError
+from ..files import atomic_dir
 from ..fim import FimIds, PromptFormat, RepoFile, document_text, fim_context, repository_text
 from ..languages import language_of
 from ..tokenizer import Tokenizer
@@ -165,8 +165,13 @@ def tokenize_corpus(documents: Iterable[Document], tokenizer: Tokenizer, out_dir
     out = Path(out_dir)
     if out.exists():
         raise StarCoderError(f"{out} exists; choose a new directory for the tokenized data")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out) as tmp:
+        summary = _write_splits(tmp, documents, tokenizer, seed, repo_context, val_fraction, test_fraction)
+    return summary
+
+
+def _write_splits(tmp: Path, documents, tokenizer: Tokenizer, seed: int, repo_context: bool, val_fraction: float,
+                  test_fraction: float) -> dict:
     writers = {split: _ShardWriter(tmp / split) for split in SPLITS}
     counts = dict.fromkeys(SPLITS, 0)
     fmt = PromptFormat.for_tokenizer(tokenizer)
@@ -189,7 +194,6 @@ def tokenize_corpus(documents: Iterable[Document], tokenizer: Tokenizer, out_dir
     summary = {split: {"documents": counts[split], "tokens": writers[split].total} for split in SPLITS}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     tokenizer.save(tmp / "tokenizer")
-    os.replace(tmp, out)
     return summary
 
 

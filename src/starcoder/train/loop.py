@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..api import default_model_dir
 from ..checkpoint import load_model, save_model
 from ..errors import StarCoderError
+from ..files import atomic_dir, pyplot, read_settings, save_figure, write_json_atomic
+from ..paths import default_model_dir
 from ..tokenizer import Tokenizer
 from .data import TokenDataset
 
@@ -82,22 +83,7 @@ class TrainConfig:
     def from_file(cls, path: str | os.PathLike, overrides: dict[str, str] | None = None) -> TrainConfig:
         """A YAML or TOML file, each field overridable (values as strings, converted to the field's type)."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-            if path.suffix == ".toml":
-                import tomllib
-
-                raw = tomllib.loads(text)
-            else:
-                import yaml
-
-                raw = yaml.safe_load(text) or {}
-        except FileNotFoundError:
-            raise StarCoderError(f"{path}: no such file") from None
-        except Exception as e:  # parse errors of either format
-            raise StarCoderError(f"{path}: cannot parse ({type(e).__name__}: {e})") from None
-        if not isinstance(raw, dict):
-            raise StarCoderError(f"{path}: expected a mapping of field: value")
+        raw = read_settings(path)
         known = {f.name: f for f in fields(cls)}
         for key in list(raw) + list(overrides or {}):
             if key not in known:
@@ -206,19 +192,15 @@ def _save_checkpoint(directory: Path, step: int, model, optimizer, tokenizer: To
     model_state, optim_state = _state(model, optimizer)  # collective under FSDP: every rank takes part
     if not d.main:
         return
-    final = directory / f"step-{step:07d}"
-    tmp = directory / f".step-{step:07d}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    bare = _bare(model)
-    _save_weights(bare, model_state, tmp / "model")
-    tokenizer.save(tmp / "model")
-    torch.save(optim_state, tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(config),
-                                                        "history": history}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # a checkpoint exists only once complete: a kill at any moment leaves the previous one
+    # a checkpoint exists only once complete: a kill at any moment leaves the previous one
+    with atomic_dir(directory / f"step-{step:07d}") as tmp:
+        _save_weights(_bare(model), model_state, tmp / "model")
+        tokenizer.save(tmp / "model")
+        torch.save(optim_state, tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(config),
+                                                            "history": history}, indent=1))
     for old in sorted(p for p in directory.glob("step-*"))[: -config.keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -354,13 +336,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     final = out / "final"
     model_state, _ = _state(wrapped, optimizer)
     if d.main:
-        tmp = out / ".final.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        _save_weights(_bare(wrapped), model_state, tmp)
-        tokenizer.save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        (out / "history.json").write_text(json.dumps(history, indent=1))
+        with atomic_dir(final) as tmp:
+            _save_weights(_bare(wrapped), model_state, tmp)
+            tokenizer.save(tmp)
+        write_json_atomic(out / "history.json", history, indent=1)
         plot_losses(history, out / "loss.png")
     if d.world > 1:
         import torch.distributed as dist
@@ -371,13 +350,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install 'starcoder[train]'): no loss curve written")
+    plt = pyplot("train")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", linewidth=1)
@@ -389,7 +363,4 @@ def plot_losses(history: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
