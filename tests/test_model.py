@@ -185,7 +185,7 @@ def test_reference_kernels_are_bit_exact(name, tmp_path, monkeypatch):
     Not for gpt_bigcode MQA: transformers computes q|k|v there in one GEMM of width n_embd + 2 head_dim, and the
     BLAS picks kernels by width, so our separate q, k, v products round differently (within float32 tolerance).
     """
-    from starcoder.model import Linear
+    from starcoder.linears.dense import Linear
 
     monkeypatch.setattr(Linear, "use_onednn", False)
     hf = HF_MODELS[name]()
@@ -195,7 +195,7 @@ def test_reference_kernels_are_bit_exact(name, tmp_path, monkeypatch):
 
 
 def test_onednn_linear_is_used_for_cpu_inference_only():
-    from starcoder.model import Linear
+    from starcoder.linears.dense import Linear
 
     F = torch.nn.functional
     layer = Linear(8, 4)
@@ -215,7 +215,7 @@ def test_packed_weights_give_the_same_logits(name, tmp_path):
     hf = HF_MODELS[name]()
     hf.save_pretrained(tmp_path / "hf")
     plain, packed = load_model(tmp_path / "hf"), load_model(tmp_path / "hf", pack=True)
-    from starcoder.model import is_packed
+    from starcoder.linears.dense import is_packed
 
     assert is_packed(packed) and not is_packed(plain)
     ids = random_ids(2, 12)

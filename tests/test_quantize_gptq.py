@@ -7,8 +7,7 @@ import torch
 
 from starcoder import StarCoderError
 from starcoder.errors import CheckpointError
-from starcoder.quantize.gptq import Hessian, QuantSettings, gptq, rtn
-from starcoder.quantize.pack import (
+from starcoder.linears.gptq_layout import (
     QuantizedWeight,
     from_gptq_tensors,
     pack_columns,
@@ -17,6 +16,7 @@ from starcoder.quantize.pack import (
     unpack_columns,
     unpack_rows,
 )
+from starcoder.quantize.gptq import Hessian, QuantSettings, gptq, rtn
 
 
 def random_weight(N, K, bits, group_size, seed=0, act_order=True):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from starcoder.quantize import native
-from starcoder.quantize.linear import DecodeHead, QuantLinear, int4_block
+from starcoder.linears import native
+from starcoder.linears.quantized import DecodeHead, int4_block, quantized_linear
 from test_quantize_gptq import random_weight
 
 SHAPES = [(4, -1, 128, 512), (4, 64, 128, 256), (4, 128, 192, 256), (4, 32, 128, 256), (8, -1, 64, 256),
@@ -23,7 +23,7 @@ def test_float32_paths_equal_the_reference(bits, group_size, N, K, act_order):
     """float32 models take PyTorch's kernels (or keep the dequantized weight): tight agreement with and without
     act-order (a g_idx that spreads the groups over the inputs in a random order) and groups."""
     weight, bias = random_weight(N, K, bits, group_size, act_order=act_order), torch.randn(N)
-    layer = QuantLinear(weight, bias, torch.float32)
+    layer = quantized_linear(weight, bias, torch.float32)
     expected_mode = {(4, 48): "dequantized"}.get((bits, N), "int4" if bits == 4 else "int8")
     assert layer.mode == expected_mode
     for rows in (1, 3, 40):  # decode kernels and the long-prompt path
@@ -45,7 +45,7 @@ def test_native_kernels_equal_the_reference(bits, group_size, N, K):
     """Our kernels on bfloat16 activations: float32 accumulation of exact products, so they agree with a float64
     reference up to the final rounding to bfloat16."""
     weight, bias = random_weight(N, K, bits, group_size), torch.zeros(N)
-    layer = QuantLinear(weight, bias, torch.bfloat16)
+    layer = quantized_linear(weight, bias, torch.bfloat16)
     assert (layer.perm is not None) == (group_size != -1)  # act-order: inputs sorted by group at load
     assert layer.mode == ("native-int4" if bits == 4 and group_size in (-1, 64, 128) else
                           "native-int8" if bits == 8 else "int4")

@@ -13,8 +13,8 @@ from starcoder import StarCoderError, load, load_model
 from starcoder.__main__ import main
 from starcoder.api import default_model_dir
 from starcoder.errors import CheckpointError
+from starcoder.linears.quantized import QuantLinear
 from starcoder.quantize.gptq import QuantSettings
-from starcoder.quantize.linear import QuantLinear
 from starcoder.quantize.run import quantize_model
 
 

@@ -2,10 +2,11 @@
 
 from .api import StarCoder, load
 from .cache import KVCache
-from .checkpoint import load_model, save_model
+from .checkpoint import save_model
 from .config import Config, preset
 from .errors import CheckpointError, ConfigError, StarCoderError
 from .generate import Completion, SamplingParams
+from .loader import load_model
 from .model import CausalLM, ModelOutput, SequenceClassifier, build_model, init_weights
 from .tokenizer import Tokenizer, load_tokenizer
 

@@ -8,10 +8,10 @@ from typing import Any
 
 from .chat import STOP as CHAT_STOP
 from .chat import chat_prompt
-from .checkpoint import load_model
 from .errors import StarCoderError
 from .fim import PromptFormat, RepoFile
 from .generate import Completion, Request, SamplingParams, generate, stream
+from .loader import load_model
 from .paths import default_model_dir, resolve_model_dir
 from .speculate import Drafter, DraftModel, drafter_for
 from .tokenizer import Tokenizer

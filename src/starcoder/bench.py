@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import dtype_name, load_model
+from .checkpoint import dtype_name
 from .errors import StarCoderError
+from .loader import load_model
 
 
 @torch.inference_mode()

@@ -1,7 +1,5 @@
-"""Hugging Face checkpoints in and out: local directories, the hub cache, safetensors (single or sharded).
-
-Loading builds the model on the meta device and assigns tensors that are private mappings of the files (see
-CheckpointReader), so the weights exist once in memory and loading copies nothing it does not have to.
+"""Hugging Face checkpoint files in and out: which files hold the weights, reading their tensors (safetensors,
+single or sharded, memory-mapped; pickles only when allowed) and writing them. loader.py builds models from them.
 """
 
 from __future__ import annotations
@@ -18,11 +16,11 @@ import torch
 from torch import nn
 
 from .config import Config
-from .convert import IGNORED_HF_TENSORS, convert_hf_tensor, expected_hf_shapes, ours_to_hf
+from .convert import ours_to_hf
 from .errors import CheckpointError, StarCoderError
 from .files import atomic, write_text_atomic
-from .model import CausalLM, Linear, build_model, can_pack, is_packed, pack_weight
-from .paths import resolve_model_dir
+from .linears.dense import is_packed
+from .linears.quantized import QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -220,110 +218,6 @@ def load_config(model_dir: Path) -> Config:
     return Config.from_file(model_dir / "config.json")
 
 
-def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
-               allow_pickle: bool = False, cache_dir: str | os.PathLike | None = None,
-               revision: str | None = None, pack: bool = False) -> nn.Module:
-    """Load a Hugging Face StarCoder / StarCoder2 directory or hub id as our model, in eval mode.
-
-    dtype None or "auto" keeps the stored dtype. The head (causal LM or sequence classification) follows the
-    config's `architectures`. pack=True stores the linear weights in oneDNN's blocked layout for fast CPU
-    inference (about 1.5x faster decoding); such a model cannot be trained or saved.
-    """
-    model_dir = resolve_model_dir(path_or_id, cache_dir, revision)
-    config = load_config(model_dir)
-    reader = CheckpointReader(weight_files(model_dir, allow_pickle))
-    from .quantize.files import read_quant_config
-
-    quant = read_quant_config(model_dir)
-    if quant is not None:
-        from .quantize.files import load_quantized
-
-        return load_quantized(config, quant, reader, _quantized_dtype(parse_dtype(dtype), reader))
-    return model_from_reader(config, reader, parse_dtype(dtype), device, pack)
-
-
-def _quantized_dtype(asked: torch.dtype | None, reader: CheckpointReader) -> torch.dtype:
-    """The activations' dtype of a quantized model: as asked, else the stored one, but bfloat16 for float16
-    files (GPTQ files are float16; the CPU computes bfloat16 much faster)."""
-    if asked is not None:
-        return asked
-    stored = next((t.dtype for t in reader if t.dtype.is_floating_point and t.name.endswith("weight")), None)
-    return torch.bfloat16 if stored in (None, torch.float16) else stored
-
-
-def model_from_reader(config: Config, reader: CheckpointReader, dtype: torch.dtype | None,
-                      device: str = "cpu", pack: bool = False) -> nn.Module:
-    with torch.device("meta"):
-        model = build_model(config)
-    our_shapes = [(n, p.shape) for n, p in model.state_dict(keep_vars=True).items()]
-    expected = expected_hf_shapes(config, our_shapes)
-    _check_names(config, reader, expected)
-
-    state: dict[str, torch.Tensor] = {}
-    for stored in reader:
-        if stored.name not in expected:
-            continue
-        if tuple(expected[stored.name]) != stored.shape:
-            raise CheckpointError(
-                f"{stored.file}: tensor {stored.name!r} has shape {list(stored.shape)} but config.json describes "
-                f"{list(expected[stored.name])} (does the config match the weights?)")
-        if not stored.dtype.is_floating_point:
-            raise CheckpointError(f"{stored.file}: tensor {stored.name!r} is {stored.dtype}, not floating point")
-        source = reader.read(stored)
-        tensor = source.to(device=device, dtype=dtype or stored.dtype)
-        converted = convert_hf_tensor(config, stored.name, tensor)
-        if pack:
-            converted = _packed(converted, config.tie_embeddings and config.head == "causal_lm")
-        if all(not _shares_memory(t, source) for _, t in converted):
-            reader.release(stored)
-        state.update(converted)
-    # A tied lm_head is not in the files: it becomes the embedding parameter itself once loading is done.
-    missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
-    if missing not in ([], ["lm_head.weight"]):  # unreachable after _check_names, kept as a guard
-        raise CheckpointError(f"internal: weights not loaded: {missing}")
-
-    for module in model.modules():
-        if isinstance(module, Linear) and module.packed:
-            module.weight.requires_grad_(False)
-    if isinstance(model, CausalLM):
-        model.tie_weights()
-    return model.eval()
-
-
-def _packed(converted: list[tuple[str, torch.Tensor]], tied_head: bool) -> list[tuple[str, torch.Tensor]]:
-    """Linear weights in oneDNN's inference layout; a tied lm_head gets a packed copy of the embedding, which
-    itself must stay readable for lookups."""
-    out = []
-    for name, t in converted:
-        is_linear = name.endswith(".weight") and not name.startswith(("model.embed", "model.pos"))
-        out.append((name, pack_weight(t) if is_linear and can_pack(t) else t))
-        if tied_head and name == "model.embed.weight" and can_pack(t):
-            out.append(("lm_head.weight", pack_weight(t)))
-    return out
-
-
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.is_mkldnn or b.is_mkldnn:  # oneDNN's packed layout is always a copy
-        return False
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
-def _check_names(config: Config, reader: CheckpointReader, expected: dict[str, torch.Size]) -> None:
-    present = {t.name: t.file for t in reader}
-    missing = [n for n in expected if n not in present]
-    if missing:
-        files = ", ".join(str(f) for f in reader.files)
-        raise CheckpointError(f"tensor {missing[0]!r} is missing from {files}"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    tied_head = config.tie_embeddings and config.head == "causal_lm"
-    unexpected = [n for n in present if n not in expected and not IGNORED_HF_TENSORS.search(n)
-                  and not (tied_head and n == "lm_head.weight")]
-    if unexpected:
-        raise CheckpointError(f"{present[unexpected[0]]}: tensor {unexpected[0]!r} is not part of the model that "
-                              f"config.json describes ({config.n_layer} layers, {config.model_type}); "
-                              "does the config match the weights?")
-
-
 # ---------------------------------------------------------------------------------------------- save
 def save_model(model: nn.Module, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write a Hugging Face directory (config.json + safetensors, sharded above max_shard_bytes).
@@ -334,7 +228,7 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, max_shard_bytes: in
     if is_packed(model):
         raise StarCoderError("this model's weights are packed for CPU inference and cannot be saved; load it "
                              "without pack=True to save it")
-    if any(type(m).__name__ == "QuantLinear" for m in model.modules()):
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise StarCoderError("this model is quantized; its directory already holds it (starcoder quantize writes "
                              "quantized models)")
     out = Path(out_dir)

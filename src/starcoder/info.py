@@ -19,7 +19,7 @@ def model_info(path_or_id: str | os.PathLike, allow_pickle: bool = False,
     dtypes = sorted({dtype_name(t.dtype) for t in reader})
     floats = [t.dtype.itemsize for t in reader if t.dtype.is_floating_point]
     itemsize = max(floats) if floats else 4
-    from .quantize.files import read_quant_config
+    from .linears.gptq_layout import read_quant_config
 
     quant = read_quant_config(model_dir)
     quantization = None

@@ -10,7 +10,6 @@ Everything else (pre-LayerNorm blocks, GELU MLP, tied embeddings) is shared.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from .cache import KVCache, PagedKVCache
 from .config import Config
 from .errors import StarCoderError
+from .linears.dense import Linear
 
 
 @dataclass
@@ -30,75 +30,6 @@ class ModelOutput:
     # With output_hidden_states: the embeddings, then each block's output; the last one after the final norm
     # (the convention of transformers, so the two can be compared).
     hidden_states: tuple[Tensor, ...] | None = None
-
-
-# oneDNN names for the activations it can fuse into a matmul's epilogue: (attr, algorithm).
-_FUSABLE = {"gelu_pytorch_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
-
-
-@functools.cache
-def onednn_supports(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's linear runs this dtype on this CPU: float32 wherever oneDNN is built in; bfloat16 only
-    where the CPU has the instructions (AVX-512 BF16, AVX-NE-CONVERT, AMX). Elsewhere (AVX2-only CPUs) oneDNN
-    refuses bfloat16 outright, so those take F.linear."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    if dtype == torch.float32:
-        return True
-    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose CPU inference runs on oneDNN, optionally with the activation fused into the matmul.
-
-    On CPUs where MKL takes a slow path (AMD EPYC, this project's machines), oneDNN's float32 matmul is 2-3x
-    faster than the sgemm behind F.linear, and about as fast in bfloat16; fusing GELU saves a pass over the
-    MLP's widest tensor. Results equal F.linear's to float32 rounding. Training (gradients needed), other
-    dtypes and other devices take the ordinary path.
-
-    A packed Linear (see pack_weight) holds its weight in oneDNN's blocked layout: decoding reads it at close to
-    memory bandwidth, about 1.5x the plain layout, but it is opaque, so such a layer serves inference only.
-    """
-
-    use_onednn = True  # where onednn_supports(dtype); tests turn it off to compare with F.linear bit for bit
-
-    @property
-    def packed(self) -> bool:
-        return self.weight.is_mkldnn
-
-    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
-        if self.packed and torch.is_grad_enabled() and x.requires_grad:
-            raise StarCoderError("this model's weights are packed for CPU inference; load it without pack=True "
-                                 "to train it")
-        if self.packed or (self.use_onednn and x.is_cpu and onednn_supports(x.dtype) and self.weight.dtype == x.dtype
-                           and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            attr, algorithm = _FUSABLE.get(activation, ("none", ""))
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
-            return y if activation is None or activation in _FUSABLE else _activation(activation)(y)
-        y = F.linear(x, self.weight, self.bias)
-        return y if activation is None else _activation(activation)(y)
-
-
-def can_pack(weight: Tensor) -> bool:
-    return onednn_supports(weight.dtype) and weight.is_cpu and weight.dim() == 2
-
-
-def pack_weight(weight: Tensor) -> Tensor:
-    """The weight (out, in) in oneDNN's blocked layout, tuned for one row of input (decoding), which is also
-    as fast as the plain layout for long prompts. The result has the same shape but is not readable as such."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
-
-
-def _activation(name: str):
-    if name == "gelu_pytorch_tanh":
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_new":  # GPT-2's formula, written out as transformers does (not bit-equal to the tanh kernel)
-        return lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-    if name == "gelu_fast":
-        return lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
-    return {"relu": F.relu, "silu": F.silu}[name]
 
 
 def rotary_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -322,7 +253,7 @@ class CausalLM(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_embeddings and not self.lm_head.packed:
+        if self.config.tie_embeddings and not self.lm_head.weight.is_mkldnn:  # a packed head is its own copy
             self.lm_head.weight = self.model.embed.weight
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
@@ -398,10 +329,6 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     if labels.dtype in (torch.long, torch.int):
         return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-
-
-def is_packed(model: nn.Module) -> bool:
-    return any(isinstance(m, Linear) and m.packed for m in model.modules())
 
 
 def build_model(config: Config) -> CausalLM | SequenceClassifier:

@@ -13,46 +13,11 @@ the run starts (or up front, from the unquantized weight, with static groups).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from ..errors import StarCoderError
-from .pack import SUPPORTED_BITS, QuantizedWeight
-
-GROUP_SIZES = (-1, 32, 64, 128, 256)
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    bits: int = 4
-    group_size: int = -1
-    act_order: bool = False  # desc_act
-    sym: bool = True
-    damp: float = 0.01  # damp_percent: a fraction of the mean of diag(H)
-    static_groups: bool = False
-    true_sequential: bool = True
-    block_size: int = 128
-    checkpoint_format: str = "gptq"  # v1: zeros are kept >= 1 so that zero - 1 can be stored
-
-    def check(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise StarCoderError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-        if self.group_size not in GROUP_SIZES:
-            raise StarCoderError(f"group size must be one of {GROUP_SIZES}, got {self.group_size}")
-        if not 0 < self.damp < 1:
-            raise StarCoderError(f"damp must be in (0, 1), got {self.damp}")
-        if self.bits == 8 and self.group_size != -1:
-            raise StarCoderError("8-bit weights run on PyTorch's per-channel int8 kernel: use --group-size -1")
-
-    def check_layer(self, name: str, in_features: int) -> None:
-        if self.group_size != -1 and in_features % self.group_size:
-            raise StarCoderError(f"group size {self.group_size} does not divide {name}'s {in_features} inputs")
-
-    @property
-    def maxq(self) -> int:
-        return 2**self.bits - 1
+from ..linears.gptq_layout import QuantizedWeight, QuantSettings
 
 
 def find_params(w: Tensor, settings: QuantSettings) -> tuple[Tensor, Tensor]:

@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointReader, load_config, model_from_reader, weight_files
+from ..checkpoint import CheckpointReader, load_config, weight_files
 from ..errors import StarCoderError
+from ..linears.gptq_layout import LINEARS, QuantSettings, read_quant_config
+from ..loader import build
 from ..model import CAUSAL, rotary_cos_sin
 from ..paths import resolve_model_dir
 from ..tokenizer import Tokenizer
-from .files import LINEARS, QuantizedWriter, read_quant_config
-from .gptq import Hessian, QuantSettings, gptq, rtn
+from .files import QuantizedWriter
+from .gptq import Hessian, gptq, rtn
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
     start_time = time.perf_counter()
     # Memory-mapped: a block's weights are read when the block is reached, and their pages released after it.
     reader = CheckpointReader(weight_files(model_dir))
-    lm = model_from_reader(config, reader, None)
+    lm = build(config, reader)
     decoder, stored = lm.model, lm.model.embed.weight.dtype
     positions = torch.arange(seq_len)[None]
     hidden = []

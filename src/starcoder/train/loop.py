@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_model, save_model
+from ..checkpoint import save_model
 from ..errors import StarCoderError
 from ..files import atomic_dir, pyplot, read_settings, save_figure, write_json_atomic
+from ..loader import load_model
 from ..paths import default_model_dir
 from ..tokenizer import Tokenizer
 from .data import TokenDataset

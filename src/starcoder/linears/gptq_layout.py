@@ -1,5 +1,5 @@
-"""Quantized weights and AutoGPTQ's tensor layout, both ways (pure functions, used by the writer, the loader and
-the tests).
+"""AutoGPTQ's files: their settings (quantize_config.json), which module holds which layer, and the integer tensor
+layout both ways (pure functions, used by the writer, the loader and the tests).
 
 A QuantizedWeight is the integer form of one linear layer's weight W (N outputs, K inputs):
 
@@ -14,12 +14,17 @@ AutoGPTQ "gptq" files store, per layer (bits b, f = 32 / b values per int32 word
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
+from ..config import Config
+from ..convert import ours_to_hf, split_c_attn
+from ..errors import CheckpointError, StarCoderError
 
 SUPPORTED_BITS = (4, 8)
 FORMATS = ("gptq", "gptq_v2")  # v1 (AutoGPTQ, transformers) and v2 (GPTQModel's internal format)
@@ -137,3 +142,108 @@ def from_gptq_tensors(tensors: dict[str, Tensor], bits: int, group_size: int, ch
         zeros = zeros + 1  # as AutoGPTQ's and transformers' kernels read v1 (a stored 0xF means 16)
     q = unpack_rows(qweight, bits).T.contiguous()
     return QuantizedWeight(q.to(torch.uint8), scales.float(), zeros.to(torch.int32), g_idx, bits, group_size)
+
+
+GROUP_SIZES = (-1, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    bits: int = 4
+    group_size: int = -1
+    act_order: bool = False  # desc_act
+    sym: bool = True
+    damp: float = 0.01  # damp_percent: a fraction of the mean of diag(H)
+    static_groups: bool = False
+    true_sequential: bool = True
+    block_size: int = 128
+    checkpoint_format: str = "gptq"  # v1: zeros are kept >= 1 so that zero - 1 can be stored
+
+    def check(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise StarCoderError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size not in GROUP_SIZES:
+            raise StarCoderError(f"group size must be one of {GROUP_SIZES}, got {self.group_size}")
+        if not 0 < self.damp < 1:
+            raise StarCoderError(f"damp must be in (0, 1), got {self.damp}")
+        if self.bits == 8 and self.group_size != -1:
+            raise StarCoderError("8-bit weights run on PyTorch's per-channel int8 kernel: use --group-size -1")
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        if self.group_size != -1 and in_features % self.group_size:
+            raise StarCoderError(f"group size {self.group_size} does not divide {name}'s {in_features} inputs")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+
+LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj")  # per block, ours
+QUANT_CONFIG = "quantize_config.json"
+
+
+@dataclass(frozen=True)
+class QuantFile:
+    settings: QuantSettings
+    source: str  # where the settings were read, for error messages
+
+
+def read_quant_config(model_dir: Path) -> QuantFile | None:
+    """The GPTQ settings of a directory, or None when it is not quantized."""
+    config_path = model_dir / "config.json"
+    found: tuple[dict[str, Any], str] | None = None
+    try:
+        hf = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        if isinstance(hf, dict) and isinstance(hf.get("quantization_config"), dict):
+            found = hf["quantization_config"], f"{config_path} (quantization_config)"
+        elif (model_dir / QUANT_CONFIG).is_file():
+            found = json.loads((model_dir / QUANT_CONFIG).read_text(encoding="utf-8")), str(model_dir / QUANT_CONFIG)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{model_dir}: unreadable quantization settings ({e})") from None
+    if found is None:
+        return None
+    raw, source = found
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: expected a JSON object")
+    flat = {**raw.get("meta", {}), **{k: v for k, v in raw.items() if k != "meta"}}
+    method = flat.get("quant_method", "gptq")
+    if method != "gptq":
+        raise CheckpointError(f"{source}: quant_method {method!r} is not supported (only gptq)")
+    checkpoint_format = flat.get("checkpoint_format", "gptq")
+    if checkpoint_format not in FORMATS:
+        raise CheckpointError(f"{source}: checkpoint_format {checkpoint_format!r} is not one of {FORMATS}")
+    try:
+        settings = QuantSettings(bits=int(flat["bits"]), group_size=int(flat.get("group_size", -1)),
+                                 act_order=bool(flat.get("desc_act", False)), sym=bool(flat.get("sym", True)),
+                                 damp=float(flat.get("damp_percent", 0.01)),
+                                 static_groups=bool(flat.get("static_groups", False)),
+                                 true_sequential=bool(flat.get("true_sequential", True)),
+                                 checkpoint_format=checkpoint_format)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: bad GPTQ settings ({type(e).__name__}: {e})") from None
+    if settings.bits not in (4, 8):
+        raise CheckpointError(f"{source}: {settings.bits}-bit weights are not supported (4 or 8)")
+    return QuantFile(settings, source)
+
+
+def quant_config_dict(settings: QuantSettings, model_name: str) -> dict[str, Any]:
+    return {"bits": settings.bits, "group_size": settings.group_size, "damp_percent": settings.damp,
+            "desc_act": settings.act_order, "static_groups": settings.static_groups, "sym": settings.sym,
+            "true_sequential": settings.true_sequential, "model_name_or_path": model_name,
+            "model_file_base_name": "model", "quant_method": "gptq",
+            "checkpoint_format": settings.checkpoint_format}
+
+
+def hf_module(config: Config, layer: int, linear: str) -> str:
+    """Our block linear -> the HF module name that holds it (q, k and v of gpt_bigcode share c_attn)."""
+    if config.model_type == "gpt_bigcode" and linear in ("attn.q", "attn.k", "attn.v"):
+        return f"transformer.h.{layer}.attn.c_attn"
+    meta = {f"model.layers.{layer}.{linear}.weight": torch.empty(0, device="meta")}
+    (name,) = ours_to_hf(config, meta)
+    return name.removesuffix(".weight")
+
+
+def split_qkv(config: Config, fused: QuantizedWeight) -> list[QuantizedWeight]:
+    qs, ss, zs = (split_c_attn(config, t) for t in (fused.q, fused.scales.T, fused.zeros.T))
+    return [QuantizedWeight(q.contiguous(), s.T.contiguous(), z.T.contiguous(), fused.g_idx, fused.bits,
+                            fused.group_size) for q, s, z in zip(qs, ss, zs, strict=True)]

@@ -1,0 +1,95 @@
+"""Dense linear layers: nn.Linear whose CPU inference runs on oneDNN where the CPU supports the dtype, with the
+activation fused into the matmul, and optionally with the weight packed in oneDNN's blocked layout."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import StarCoderError
+
+# oneDNN names for the activations it can fuse into a matmul's epilogue: (attr, algorithm).
+FUSABLE = {"gelu_pytorch_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
+
+
+@functools.cache
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear runs this dtype on this CPU: float32 wherever oneDNN is built in; bfloat16 only
+    where the CPU has the instructions (AVX-512 BF16, AVX-NE-CONVERT, AMX). Elsewhere (AVX2-only CPUs) oneDNN
+    refuses bfloat16 outright, so those take F.linear."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose CPU inference runs on oneDNN, optionally with the activation fused into the matmul.
+
+    On CPUs where MKL takes a slow path (AMD EPYC, this project's machines), oneDNN's float32 matmul is 2-3x
+    faster than the sgemm behind F.linear, and about as fast in bfloat16; fusing GELU saves a pass over the
+    MLP's widest tensor. Results equal F.linear's to float32 rounding. Training (gradients needed), other
+    dtypes and other devices take the ordinary path.
+
+    A packed Linear (see pack_weight) holds its weight in oneDNN's blocked layout: decoding reads it at close to
+    memory bandwidth, about 1.5x the plain layout, but it is opaque, so such a layer serves inference only.
+    """
+
+    use_onednn = True  # where onednn_supports(dtype); tests turn it off to compare with F.linear bit for bit
+
+    @property
+    def packed(self) -> bool:
+        return self.weight.is_mkldnn
+
+    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
+        if self.packed and torch.is_grad_enabled() and x.requires_grad:
+            raise StarCoderError("this model's weights are packed for CPU inference; load it without pack=True "
+                                 "to train it")
+        onednn = self.packed or (self.use_onednn and not (torch.is_grad_enabled()
+                                                          and (x.requires_grad or self.weight.requires_grad)))
+        return matmul(x, self.weight, self.bias, activation, onednn)
+
+
+def matmul(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None,
+           onednn: bool = True) -> Tensor:
+    """activation(x @ w^T + bias): on oneDNN where it can (asked, on the CPU, a dtype this CPU runs there), with
+    the bias and a GELU fused into the matmul; else F.linear and the activation after it. A packed weight
+    (opaque oneDNN layout) always takes oneDNN."""
+    if w.is_mkldnn or (onednn and x.is_cpu and onednn_supports(x.dtype) and w.dtype == x.dtype
+                       and (bias is None or bias.dtype == x.dtype)):
+        attr, algorithm = FUSABLE.get(activation, ("none", ""))
+        y = torch.ops.mkldnn._linear_pointwise(x, w, bias, attr, [], algorithm)
+        return y if activation is None or activation in FUSABLE else activation_function(activation)(y)
+    y = F.linear(x, w, bias)
+    return y if activation is None else activation_function(activation)(y)
+
+
+def can_pack(weight: Tensor) -> bool:
+    return onednn_supports(weight.dtype) and weight.is_cpu and weight.dim() == 2
+
+
+def pack_weight(weight: Tensor) -> Tensor:
+    """The weight (out, in) in oneDNN's blocked layout, tuned for one row of input (decoding), which is also
+    as fast as the plain layout for long prompts. The result has the same shape but is not readable as such."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+
+
+def activation_function(name: str):
+    if name == "gelu_pytorch_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_new":  # GPT-2's formula, written out as transformers does (not bit-equal to the tanh kernel)
+        return lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    if name == "gelu_fast":
+        return lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+    return {"relu": F.relu, "silu": F.silu}[name]
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(isinstance(m, Linear) and m.packed for m in model.modules())

@@ -1,0 +1,318 @@
+"""Linear layers with 4- or 8-bit weights for CPU inference: one class per way of storing the integers, behind
+one interface (forward, dequantize, nbytes); quantized_linear() picks the fastest one this machine and these
+shapes allow.
+
+Act-order is handled once, at load: the input rows are sorted by group so that groups are contiguous, and the
+activations are permuted the same way at run time. The kinds, in order of preference:
+
+  NativeInt4Linear, NativeInt8Linear  bfloat16 models on AVX512-BF16 CPUs: our kernels (native.py, kernels.cpp)
+            decode from half a byte (or one byte) per weight at close to memory bandwidth; long prompts
+            dequantize the layer to bfloat16 once per call (into a buffer the model's layers share) and run one
+            oneDNN matmul.
+  Int4Linear, Int8Linear  PyTorch's kernels: `_weight_int4pack_mm_for_cpu` for decoding (long prompts
+            dequantize from its layout block by block), `_weight_int8pack_mm` for 8 bits.
+  DequantizedLinear  shapes none of those takes: the weight is kept dequantized (correct, not compact).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import native
+from .dense import activation_function, matmul
+from .gptq_layout import QuantizedWeight
+
+DECODE_ROWS = 8  # up to this many input rows, the decode kernels; beyond, dequantize and run one matmul
+_NATIVE_ACTIVATIONS = {None: 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # what kernels.cpp applies itself
+KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes PyTorch's int4 kernel takes
+INNER_K_TILES = 2
+
+
+def _stock_kernels() -> bool:
+    return hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and hasattr(torch, "_weight_int8pack_mm")
+
+
+@functools.cache
+def int4_block() -> int | None:
+    """How many output channels PyTorch's int4 layout packs together on this CPU (64 with AVX-512, 32 with AVX2),
+    found on a probe; None if the layout is none that unpack_int4() reads (then long inputs use PyTorch's kernel
+    too, only slower)."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
+    for block in (64, 32):
+        if torch.equal(unpack_int4(packed, 128, 64, block).to(torch.int32), q.view(128 // block, block, 64).mT):
+            return block
+    return None
+
+
+def unpack_int4(packed: Tensor, N: int, K: int, block: int) -> Tensor:
+    """The kernel's packed bytes (N, K/2) -> the integers as (N/block, K, block): block b holds output channels
+    block*b .. block*b + block-1 (byte j of a row = channel j in the low nibble, channel j + block/2 in the high
+    one)."""
+    blocks = packed.view(N // block, K, block // 2)
+    return torch.cat((blocks & 15, blocks >> 4), dim=-1)
+
+
+class Scratch:
+    """One growable bfloat16 buffer for the layers of one model, which run one at a time: where a long input's
+    layer is dequantized before its matmul."""
+
+    def __init__(self):
+        self.buffer = torch.empty(0, dtype=torch.bfloat16)
+
+    def matrix(self, N: int, K: int) -> Tensor:
+        if self.buffer.numel() < N * K:
+            self.buffer = torch.empty(N * K, dtype=torch.bfloat16)
+        return self.buffer[: N * K].view(N, K)
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for a dense Linear at inference: forward(x, activation=None). Subclasses store the integers."""
+
+    mode = ""  # the storage's name, shown in the module's repr
+
+    def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        N, K = weight.shape
+        self.in_features, self.out_features, self.bits, self.dtype = K, N, weight.bits, dtype
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        order = torch.argsort(weight.g_idx, stable=True)
+        self.perm = None if torch.equal(order, torch.arange(K)) else order
+        groups = weight.g_idx[order].long()
+        self._store(QuantizedWeight(weight.q[:, order], weight.scales, weight.zeros, groups, weight.bits,
+                                    weight.group_size))
+
+    @staticmethod
+    def group_size(weight: QuantizedWeight) -> int | None:
+        """The one size of every group once sorted (K for a single group), or None when groups differ."""
+        sizes = torch.bincount(weight.g_idx.long())
+        size = weight.shape[1] if weight.group_size == -1 else int(sizes[0])
+        return size if bool((sizes == size).all()) else None
+
+    def _store(self, weight: QuantizedWeight) -> None:
+        """Keep the weight (inputs sorted by group) in this kind's layout."""
+        raise NotImplementedError
+
+    def product(self, x: Tensor, activation: str | None) -> Tensor:
+        """activation(x @ W^T + bias) for x (M, K) in the layer's dtype and input order."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.dtype)
+        if self.perm is not None:
+            x2 = x2[:, self.perm]  # (faster than index_select along the last dimension)
+        return self.product(x2, activation).view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _finish(self, y: Tensor, activation: str | None) -> Tensor:
+        if self.bias is not None:
+            y = y + self.bias
+        return y if activation is None else activation_function(activation)(y)
+
+    def dequantize(self) -> Tensor:
+        """The weight (N, K) in the layer's dtype and the original input order."""
+        eye = torch.eye(self.in_features, dtype=self.dtype)
+        bias, self.bias = self.bias, None
+        try:
+            w = self(eye).T  # the layer applied to the unit vectors is its weight
+        finally:
+            self.bias = bias
+        return w.contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {self.mode}"
+
+
+class _NativeLinear(QuantLinear):
+    """Our kernels: decoding in one call that also adds the bias and applies the activation; long inputs
+    dequantized into the model's scratch buffer and one oneDNN matmul."""
+
+    def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype, scratch: Scratch):
+        super().__init__(weight, bias, dtype)
+        self.native, self.scratch = native.kernels(), scratch
+        if bias is not None:
+            self.register_buffer("native_bias", bias.float().contiguous())
+
+    def product(self, x: Tensor, activation: str | None) -> Tensor:
+        if x.shape[0] <= DECODE_ROWS and activation in _NATIVE_ACTIVATIONS:
+            bias = None if self.bias is None else self.native_bias
+            return self._matvec(x.contiguous(), bias, _NATIVE_ACTIVATIONS[activation])
+        w = self.scratch.matrix(self.out_features, self.in_features)
+        self._dequantize_into(w)
+        return matmul(x, w, self.bias, activation)
+
+
+class NativeInt4Linear(_NativeLinear):
+    mode = "native-int4"
+
+    @classmethod
+    def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+        size = cls.group_size(weight)
+        return (weight.bits == 4 and dtype == torch.bfloat16 and native.kernels() is not None
+                and weight.shape[1] % 64 == 0 and size is not None and size % 64 == 0)
+
+    def _store(self, weight: QuantizedWeight) -> None:
+        N, K = weight.shape
+        size = self.group_size(weight)
+        blocks = weight.q.view(N, K // 64, 2, 32).to(torch.uint8)  # kernels.cpp's layout: k0 + j low, k0 + 32 + j high
+        self.register_buffer("native_packed", (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2))
+        chunk_group = weight.g_idx[::size]
+        scales = weight.scales.float()[chunk_group]  # (G, N)
+        # (N, G): a row's scales and offsets share a cache line instead of G lines N * 4 bytes apart.
+        self.register_buffer("native_scales", scales.T.contiguous())
+        self.register_buffer("native_offsets", (-weight.zeros.float()[chunk_group] * scales).T.contiguous())
+        self.kernel_group = size
+
+    def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
+        return self.native.int4_matvec(x, self.native_packed, self.native_scales, self.native_offsets,
+                                       self.kernel_group, bias, activation)
+
+    def _dequantize_into(self, w: Tensor) -> None:
+        self.native.int4_dequantize(self.native_packed, self.native_scales, self.native_offsets, self.kernel_group, w)
+
+
+def _int8_storage(layer: QuantLinear, weight: QuantizedWeight) -> tuple[Tensor, Tensor]:
+    """Per-channel 8-bit weights as int8 q - 128 (q with its top bit flipped: no wider temporary), and the scale;
+    (q - zero) * scale = (q - 128) * scale + (128 - zero) * scale."""
+    layer.register_buffer("int8_weight", (weight.q.to(torch.uint8) ^ 0x80).view(torch.int8).contiguous())
+    scale = weight.scales.float()[0].contiguous()
+    return scale, (128 - weight.zeros.float()[0]) * scale
+
+
+class NativeInt8Linear(_NativeLinear):
+    mode = "native-int8"
+
+    @classmethod
+    def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+        return (weight.bits == 8 and weight.group_size == -1 and dtype == torch.bfloat16
+                and native.kernels() is not None and weight.shape[1] % 16 == 0)
+
+    def _store(self, weight: QuantizedWeight) -> None:
+        scale, offset = _int8_storage(self, weight)
+        self.register_buffer("native_scales", scale)
+        self.register_buffer("native_offsets", offset.contiguous())
+
+    def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
+        return self.native.int8_matvec(x, self.int8_weight, self.native_scales, self.native_offsets, bias, activation)
+
+    def _dequantize_into(self, w: Tensor) -> None:
+        self.native.int8_dequantize(self.int8_weight, self.native_scales, self.native_offsets, w)
+
+
+class Int4Linear(QuantLinear):
+    """PyTorch's int4 kernel for decoding; long inputs dequantize its layout block by block."""
+
+    mode = "int4"
+
+    @classmethod
+    def kernel_group_of(cls, weight: QuantizedWeight) -> int | None:
+        size, K = cls.group_size(weight), weight.shape[1]
+        return None if size is None else next((g for g in KERNEL_GROUPS if size % g == 0 and K % g == 0), None)
+
+    @classmethod
+    def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+        return (weight.bits == 4 and _stock_kernels() and weight.shape[0] % 64 == 0  # 64: the widest layout block
+                and cls.kernel_group_of(weight) is not None)
+
+    def _store(self, weight: QuantizedWeight) -> None:
+        g = self.kernel_group = self.kernel_group_of(weight)
+        chunk_group = weight.g_idx[::g]  # the GPTQ group of each run of g input rows
+        scales = weight.scales.float()[chunk_group]  # (K / g, N)
+        # The kernel computes (q - 8) * scale + offset; GPTQ's (q - zero) * scale needs offset = (8 - zero) * scale.
+        offsets = (8 - weight.zeros.float()[chunk_group]) * scales
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            weight.q.to(torch.int32).contiguous(), INNER_K_TILES))
+        self.register_buffer("scales_and_zeros", torch.stack((scales, offsets), dim=-1).to(self.dtype).contiguous())
+
+    def product(self, x: Tensor, activation: str | None) -> Tensor:
+        if x.shape[0] <= DECODE_ROWS or int4_block() is None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.kernel_group,
+                                                          self.scales_and_zeros)
+        else:
+            y = self._dequantized_matmul(x)
+        return self._finish(y, activation)
+
+    def _dequantized_matmul(self, x: Tensor) -> Tensor:
+        """x (M, K) @ W^T for long inputs: W rebuilt in the layer's dtype from the packed bytes, a layout block of
+        channels at a time (64, or 32 on AVX2), each block's matmul one slice of a batched matmul."""
+        N, K, g, B = self.out_features, self.in_features, self.kernel_group, int4_block()
+        q = unpack_int4(self.packed, N, K, B)  # (N/B, K, B) uint8
+        sz = self.scales_and_zeros.view(K // g, N // B, B, 2).transpose(0, 1)  # (N/B, K/g, B, 2)
+        scale, offset = sz[..., 0].unsqueeze(2), sz[..., 1].unsqueeze(2)  # (N/B, K/g, 1, B)
+        # (q - 8) * scale + offset = q * scale + (offset - 8 * scale)
+        w = torch.empty(N // B, K // g, g, B, dtype=self.dtype)
+        torch.addcmul(offset - 8 * scale, q.view(N // B, K // g, g, B), scale, out=w)
+        y = torch.matmul(x.unsqueeze(0), w.view(N // B, K, B))  # (N/B, M, B)
+        return y.transpose(0, 1).reshape(x.shape[0], N)
+
+
+class Int8Linear(QuantLinear):
+    """PyTorch's per-channel int8 kernel; the zero point becomes an offset per channel times the sum of the
+    inputs."""
+
+    mode = "int8"
+
+    @classmethod
+    def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+        return weight.bits == 8 and weight.group_size == -1 and _stock_kernels()
+
+    def _store(self, weight: QuantizedWeight) -> None:
+        scale, offset = _int8_storage(self, weight)
+        self.register_buffer("int8_scale", scale.to(self.dtype))
+        self.register_buffer("int8_offset", None if bool((offset == 0).all()) else offset.to(self.dtype))
+
+    def product(self, x: Tensor, activation: str | None) -> Tensor:
+        y = torch._weight_int8pack_mm(x.contiguous(), self.int8_weight, self.int8_scale)
+        if self.int8_offset is not None:
+            y = y + x.sum(dim=1, keepdim=True) * self.int8_offset
+        return self._finish(y, activation)
+
+
+class DequantizedLinear(QuantLinear):
+    mode = "dequantized"
+
+    @classmethod
+    def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+        return True
+
+    def _store(self, weight: QuantizedWeight) -> None:
+        self.register_buffer("weight", weight.dequantize(self.dtype))
+
+    def product(self, x: Tensor, activation: str | None) -> Tensor:
+        return self._finish(F.linear(x, self.weight), activation)
+
+
+KINDS = (NativeInt4Linear, NativeInt8Linear, Int4Linear, Int8Linear, DequantizedLinear)  # most preferred first
+
+
+def quantized_linear(weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype = torch.bfloat16,
+                     scratch: Scratch | None = None) -> QuantLinear:
+    """The first kind in KINDS that takes this weight on this machine."""
+    kind = next(k for k in KINDS if k.accepts(weight, dtype))
+    if issubclass(kind, _NativeLinear):
+        return kind(weight, bias, dtype, scratch or Scratch())
+    return kind(weight, bias, dtype)
+
+
+class DecodeHead(nn.Module):
+    """The (unquantized, usually tied) lm_head of a quantized bfloat16 model: our bf16 matrix-vector kernel for
+    decoding reads the embedding matrix in place, where oneDNN would need a packed copy of it to be as fast."""
+
+    def __init__(self, weight: nn.Parameter, kernels):
+        super().__init__()
+        self.weight, self.kernels = weight, kernels
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= DECODE_ROWS and x2.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
+            y = self.kernels.bf16_matvec(x2.contiguous(), self.weight).to(x.dtype)
+        else:
+            y = matmul(x2, self.weight.to(x2.dtype))
+        return y.view(*x.shape[:-1], -1)

@@ -1,0 +1,184 @@
+"""Where a checkpoint's bytes become our modules, in one place.
+
+A weight source (checkpoint.CheckpointReader: safetensors files, memory-mapped) gives named tensors under Hugging
+Face names. build() makes the model on the meta device and assigns them: each block linear becomes what the
+linear factory says (dense, packed for oneDNN, or a quantized kind built from GPTQ tensors); every other tensor
+is converted to our names (convert.py) and assigned as it is, without a copy where dtype and device allow. Then
+one check for missing tensors, one tie of the head, eval mode. `dtype`, `device` and `pack` mean the same for
+every kind of checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointReader, load_config, parse_dtype, weight_files
+from .config import Config
+from .convert import IGNORED_HF_TENSORS, convert_hf_tensor, expected_hf_shapes, split_c_attn
+from .errors import CheckpointError, StarCoderError
+from .linears import native
+from .linears.dense import can_pack, pack_weight
+from .linears.gptq_layout import LINEARS, QuantFile, from_gptq_tensors, hf_module, read_quant_config, split_qkv
+from .linears.quantized import DecodeHead, QuantLinear, Scratch, quantized_linear
+from .memory import return_freed_memory
+from .model import build_model
+from .paths import resolve_model_dir
+
+
+def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
+               allow_pickle: bool = False, cache_dir: str | os.PathLike | None = None,
+               revision: str | None = None, pack: bool = False) -> nn.Module:
+    """Load a Hugging Face StarCoder / StarCoder2 directory or hub id as our model, in eval mode.
+
+    dtype None or "auto" keeps the stored dtype (for GPTQ files, whose float weights are float16, bfloat16: the
+    CPU computes it much faster). The head (causal LM or sequence classification) follows the config's
+    `architectures`. pack=True stores the dense linear weights in oneDNN's blocked layout for fast CPU inference
+    (about 1.5x faster decoding); such a model cannot be trained or saved.
+    """
+    model_dir = resolve_model_dir(path_or_id, cache_dir, revision)
+    reader = CheckpointReader(weight_files(model_dir, allow_pickle))
+    return build(load_config(model_dir), reader, parse_dtype(dtype), device, pack, read_quant_config(model_dir))
+
+
+def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = None, device: str = "cpu",
+          pack: bool = False, quant: QuantFile | None = None) -> nn.Module:
+    """Our model from a source's tensors (checked against the config: names, shapes, kinds)."""
+    if quant is not None:
+        if torch.device(device).type != "cpu":
+            raise StarCoderError(f"quantized models run on the CPU only, not {device}")
+        dtype = _quantized_dtype(dtype, reader)
+    with torch.device("meta"):
+        model = build_model(config)
+    quantized, claimed = _gptq_linears(config, quant, reader, dtype) if quant is not None else ({}, set())
+    for name, module in quantized.items():
+        model.set_submodule(name, module)
+    inside = tuple(f"{name}." for name in quantized)
+    expected = expected_hf_shapes(config, [(n, p.shape) for n, p in model.state_dict(keep_vars=True).items()
+                                           if not n.startswith(inside)])
+    _check_names(config, reader, expected, claimed)
+    tied_head = config.tie_embeddings and config.head == "causal_lm"
+    state: dict[str, torch.Tensor] = {}
+    for stored in reader:
+        if stored.name not in expected:
+            continue
+        if tuple(expected[stored.name]) != stored.shape:
+            raise CheckpointError(
+                f"{stored.file}: tensor {stored.name!r} has shape {list(stored.shape)} but config.json describes "
+                f"{list(expected[stored.name])} (does the config match the weights?)")
+        if not stored.dtype.is_floating_point:
+            raise CheckpointError(f"{stored.file}: tensor {stored.name!r} is {stored.dtype}, not floating point")
+        source = reader.read(stored)
+        converted = convert_hf_tensor(config, stored.name, source.to(device=device, dtype=dtype or stored.dtype))
+        if pack:
+            converted = _packed(converted, tied_head)
+        if all(not _shares_memory(t, source) for _, t in converted):
+            reader.release(stored)
+        state.update(converted)
+    # A tied lm_head is not in the files: it becomes the embedding parameter itself once loading is done.
+    missing = [n for n in model.load_state_dict(state, strict=False, assign=True).missing_keys
+               if not n.startswith(inside) and not (n == "lm_head.weight" and tied_head)]
+    if missing:  # unreachable after _check_names, kept as a guard
+        raise CheckpointError(f"internal: weights not loaded: {missing}")
+    for parameter in model.parameters():
+        if parameter.is_mkldnn:
+            parameter.requires_grad_(False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if quant is not None:
+        kernels = native.kernels() if dtype == torch.bfloat16 else None
+        if kernels is not None and hasattr(model, "lm_head") and not model.lm_head.weight.is_mkldnn:
+            model.lm_head = DecodeHead(model.lm_head.weight, kernels)
+        return_freed_memory()
+    return model.eval()
+
+
+def _quantized_dtype(asked: torch.dtype | None, reader: CheckpointReader) -> torch.dtype:
+    """The activations' dtype of a quantized model: as asked, else the stored one, but bfloat16 for float16
+    files (GPTQ files are float16; the CPU computes bfloat16 much faster)."""
+    if asked is not None:
+        return asked
+    stored = next((t.dtype for t in reader if t.dtype.is_floating_point and t.name.endswith("weight")), None)
+    return torch.bfloat16 if stored in (None, torch.float16) else stored
+
+
+def _gptq_linears(config: Config, quant: QuantFile, reader: CheckpointReader,
+                  dtype: torch.dtype) -> tuple[dict[str, QuantLinear], set[str]]:
+    """Every block linear as a quantized layer (our module name -> layer), and the file tensors they took."""
+    settings = quant.settings
+    stored = {t.name: t for t in reader}
+    scratch = Scratch()  # one for the model: its layers run one at a time
+    layers: dict[str, QuantLinear] = {}
+    claimed: set[str] = set()
+    for layer in range(config.n_layer):
+        fused = None
+        for linear in LINEARS:
+            module = hf_module(config, layer, linear)
+            names = {key: f"{module}.{key}" for key in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+            if names["qweight"] not in stored:
+                raise CheckpointError(f"{reader.files[0].parent}: {module}.qweight is missing: the files do not "
+                                      f"match the quantization settings in {quant.source}")
+            claimed.update(n for n in names.values() if n in stored)
+            shared = config.model_type == "gpt_bigcode" and linear in ("attn.q", "attn.k", "attn.v")
+            if not shared or fused is None:
+                tensors = {key: reader.read(stored[name]) for key, name in names.items() if name in stored}
+                weight = from_gptq_tensors(tensors, settings.bits, settings.group_size, settings.checkpoint_format,
+                                           module)
+                bias = tensors.get("bias")
+                if shared:  # the fused c_attn, split once into q, k and v
+                    fused = list(zip(split_qkv(config, weight),
+                                     split_c_attn(config, bias) if bias is not None else [None] * 3, strict=True))
+            if shared:
+                weight, bias = fused["qkv".index(linear[-1])]
+            expected = _linear_shape(config, linear)
+            if weight.shape != expected:
+                raise CheckpointError(f"{module}: quantized weight is {list(weight.shape)} but config.json "
+                                      f"describes {list(expected)}")
+            layers[f"model.layers.{layer}.{linear}"] = quantized_linear(weight, bias, dtype, scratch)
+            for name in names.values():  # the layer holds its own copies: the file pages can go (a view
+                if name in stored:  # still pointing there reads them back from the file)
+                    reader.release(stored[name])
+    return layers, claimed
+
+
+def _linear_shape(config: Config, linear: str) -> tuple[int, int]:
+    q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    return {"attn.q": (q_dim, config.n_embd), "attn.k": (kv_dim, config.n_embd), "attn.v": (kv_dim, config.n_embd),
+            "attn.o": (config.n_embd, q_dim), "mlp.fc": (config.n_inner, config.n_embd),
+            "mlp.proj": (config.n_embd, config.n_inner)}[linear]
+
+
+def _packed(converted: list[tuple[str, torch.Tensor]], tied_head: bool) -> list[tuple[str, torch.Tensor]]:
+    """Linear weights in oneDNN's inference layout; a tied lm_head gets a packed copy of the embedding, which
+    itself must stay readable for lookups."""
+    out = []
+    for name, t in converted:
+        is_linear = name.endswith(".weight") and not name.startswith(("model.embed", "model.pos"))
+        out.append((name, pack_weight(t) if is_linear and can_pack(t) else t))
+        if tied_head and name == "model.embed.weight" and can_pack(t):
+            out.append(("lm_head.weight", pack_weight(t)))
+    return out
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_mkldnn or b.is_mkldnn:  # oneDNN's packed layout is always a copy
+        return False
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _check_names(config: Config, reader: CheckpointReader, expected: dict[str, torch.Size], claimed: set[str]) -> None:
+    present = {t.name: t.file for t in reader}
+    missing = [n for n in expected if n not in present]
+    if missing:
+        files = ", ".join(str(f) for f in reader.files)
+        raise CheckpointError(f"tensor {missing[0]!r} is missing from {files}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    tied_head = config.tie_embeddings and config.head == "causal_lm"
+    unexpected = [n for n in present if n not in expected and n not in claimed and not IGNORED_HF_TENSORS.search(n)
+                  and not (tied_head and n == "lm_head.weight")]
+    if unexpected:
+        raise CheckpointError(f"{present[unexpected[0]]}: tensor {unexpected[0]!r} is not part of the model that "
+                              f"config.json describes ({config.n_layer} layers, {config.model_type}); "
+                              "does the config match the weights?")
