@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Config
+from .config import DTYPE_CHOICES, Config
 from .convert import ours_to_hf
 from .errors import CheckpointError, StarCoderError
 from .files import atomic, write_text_atomic
@@ -39,7 +39,6 @@ _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

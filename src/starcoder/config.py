@@ -14,6 +14,8 @@ from typing import Any
 
 from .errors import ConfigError
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # for loading: auto keeps the stored dtype
+
 SUPPORTED_MODEL_TYPES = ("gpt_bigcode", "starcoder2")
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast", "relu", "silu")
 HEADS = ("causal_lm", "sequence_classification")
