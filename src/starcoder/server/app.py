@@ -118,9 +118,9 @@ def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_b
     for kind in (APIError, StarCoderError, TimeoutError, Exception):
         app.add_exception_handler(kind, on_error)
 
-    openai_api.add_routes(app, service)
-    tgi_api.add_routes(app, service)
-    llamacpp_api.add_routes(app, service)
+    app.state.service = service
+    for api in (openai_api, tgi_api, llamacpp_api):
+        app.include_router(api.router)
     attribution_api.add_routes(app, attribution_index)
 
     # ------------------------------------------------------------------ playground

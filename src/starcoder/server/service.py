@@ -8,9 +8,9 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -230,3 +230,11 @@ class Service:
 
     def created(self) -> int:
         return int(time.time())
+
+
+def service(request: Request) -> Service:
+    """The app's Service, for the routes (each API's routes are plain functions on a router)."""
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(service)]
