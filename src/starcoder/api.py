@@ -6,8 +6,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .chat import STOP as CHAT_STOP
-from .chat import chat_prompt
+from .chat import chat_prompt, with_chat_stops
 from .errors import StarCoderError
 from .fim import PromptFormat, RepoFile
 from .generate import Completion, Request, SamplingParams, generate, stream
@@ -54,7 +53,8 @@ class StarCoder:
         return self.complete(self.infill_prompt(prefix, suffix, mode), **sampling)
 
     def chat(self, messages: Sequence[dict[str, str]], **sampling: Any) -> Completion:
-        completion = self.complete(chat_prompt(messages), **_with_chat_stops(sampling))
+        stop = with_chat_stops(sampling.pop("stop", None))
+        completion = self.complete(chat_prompt(messages), **sampling, stop=stop)
         completion.text = completion.text.strip()
         return completion
 
@@ -69,13 +69,8 @@ class StarCoder:
         return self.stream(self.infill_prompt(prefix, suffix, mode), **sampling)
 
     def stream_chat(self, messages: Sequence[dict[str, str]], **sampling: Any) -> Iterator[str]:
-        return self.stream(chat_prompt(messages), **_with_chat_stops(sampling))
-
-
-def _with_chat_stops(sampling: dict[str, Any]) -> dict[str, Any]:
-    stop = sampling.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    return {**sampling, "stop": stop + tuple(s for s in CHAT_STOP if s not in stop)}
+        stop = with_chat_stops(sampling.pop("stop", None))
+        return self.stream(chat_prompt(messages), **sampling, stop=stop)
 
 
 def load(model: str | os.PathLike | None = None, dtype: str | None = None, device: str = "cpu",

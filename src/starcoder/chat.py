@@ -38,6 +38,12 @@ STOP = ("\nHuman:", "\n-----")
 ROLES = ("system", "user", "assistant")
 
 
+def with_chat_stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The caller's stop strings, then the chat's own (where the assistant's turn is over)."""
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return stop + tuple(s for s in STOP if s not in stop)
+
+
 def chat_prompt(messages: Sequence[dict[str, Any]]) -> str:
     """The prompt for the assistant's next reply. A system message replaces the preamble."""
     if not messages:

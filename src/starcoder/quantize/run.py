@@ -23,7 +23,6 @@ from ..checkpoint import CheckpointReader, load_config, weight_files
 from ..errors import StarCoderError
 from ..linears.gptq_layout import LINEARS, QuantSettings, read_quant_config
 from ..loader import build
-from ..model import CAUSAL, rotary_cos_sin
 from ..paths import resolve_model_dir
 from ..tokenizer import Tokenizer
 from .files import QuantizedWriter
@@ -95,14 +94,8 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
     lm = build(config, reader)
     decoder, stored = lm.model, lm.model.embed.weight.dtype
     positions = torch.arange(seq_len)[None]
-    hidden = []
-    for window in windows:
-        x = decoder.embed(window[None])
-        if decoder.pos_embed is not None:
-            x = x + decoder.pos_embed(positions)
-        hidden.append(x.to(stored))
-    rotary = None if decoder.pos_embed is not None else rotary_cos_sin(positions, config.head_dim, config.rope_theta,
-                                                                        torch.float32)
+    hidden = [decoder.embed_tokens(window[None], positions).to(stored) for window in windows]
+    rotary = decoder.rotary(positions, torch.float32)
     writer = QuantizedWriter(out, config, settings, str(model))
     losses = {}
     _peak_rss(reset=True)
@@ -113,8 +106,8 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
     for index, block in enumerate(decoder.layers):
         work = copy.deepcopy(block).float()
 
-        def run(x: torch.Tensor, work=work, index=index) -> torch.Tensor:
-            return work(x.float(), CAUSAL, rotary, None, 0, index)
+        def run(x: torch.Tensor, work=work) -> torch.Tensor:
+            return work(x.float(), rotary=rotary)
 
         quantized = {}
         for group in groups:
