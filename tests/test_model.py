@@ -194,17 +194,23 @@ def test_reference_kernels_are_bit_exact(name, tmp_path, monkeypatch):
     assert torch.equal(ours(ids).logits, hf(ids).logits)
 
 
-def test_onednn_linear_is_used_for_cpu_inference_only():
-    from starcoder.linears.dense import Linear
+def test_onednn_linear_is_used_for_cpu_inference_only(monkeypatch):
+    from starcoder.linears.dense import Linear, onednn_supports
 
     F = torch.nn.functional
     layer = Linear(8, 4)
     x = torch.randn(3, 8)
     with torch.no_grad():
         expected = F.gelu(F.linear(x, layer.weight, layer.bias), approximate="tanh")
+    plain = []  # which path ran: F.linear calls are counted
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *args, **kwargs: plain.append(1) or linear(*args, **kwargs))
+    with torch.no_grad():
         assert_close(layer(x, activation="gelu_pytorch_tanh"), expected)
         assert_close(layer(x, activation="silu"), F.silu(layer(x)))
+    assert len(plain) == (0 if onednn_supports(torch.float32) else 3)  # inference: oneDNN where it runs
     y = layer(x)  # gradients needed: the ordinary path, which has a backward
+    assert len(plain) == (1 if onednn_supports(torch.float32) else 4)
     y.sum().backward()
     assert layer.weight.grad is not None
 

@@ -89,3 +89,61 @@ def test_decode_head_reads_the_embedding_in_place():
     y = native.kernels().bf16_matvec(x[0].contiguous(), embedding)
     assert float((y.double() - expected[0]).abs().max() / expected.abs().max()) < 1e-5
     torch.testing.assert_close(head(torch.randn(1, 20, 128).bfloat16()).shape, torch.Size([1, 20, 320]))
+
+
+class ReferenceKernels:
+    """kernels.cpp's functions written in PyTorch from their documented layouts: lets the layers that call them
+    (their packing, scales, offsets, bias and activation epilogue, the long-input path) be checked on any CPU."""
+
+    @staticmethod
+    def _int4_weight(packed, scales, offsets, group):
+        N, K = packed.shape[0], packed.shape[1] * 2
+        chunks = packed.view(N, K // 64, 32)  # byte j of a 64-input chunk: input j low, input 32 + j high
+        q = torch.stack((chunks & 15, chunks >> 4), dim=2).view(N, K).float()
+        groups = torch.arange(K) // group
+        return q * scales[:, groups] + offsets[:, groups]
+
+    @staticmethod
+    def _epilogue(y, bias, activation):
+        y = y if bias is None else y + bias
+        y = {0: y, 1: torch.nn.functional.gelu(y, approximate="tanh"), 2: torch.nn.functional.gelu(y)}[activation]
+        return y.bfloat16()
+
+    def int4_matvec(self, x, packed, scales, offsets, group, bias, activation):
+        return self._epilogue(x.float() @ self._int4_weight(packed, scales, offsets, group).T, bias, activation)
+
+    def int4_dequantize(self, packed, scales, offsets, group, w):
+        w.copy_(self._int4_weight(packed, scales, offsets, group))
+        return w
+
+    def int8_matvec(self, x, q8, scale, offset, bias, activation):
+        return self._epilogue(x.float() @ (q8.float() * scale[:, None] + offset[:, None]).T, bias, activation)
+
+    def int8_dequantize(self, q8, scale, offset, w):
+        w.copy_(q8.float() * scale[:, None] + offset[:, None])
+        return w
+
+    def bf16_matvec(self, x, w):
+        return (x.float() @ w.float().T).bfloat16()
+
+
+@pytest.mark.parametrize("bits, group_size, N, K", SHAPES[:5])
+def test_native_layers_on_reference_kernels(bits, group_size, N, K, monkeypatch):
+    """The native layer kinds, on kernels.cpp's contract written in PyTorch: packing, act-order, scales and
+    offsets, the bias and activation epilogue, and the long-input path through the model's shared buffer."""
+    monkeypatch.setattr(native, "kernels", lambda: ReferenceKernels())
+    weight, bias = random_weight(N, K, bits, group_size), torch.randn(N)
+    layer = quantized_linear(weight, bias, torch.bfloat16)
+    assert layer.mode == ("native-int4" if bits == 4 and group_size in (-1, 64, 128) else
+                          "native-int8" if bits == 8 else "int4")
+    for rows, activation in ((1, None), (3, "gelu_pytorch_tanh"), (8, "gelu"), (20, None), (20, "gelu")):
+        x = torch.randn(rows, K).bfloat16()
+        y = reference(weight, bias, x.float())
+        if activation:
+            y = torch.nn.functional.gelu(y, approximate="tanh" if activation == "gelu_pytorch_tanh" else "none")
+        got = layer(x, activation).double()
+        assert float((got - y).abs().max() / y.abs().max()) < 2e-2, (rows, activation)
+    expected = weight.dequantize()  # the weight back, to bfloat16 arithmetic
+    torch.testing.assert_close(layer.dequantize().float(), expected, rtol=2**-8,
+                               atol=2**-7 * float(expected.abs().max()))
+    assert layer.nbytes < N * K * (bits / 8 + 0.2) + 16 * N  # stored compact, not as floats

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 import starcoder
-from conftest import LiveServer
+from conftest import LiveServer, needs
 
 pytest.importorskip("fastapi")
 API_KEY = "test-key"
@@ -306,7 +306,7 @@ def test_playground_streams_in_headless_chromium(model_dir, tmp_path, attributio
     import shutil
 
     chromium = shutil.which("chromium")
-    assert chromium, "the playground test needs Debian's chromium: apt-get install chromium"
+    needs(chromium is not None, "the playground test needs Debian's chromium: apt-get install chromium")
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     from starcoder.server.app import create_app
     from test_attribution import source_file

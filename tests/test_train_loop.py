@@ -62,10 +62,15 @@ def losses(setup, out):
     return [h["loss"] for h in json.loads((setup / out / "history.json").read_text())]
 
 
-def test_training_learns_and_writes_a_transformers_model(setup):
+@pytest.fixture(scope="module")
+def learned(setup):
+    """A 30-step training run (its result), shared by the tests that check it and fine-tune its model."""
     config = TrainConfig.from_file(config_file(setup, "learn"), {"max_steps": "30", "save_every": "10"})
-    result = train(config, progress=False)
-    history = result["history"]
+    return train(config, progress=False)
+
+
+def test_training_learns_and_writes_a_transformers_model(setup, learned):
+    history = learned["history"]
     assert history[-1]["loss"] < history[0]["loss"] - 2.0
     assert [h["step"] for h in history if "val_loss" in h] == [4, 8, 12, 16, 20, 24, 28, 30]
     out = setup / "learn"
@@ -111,10 +116,8 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, engine):
     assert (setup / f"two-{engine}" / "final" / "model.safetensors").is_file()  # gathered from the shards
 
 
-def test_fine_tune_a_trained_model(setup):
+def test_fine_tune_a_trained_model(setup, learned):
     start = setup / "learn" / "final"
-    if not start.exists():
-        pytest.skip("needs the model of test_training_learns_and_writes_a_transformers_model")
     config = TrainConfig.from_file(config_file(setup, "tuned"), {"model": str(start), "max_steps": "4",
                                                                  "lr": "1e-4"})
     history = train(config, progress=False)["history"]
