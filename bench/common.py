@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -68,10 +69,21 @@ def wait_until_healthy(server: subprocess.Popen, port: int, name: str, limit: fl
         except httpx.HTTPError:
             pass
         if server.poll() is not None:
-            raise RuntimeError(f"{name} exited: {server.stderr.read()[-2000:]}")
+            output = server.stderr.read()[-2000:] if server.stderr else "(its output went to its log file)"
+            raise RuntimeError(f"{name} exited: {output}")
         time.sleep(0.5)
     server.terminate()
     raise RuntimeError(f"{name} did not start within {limit:g} s")
+
+
+@contextlib.contextmanager
+def running(server: subprocess.Popen):
+    """A server process for the length of a with-block; stopped (and waited for) however the block ends."""
+    try:
+        yield server
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import llamacpp
-from common import RESULTS, make_checkpoint
+from common import RESULTS, make_checkpoint, running
 from common import parser as common_parser
 
 SIDES = ("starcoder", "llama.cpp")
@@ -119,14 +119,11 @@ def measure(side: str, model_dir: Path, gguf: Path, workloads: dict) -> dict:
     port = free_port()
     server = start_ours(model_dir, port) if side == "starcoder" else llamacpp.start_server(gguf, port, context=4096)
     url = f"http://127.0.0.1:{port}"
-    try:
+    with running(server):
         asyncio.run(keystroke_replay(url, [workloads["warm"]]))
         result = {name: asyncio.run(keystroke_replay(url, prompts)) for name, prompts in workloads["files"].items()}
         result["head_of_line"] = asyncio.run(head_of_line(url, workloads["short"], workloads["long"]))
         return result
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 def main() -> None:

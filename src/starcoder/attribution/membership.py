@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StarCoderError
+from ..files import atomic
 
 NGRAM = 50
 STRIDE = 50
@@ -103,11 +104,9 @@ class BloomFilter:
     def save(self, path: Path) -> None:
         """A JSON header line, then the bit array; written by rename."""
         header = (json.dumps(self.params.__dict__) + "\n").encode()
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic(path) as tmp, open(tmp, "wb") as f:
             f.write(header)
             f.write(self.words.astype("<u8").tobytes())
-        tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> BloomFilter:
