@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import DTYPE_CHOICES, PRESETS
 from ..errors import StarCoderError
 from ..speculate import MODES as SPECULATE_MODES
-from .table import ALLOW_PICKLE, DTYPE, JSON, MODEL, OneOf, command, flag
+from .table import ALLOW_PICKLE, DTYPE, JSON, MODEL, SEED, OneOf, command, flag
 
 SPECULATE = flag("--speculate", default="none", choices=SPECULATE_MODES, help="draft tokens and check several at "
                  "once, same output: ngram by prompt lookup (fast where the text repeats its input), draft by "
@@ -34,7 +34,7 @@ def info(args: argparse.Namespace) -> None:
          flag("--out", dest="out_flag", metavar="DIR", help="output directory (instead of the positional one)"),
          OneOf((flag("--preset", default="tiny-starcoder", choices=sorted(PRESETS), help="model shape"),
                 flag("--config", help="a Hugging Face config.json to take the shape from"))),
-         flag("--dtype", default="float32", choices=DTYPE_CHOICES), flag("--seed", type=int, default=0),
+         flag("--dtype", default="float32", choices=DTYPE_CHOICES), SEED,
          flag("--force", action="store_true", help="overwrite a non-empty output directory"))
 def init(args: argparse.Namespace) -> None:
     """A randomly initialised model directory, from a preset or a config.json."""

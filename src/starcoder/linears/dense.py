@@ -50,8 +50,8 @@ class Linear(nn.Linear):
         if self.packed and torch.is_grad_enabled() and x.requires_grad:
             raise StarCoderError("this model's weights are packed for CPU inference; load it without pack=True "
                                  "to train it")
-        onednn = self.packed or (self.use_onednn and not (torch.is_grad_enabled()
-                                                          and (x.requires_grad or self.weight.requires_grad)))
+        # (a packed weight takes oneDNN whatever this says: matmul sees its layout)
+        onednn = self.use_onednn and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         return matmul(x, self.weight, self.bias, activation, onednn)
 
 

@@ -113,14 +113,20 @@ class QuantLinear(nn.Module):
         return y if activation is None else activation_function(activation)(y)
 
     def dequantize(self) -> Tensor:
-        """The weight (N, K) in the layer's dtype and the original input order."""
-        eye = torch.eye(self.in_features, dtype=self.dtype)
+        """The weight (N, K) in the layer's dtype and the original input order: the layer applied to the unit
+        vectors, a block of them at a time (a whole K x K identity would be gigabytes for a large layer)."""
+        K, block = self.in_features, 1024
+        w = torch.empty(self.out_features, K, dtype=self.dtype)
         bias, self.bias = self.bias, None
         try:
-            w = self(eye).T  # the layer applied to the unit vectors is its weight
+            for start in range(0, K, block):
+                rows = min(block, K - start)
+                units = torch.zeros(rows, K, dtype=self.dtype)
+                units[torch.arange(rows), torch.arange(start, start + rows)] = 1
+                w[:, start : start + rows] = self(units).T
         finally:
             self.bias = bias
-        return w.contiguous()
+        return w
 
     @property
     def nbytes(self) -> int:
