@@ -353,7 +353,7 @@ def test_prefix_reuse_and_chunked_prefill_give_the_same_tokens(pair):
     assert run(cached, prompts[-1:], params, n=3) == plain[-1:] * 3  # n samples of a cached prompt
 
 
-def test_requests_join_and_leave_while_a_long_prompt_is_chunked(pair):
+def test_requests_join_and_leave_while_a_long_prompt_is_chunked(pair, monkeypatch):
     from starcoder.generate import Generator
 
     _, model, tokenizer = pair
@@ -364,6 +364,10 @@ def test_requests_join_and_leave_while_a_long_prompt_is_chunked(pair):
     generator.submit(short, SamplingParams(max_new_tokens=20), request=1)
     events = generator.step()  # the short prompt is done in one chunk and decodes from here on
     generator.submit(long_prompt, SamplingParams(max_new_tokens=8), request=0)
+    passes = []
+    for method in ("forward", "forward_together"):
+        original = getattr(model, method)
+        monkeypatch.setattr(model, method, lambda *a, _f=original, _m=method, **k: passes.append(_m) or _f(*a, **k))
     steps_while_prefilling = 0
     while generator.pending or generator.active:
         steps_while_prefilling += bool(generator.pending)
@@ -371,6 +375,46 @@ def test_requests_join_and_leave_while_a_long_prompt_is_chunked(pair):
     done = {e.request: e.completion.token_ids for e in events if e.completion is not None}
     assert [done[0], done[1]] == [alone[0][0].token_ids, alone[1][0].token_ids]
     assert steps_while_prefilling == -(-len(long_prompt) // 4)  # one chunk per step, the short one decoding
+    # Each chunk rode along with the short one's decode step: one pass, one read of the weights.
+    assert passes[:steps_while_prefilling] == ["forward_together"] * steps_while_prefilling
+    assert set(passes[steps_while_prefilling:]) == {"forward"}
+
+
+def test_a_prompt_computed_beside_decoding_is_scored_and_fails_alone(pair, monkeypatch):
+    """Prompt logprobs of a prompt computed in chunks beside a running sequence equal those computed alone; a
+    pass that fails together is retried apart, so only the prompt that cannot be computed fails."""
+    from starcoder.generate import Generator
+
+    _, model, tokenizer = pair
+    ids = tokenizer.encode(CODE * 2)
+    scored = SamplingParams(max_new_tokens=8, prompt_logprobs=0)
+    (alone,) = generate(model, tokenizer, [Request(ids, scored)])
+    generator = Generator(model, tokenizer, max_batch=3, prefill_chunk=5)
+    generator.add(tokenizer.encode("import os\n"), SamplingParams(max_new_tokens=30, ignore_eos=True), request=1)
+    generator.submit(ids, scored, request=0)
+    events = []
+    while generator.pending:
+        events += generator.step()
+    (first,) = [e for e in events if e.request == 0]
+    got, want = generator.active[1].prompt_logprobs, alone[0].prompt_logprobs
+    assert [t.id for t in got] == [t.id for t in want]
+    assert [t.logprob for t in got] == pytest.approx([t.logprob for t in want], abs=1e-4)  # other GEMM shapes
+    assert first.token.id == alone[0].token_ids[0]
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("a pass that cannot be computed")
+
+    def prompts_fail(ids, *args, _forward=model.forward, **kwargs):  # decoding (one token per row) still works
+        return failing() if ids.shape[1] > 1 else _forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward_together", failing)
+    monkeypatch.setattr(model, "forward", prompts_fail)
+    running = [s.request for s in generator.active]
+    generator.submit(tokenizer.encode("class Stack:\n    pass\n"), SamplingParams(max_new_tokens=2), request=2)
+    events = generator.step()
+    assert sorted(e.request for e in events) == sorted(running + [2])  # a token each, and one event for 2:
+    assert [e.request for e in events if e.finish_reason == "error"] == [2]  # its error
+    assert not generator.pending and [s.request for s in generator.active] == running
 
 
 def test_a_cancelled_prompt_leaves_what_was_computed(pair):

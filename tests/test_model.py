@@ -73,6 +73,34 @@ def test_cached_decoding_equals_full_forward(name, tmp_path):
     assert_close(torch.cat(steps, dim=1), full)
 
 
+@pytest.mark.parametrize("name", sorted(HF_MODELS))
+@torch.no_grad()
+def test_batches_computed_together_equal_each_alone(name, tmp_path):
+    """Decode rows of a paged cache at different lengths and a prompt chunk in another cache, in one pass: the
+    logits and what each cache holds afterwards are those of computing each batch on its own."""
+    ours = ours_from_hf(HF_MODELS[name](), tmp_path)
+    ids = random_ids(3, 30)
+
+    def caches():
+        rows, prompt = ours.new_cache(2, 30, paged=True), ours.new_cache(1, 30)
+        for row, length in enumerate((9, 21)):  # rows at different lengths, past starcoder2-window's window
+            ours(ids[row : row + 1, :length], cache=rows.rows(row))
+        ours(ids[2:, :4], cache=prompt)
+        return rows, prompt
+
+    decode = torch.stack([ids[0, 9], ids[1, 21]])[:, None]  # (2, 1)
+    rows, prompt = caches()
+    alone = [ours(decode, cache=rows).logits, ours(ids[2:, 4:17], cache=prompt).logits]
+    rows_together, prompt_together = caches()
+    together = ours.forward_together([(decode, rows_together, 1), (ids[2:, 4:17], prompt_together, 0)])
+    for got, want in zip(together, alone, strict=True):
+        assert_close(got, want)
+    assert rows_together.lengths.tolist() == [10, 22] and prompt_together.length == 17
+    more = torch.tensor([[5], [6]])
+    assert_close(ours(more, cache=rows_together).logits, ours(more, cache=rows).logits)
+    assert_close(ours(more[:1], cache=prompt_together).logits, ours(more[:1], cache=prompt).logits)
+
+
 @torch.no_grad()
 def test_cached_decoding_with_left_padding(tmp_path):
     ours = ours_from_hf(hf_starcoder2(sliding_window=6), tmp_path)

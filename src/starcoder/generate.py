@@ -67,13 +67,13 @@ class Generator:
         self.cache = model.new_cache(max_batch, self.max_len, paged=True)  # the slots of running sequences
         self.scratch = model.new_cache(1, self.max_len)  # prompts are computed here, then copied to their slots
         self.prefixes = PrefixStore(int(prefix_cache_mb * 2**20))
-        # Prompt tokens computed per step. None: as many as fit in about two decode steps' time while others
-        # decode (their longest gap stays near three ordinary ones), the whole prompt when nothing does.
+        # Prompt tokens computed per step. None: while others decode, as many as cost about one decode step (see
+        # _chunk); the whole prompt when nothing does.
         self.prefill_chunk = prefill_chunk
         # Off (0) or the fewest tokens after an edit worth taking from the kept prompt at their new positions
         # (llama.cpp's --cache-reuse): approximate, as their keys and values saw the text before the edit.
         self.cache_reuse = cache_reuse
-        self._step_seconds: float | None = None  # moving averages: a decode step, and a prompt token in a chunk
+        self._step_seconds: float | None = None  # moving averages: a decode step, and what a prompt token adds
         self._token_seconds: float | None = None
         self.pending: deque[Prefill] = deque()
         self.active: list[Sequence] = []  # active[i] lives in cache row i
@@ -118,24 +118,49 @@ class Generator:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """A chunk of the oldest queued prompt (its samples' first tokens once it is done), then one new token
-        for every running sequence."""
-        events = self._timed_prefill() if self.pending else []
+        """One new token for every running sequence, with a chunk of the oldest queued prompt computed in the same
+        forward pass (its samples' first tokens once it is done); with nothing running, the prompt alone."""
+        job = self.pending[0] if self.pending else None
         if not self.active:
-            return events
-        if self.drafter is not None and len(self.active) == 1:
+            return self._prefill(self.prefill_chunk) if job else []
+        if job is None and self.drafter is not None and len(self.active) == 1:
             # Alone, a sequence's step is bound by reading the weights, and checking a few drafted tokens costs
             # about the same. With company the batch already uses that read, and drafting would only add work.
             speculated = self._speculative_step(self.active[0])
             if speculated is not None:
-                return events + speculated
-        started = time.perf_counter()
-        last = torch.tensor([[seq.generated[-1]] for seq in self.active])  # (n, 1)
-        logits = self.model(last, cache=self.cache.rows(0, len(self.active))).logits[:, -1]  # (n, V)
+                return speculated
+        chunk, events = None, []
+        if job is not None:
+            try:
+                chunk = self._next_chunk(job, self._chunk())
+            except Exception as e:  # noqa: BLE001 - handed to whoever asked for this prompt
+                events.append(self._fail(job, e))
+        if chunk is not None:
+            started = time.perf_counter()
+            last = torch.tensor([[seq.generated[-1]] for seq in self.active])  # (n, 1)
+            scored = job.params.prompt_logprobs is not None
+            try:
+                logits, prompt_logits = self.model.forward_together([
+                    (last, self.cache.rows(0, len(self.active)), 1),
+                    (torch.tensor([chunk]), self.scratch.rows(0), 0 if scored else 1)])
+            except Exception:  # noqa: BLE001 - apart, a prompt that cannot be computed fails only its own request
+                events += self._prefill(len(chunk))
+                chunk = None
+            else:
+                logits = logits[:, -1]  # (n, V)
+                if self._step_seconds is not None:  # what a prompt token adds to a decode step
+                    added = max(time.perf_counter() - started - self._step_seconds, 0.0) / len(chunk)
+                    self._token_seconds = _average(self._token_seconds, added)
+        if chunk is None:
+            started = time.perf_counter()
+            last = torch.tensor([[seq.generated[-1]] for seq in self.active])
+            logits = self.model(last, cache=self.cache.rows(0, len(self.active))).logits[:, -1]
+            self._step_seconds = _average(self._step_seconds, time.perf_counter() - started)
         finite = all_finite(logits).tolist()  # (n,)
-        self._step_seconds = _average(self._step_seconds, time.perf_counter() - started)
         events += [self._advance(seq, logits[i], finite[i]) for i, seq in enumerate(self.active)]
         self._retire_finished()
+        if chunk is not None:
+            events += self._computed(job, len(chunk), prompt_logits[0])
         return events
 
     def _speculative_step(self, seq: Sequence) -> list[Event] | None:
@@ -184,57 +209,61 @@ class Generator:
 
     # ------------------------------------------------------------------ prompts
     def _chunk(self) -> int | None:
-        if self.prefill_chunk or not self.active:
+        """Prompt tokens to compute with the next decode step: as many as cost about one decode step of their own
+        (the running sequences' gap stays near two ordinary steps), or the server's fixed setting."""
+        if self.prefill_chunk:
             return self.prefill_chunk
         if self._step_seconds is None or self._token_seconds is None:
-            return 32  # a first, small chunk to learn how long a prompt token takes
-        return max(16, int(2 * self._step_seconds / self._token_seconds))
-
-    def _timed_prefill(self) -> list[Event]:
-        job, chunk = self.pending[0], self._chunk()
-        before, started = job.done - self.reused_tokens, time.perf_counter()
-        events = self._prefill(chunk)
-        computed = job.done - self.reused_tokens - before
-        if chunk is not None and computed > 0:
-            self._token_seconds = _average(self._token_seconds, (time.perf_counter() - started) / computed)
-        return events
+            return 32  # a first, small chunk to learn what a prompt token adds
+        return max(16, int(self._step_seconds / max(self._token_seconds, 1e-6)))
 
     def _prefill(self, budget: int | None) -> list[Event]:
-        """Compute up to `budget` more tokens of the oldest queued prompt; when it is complete, its samples
-        take their slots and choose their first tokens. A prompt that fails fails its own request only."""
+        """Compute up to `budget` more tokens (None: all) of the oldest queued prompt on their own."""
         job = self.pending[0]
-        scored = job.params.prompt_logprobs is not None  # scoring needs every position's logits: no reuse
-        try:
-            if not job.started:
-                job.started = True
-                self.scratch.clear(0)
-                prefix, n = (None, 0) if scored else self.prefixes.longest(job.ids)
-                n = min(n, len(job.ids) - 1)  # the last token is always computed: its logits pick the first token
-                if prefix is not None and n > 0:
-                    self.scratch.load(0, prefix.k[:, :, :n], prefix.v[:, :, :n])
-                    job.done = n
-                    self.reused_tokens += n
-                    job.moved = self._moved_part(prefix, n, job.ids) if self.cache_reuse else None
-            while job.done < len(job.ids) and (budget is None or budget > 0):
-                if job.moved is not None and job.done == job.moved[0]:
-                    _, k, v = job.moved
-                    self.scratch.load(0, k, v, at=job.done)
-                    job.done += k.shape[2]
-                    self.reused_tokens += k.shape[2]
-                    job.moved = None
-                stop = len(job.ids) if job.moved is None else job.moved[0]
-                end = stop if budget is None else min(stop, job.done + budget)
-                chunk = torch.tensor([job.ids[job.done : end]])
-                logits = self.model(chunk, cache=self.scratch.rows(0), logits_to_keep=0 if scored else 1).logits[0]
-                budget = None if budget is None else budget - (end - job.done)
-                job.done = end
-                if scored:
-                    job.logits.append(logits)
-            if job.done < len(job.ids):
-                return []
-        except Exception as e:  # noqa: BLE001 - handed to whoever asked for this prompt
-            self.pending.popleft()
-            return [Event(job.request, 0, TokenInfo(-1, ""), "", "error", error=e)]
+        scored = job.params.prompt_logprobs is not None
+        events: list[Event] = []
+        while job in self.pending and (budget is None or budget > 0):
+            try:
+                chunk = self._next_chunk(job, budget)
+                ids = torch.tensor([chunk])
+                logits = self.model(ids, cache=self.scratch.rows(0), logits_to_keep=0 if scored else 1).logits[0]
+            except Exception as e:  # noqa: BLE001 - handed to whoever asked for this prompt
+                return events + [self._fail(job, e)]
+            events += self._computed(job, len(chunk), logits)
+            budget = None if budget is None else budget - len(chunk)
+        return events
+
+    def _next_chunk(self, job: Prefill, budget: int | None) -> list[int]:
+        """The prompt's next tokens to compute (at most `budget`). A prompt starts from the longest prefix kept
+        from earlier prompts, and takes a kept part moved to its new position when it reaches it."""
+        if not job.started:
+            job.started = True
+            self.scratch.clear(0)
+            scored = job.params.prompt_logprobs is not None  # scoring needs every position's logits: no reuse
+            prefix, n = (None, 0) if scored else self.prefixes.longest(job.ids)
+            n = min(n, len(job.ids) - 1)  # the last token is always computed: its logits pick the first token
+            if prefix is not None and n > 0:
+                self.scratch.load(0, prefix.k[:, :, :n], prefix.v[:, :, :n])
+                job.done = n
+                self.reused_tokens += n
+                job.moved = self._moved_part(prefix, n, job.ids) if self.cache_reuse else None
+        if job.moved is not None and job.done == job.moved[0]:
+            _, k, v = job.moved
+            self.scratch.load(0, k, v, at=job.done)
+            job.done += k.shape[2]
+            self.reused_tokens += k.shape[2]
+            job.moved = None
+        stop = len(job.ids) if job.moved is None else job.moved[0]
+        return job.ids[job.done : stop if budget is None else min(stop, job.done + budget)]
+
+    def _computed(self, job: Prefill, n: int, logits: Tensor) -> list[Event]:
+        """n more prompt tokens are in the scratch row (logits: theirs); when the prompt is complete, its samples
+        take their slots and choose their first tokens."""
+        job.done += n
+        if job.params.prompt_logprobs is not None:
+            job.logits.append(logits)
+        if job.done < len(job.ids):
+            return []
         self.pending.popleft()
         kept = self.scratch.keys_values(0, len(job.ids))
         self.prefixes.put(job.ids, *kept)
@@ -243,7 +272,7 @@ class Generator:
         for sample in range(job.n):
             self.cache.load(slot + sample, *kept)
             sequences.append(Sequence(job.ids, job.params, self.tokenizer, self.stop_ids, job.request, sample))
-        if scored:
+        if job.logits:
             sequences[0].score_prompt(torch.cat(job.logits))
             for seq in sequences[1:]:
                 seq.prompt_logprobs = sequences[0].prompt_logprobs
@@ -253,6 +282,11 @@ class Generator:
         events = [self._advance(seq, last, finite) for seq in sequences]
         self._retire_finished()
         return events
+
+    def _fail(self, job: Prefill, error: Exception) -> Event:
+        """A prompt that cannot be computed fails its own request only."""
+        self.pending.remove(job)
+        return Event(job.request, 0, TokenInfo(-1, ""), "", "error", error=error)
 
     def _moved_part(self, prefix: Prefix, n: int, ids: list[int]) -> tuple[int, Tensor, Tensor] | None:
         """After an edit (the first n tokens shared), the kept prompt's tokens that the new prompt ends with,

@@ -128,6 +128,21 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Tensor | str, scale: float)
     return y.view(B, KV, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
+@dataclass
+class Span:
+    """One group of rows in a forward pass: `rows` rows of `tokens` new tokens, with their own cache and the keys
+    each may see. Spans computed together lie one after another along the token axis of a single row: every
+    linear reads its weights once for all of them (a prompt chunk riding along with a decode step), while
+    attention stays within each span."""
+
+    rows: int
+    tokens: int
+    pattern: Tensor | str = CAUSAL
+    rotary: tuple[Tensor, Tensor] | None = None
+    cache: KVCache | PagedKVCache | None = None
+    start: int | Tensor = 0
+
+
 class Attention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
@@ -139,18 +154,25 @@ class Attention(nn.Module):
         self.o = Linear(q_dim, config.n_embd, bias=config.bias)
         self.scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
 
-    def forward(self, x: Tensor, pattern: Tensor | str, rotary: tuple[Tensor, Tensor] | None,
-                cache: KVCache | PagedKVCache | None, start: int | Tensor, layer: int) -> Tensor:
-        B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+    def forward(self, x: Tensor, spans: list[Span], layer: int) -> Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if len(spans) == 1:
+            return self.o(self._attend(spans[0], q, k, v, layer))
+        sizes = [span.rows * span.tokens for span in spans]
+        parts = zip(spans, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), strict=True)
+        return self.o(torch.cat([self._attend(*part, layer).reshape(1, -1, q.shape[-1]) for part in parts], 1))
+
+    def _attend(self, span: Span, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        B, T = span.rows, span.tokens
+        q = q.reshape(B, T, self.n_head, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_head, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_head, self.head_dim)
+        if span.rotary is not None:
+            q, k = apply_rotary(q, *span.rotary), apply_rotary(k, *span.rotary)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, KV, T, hd)
-        if cache is not None:
-            k, v = cache.update(layer, k, v, start)  # (B, KV, S, hd)
-        return self.o(attend(q, k, v, pattern, self.scale))
+        if span.cache is not None:
+            k, v = span.cache.update(layer, k, v, span.start)  # (B, KV, S, hd)
+        return attend(q, k, v, span.pattern, self.scale)
 
 
 class MLP(nn.Module):
@@ -173,10 +195,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, pattern: Tensor | str = CAUSAL, rotary: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | PagedKVCache | None = None, start: int | Tensor = 0, layer: int = 0) -> Tensor:
-        """By default: a whole sequence, no cache (as calibration and tests run a block alone)."""
-        x = x + self.attn(self.attn_norm(x), pattern, rotary, cache, start, layer)
+    def forward(self, x: Tensor, spans: list[Span] | None = None, layer: int = 0) -> Tensor:
+        """By default: whole sequences, causal, no cache (as calibration and tests run a block alone)."""
+        x = x + self.attn(self.attn_norm(x), spans or [Span(x.shape[0], x.shape[1])], layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -214,15 +235,9 @@ class Decoder(nn.Module):
             return None
         return rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, dtype)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        cache: KVCache | PagedKVCache | None = None,
-        output_hidden_states: bool = False,
-    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-        config = self.config
+    def span(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+             cache: KVCache | PagedKVCache | None = None) -> tuple[Span, Tensor]:
+        """The blocks' view of a batch of new tokens (where they go, what they see) and their embeddings."""
         B, T = input_ids.shape
         # Where the new tokens go: one start for the batch, or one per cache row when rows differ in length.
         start = cache.start_positions(T) if cache is not None else 0
@@ -237,20 +252,42 @@ class Decoder(nn.Module):
             else:
                 position_ids = start[:, None]  # (B, 1)
         x = self.embed_tokens(input_ids, position_ids)  # (B, T, D)
-        rotary = self.rotary(position_ids, x.dtype)
-        pattern = attention_pattern(attention_mask, start, T, S, config.sliding_window, x.device, key_positions)
+        pattern = attention_pattern(attention_mask, start, T, S, self.config.sliding_window, x.device, key_positions)
+        return Span(B, T, pattern, self.rotary(position_ids, x.dtype), cache, start), x
 
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | PagedKVCache | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        span, x = self.span(input_ids, attention_mask, position_ids, cache)
         hidden = [x] if output_hidden_states else None
         for i, block in enumerate(self.layers):
-            x = block(x, pattern, rotary, cache, start, i)
+            x = block(x, [span], i)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(span.tokens)
         if hidden is not None:
             hidden[-1] = x
         return x, tuple(hidden) if hidden is not None else None
+
+    def forward_together(self, inputs: list[tuple[Tensor, KVCache | PagedKVCache]]) -> list[Tensor]:
+        """Several batches of new tokens, each with its own cache, in one pass (each block's weights are read
+        once for all of them): each batch's final hidden states, (B, T, D)."""
+        spans, xs = zip(*(self.span(ids, cache=cache) for ids, cache in inputs), strict=True)
+        x = torch.cat([x.reshape(1, -1, x.shape[-1]) for x in xs], 1)  # (1, sum of B * T, D)
+        for i, block in enumerate(self.layers):
+            x = block(x, list(spans), i)
+        x = self.norm(x)
+        for span in spans:
+            span.cache.advance(span.tokens)
+        sizes = [span.rows * span.tokens for span in spans]
+        return [part.view(span.rows, span.tokens, -1) for span, part in zip(spans, x.split(sizes, 1), strict=True)]
 
 
 class CausalLM(nn.Module):
@@ -290,6 +327,15 @@ class CausalLM(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)
+
+    def forward_together(self, inputs: list[tuple[Tensor, KVCache | PagedKVCache, int]]) -> list[Tensor]:
+        """Batches of new tokens with their own caches in one pass (see Decoder.forward_together), each with its
+        logits_to_keep (0: all): each batch's logits, (B, kept, V), from one read of the head too."""
+        hidden = self.model.forward_together([(ids, cache) for ids, cache, _ in inputs])
+        kept = [x[:, -keep:] if keep else x for x, (_, _, keep) in zip(hidden, inputs, strict=True)]
+        logits = self.lm_head(torch.cat([x.reshape(1, -1, x.shape[-1]) for x in kept], 1))
+        parts = logits.split([x.shape[0] * x.shape[1] for x in kept], 1)
+        return [part.view(*x.shape[:2], -1) for part, x in zip(parts, kept, strict=True)]
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from ..checkpoint import CheckpointReader, load_config, weight_files
 from ..errors import StarCoderError
 from ..linears.gptq_layout import LINEARS, QuantSettings, read_quant_config
 from ..loader import build
+from ..model import Span
 from ..paths import resolve_model_dir
 from ..tokenizer import Tokenizer
 from .files import QuantizedWriter
@@ -107,7 +108,7 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
         work = copy.deepcopy(block).float()
 
         def run(x: torch.Tensor, work=work) -> torch.Tensor:
-            return work(x.float(), rotary=rotary)
+            return work(x.float(), [Span(1, seq_len, rotary=rotary)])
 
         quantized = {}
         for group in groups:
