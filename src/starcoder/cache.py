@@ -282,6 +282,9 @@ class Prefix:
         return self.k.nbytes + self.v.nbytes
 
 
+PREFIX_CACHE_MB = 512.0  # default memory for earlier prompts' keys and values (the server's --prefix-cache-mb)
+
+
 class PrefixStore:
     """Keys and values of earlier prompts, so that a prompt that starts as one of them did is computed only from
     where it differs (a request per keystroke in an editor, n samples, an evaluation's shared preamble).

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .cache import Prefix, PrefixStore, common_suffix
+from .cache import PREFIX_CACHE_MB, Prefix, PrefixStore, common_suffix
 from .errors import ModelOutputError, StarCoderError
 from .fim import PromptFormat
 from .model import move_keys
@@ -53,7 +53,7 @@ class Generator:
     queued prompt and then one token for every running sequence; add() is submit() plus the whole prefill."""
 
     def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None,
-                 prefix_cache_mb: float = 256.0, prefill_chunk: int | None = None,
+                 prefix_cache_mb: float = PREFIX_CACHE_MB, prefill_chunk: int | None = None,
                  speculate: str | Drafter | None = "none", cache_reuse: int = 0):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise StarCoderError(f"prefill_chunk must be a positive number of tokens, not {prefill_chunk}")

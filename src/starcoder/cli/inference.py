@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..cache import PREFIX_CACHE_MB
 from ..config import DTYPE_CHOICES, PRESETS
 from ..errors import StarCoderError
 from ..speculate import MODES as SPECULATE_MODES
@@ -202,9 +203,9 @@ def chat(args: argparse.Namespace) -> None:
          "(default: $STARCODER_API_KEY)"),
     flag("--max-body-mb", type=float, default=4.0, help="largest request body accepted (default 4 MB; larger ones "
          "get 413)"),
-    flag("--prefix-cache-mb", type=float, default=512.0, help="memory for keys and values of earlier prompts, so "
-         "that a prompt starting as one of them did is computed only from where it differs (default 512; 0 turns "
-         "reuse off)"),
+    flag("--prefix-cache-mb", type=float, default=PREFIX_CACHE_MB, help="memory for keys and values of earlier "
+         "prompts, so that a prompt starting as one of them did is computed only from where it differs (default "
+         f"{PREFIX_CACHE_MB:g}; 0 turns reuse off)"),
     flag("--fim-mode", default="psm", choices=["psm", "spm"], help="layout of the infilling prompts the server "
          "builds; spm puts the prefix last, so that typing only extends the prompt and every keystroke reuses what "
          "came before (default psm, the published layout)"),

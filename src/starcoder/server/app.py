@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import StarCoder
+from ..cache import PREFIX_CACHE_MB
 from ..errors import StarCoderError
 from ..memory import return_freed_memory
 from ..speculate import Drafter
@@ -76,7 +77,7 @@ class Gate:
 
 def create_app(sc: StarCoder, model_name: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, timeout: float = 600.0, attribution_index: Path | None = None,
-               max_body_mb: float = 4.0, prefix_cache_mb: float = 512.0, prefill_chunk: int | None = None,
+               max_body_mb: float = 4.0, prefix_cache_mb: float = PREFIX_CACHE_MB, prefill_chunk: int | None = None,
                speculate: str | Drafter | None = None, fim_mode: str = "psm", cache_reuse: int = 0) -> FastAPI:
     engine = Engine(sc.model, sc.tokenizer, max_batch=max_batch, max_queue=max_queue,
                     prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk, cache_reuse=cache_reuse,

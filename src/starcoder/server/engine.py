@@ -74,7 +74,6 @@ class Engine:
     def __init__(self, model, tokenizer, max_queue: int = 64, **generator_options):
         """generator_options are the Generator's (max_batch, max_len, prefix_cache_mb, prefill_chunk, speculate,
         cache_reuse)."""
-        generator_options.setdefault("prefix_cache_mb", 512.0)
         self.generator = Generator(model, tokenizer, **generator_options)
         self.max_queue = max_queue
         self.stats = Stats()
