@@ -184,3 +184,25 @@ def test_calibration_from_a_given_directory(tiny, tmp_path):
     assert (out / "model.safetensors.index.json").exists()
     with pytest.raises(StarCoderError, match="has .* tokens; 50 samples of 64 need 3,200"):
         quantize_model(str(tiny), tmp_path / "q2", QuantSettings(), calibration=[code], n_samples=50, seq_len=64)
+
+
+def test_rtn_rounds_each_weight_alone_without_calibration(tiny, tmp_path, monkeypatch):
+    """--method rtn reads no calibration data and runs no block: its files are each weight rounded on its own."""
+    from starcoder.quantize.gptq import rtn
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("round-to-nearest ran a module")
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", no_forward)
+    settings = QuantSettings(group_size=32)
+    out = tmp_path / "q"
+    stats = quantize_model(str(tiny), out, settings, calibration=[tmp_path / "nothing-here"], method="rtn",
+                           progress=False)
+    assert stats["gptq_loss"] == {}
+    monkeypatch.undo()
+    original = load_model(tiny, dtype="float32")
+    quantized = load_model(out, dtype="float32")
+    for name in ("attn.q", "mlp.proj"):
+        want = rtn(original.model.layers[1].get_submodule(name).weight.detach(), settings).dequantize(torch.float32)
+        got = quantized.model.layers[1].get_submodule(name).dequantize().float()
+        torch.testing.assert_close(got, want, rtol=2**-10, atol=1e-7)  # the file keeps the scales in float16

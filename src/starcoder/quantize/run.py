@@ -4,7 +4,7 @@ Calibration windows go through the embeddings once; then each block is copied to
 quantized in true-sequential order (q, k, v -> o -> fc -> proj: each group's Hessian is collected with the
 groups before it already quantized), and the block's quantized outputs become the next block's inputs. Only one
 block and the calibration activations are in memory at a time; the rest of the model stays in its memory-mapped
-files.
+files. Round-to-nearest (--method rtn) needs none of this: each weight is rounded on its own as its block is read.
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
         settings.check_layer(linear, shapes[linear])
     tokenizer = Tokenizer.from_dir(model_dir)
     seq_len = min(seq_len, config.max_positions)
-    windows = calibration_windows(tokenizer, calibration or default_calibration(), n_samples, seq_len, seed)
+    # Round-to-nearest looks at each weight alone: no calibration data, no forward passes.
+    windows = (calibration_windows(tokenizer, calibration or default_calibration(), n_samples, seq_len, seed)
+               if method == "gptq" else [])
 
     start_time = time.perf_counter()
     # Memory-mapped: a block's weights are read when the block is reached, and their pages released after it.
@@ -98,36 +100,23 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
     hidden = [decoder.embed_tokens(window[None], positions).to(stored) for window in windows]
     rotary = decoder.rotary(positions, torch.float32)
     writer = QuantizedWriter(out, config, settings, str(model))
-    losses = {}
+    losses: dict[str, float] = {}
     _peak_rss(reset=True)
     block_peaks: list[int] = []  # the process's peak resident memory while each block was quantized
-    groups = SEQUENTIAL_GROUPS if settings.true_sequential else (LINEARS,)
     bar = tqdm(total=config.n_layer, desc=f"{method} {settings.bits}-bit", unit="block",
                disable=None if progress is None else not progress)
     for index, block in enumerate(decoder.layers):
-        work = copy.deepcopy(block).float()
+        if method == "rtn":
+            quantized = {name: rtn(block.get_submodule(name).weight, settings) for name in LINEARS}
+        else:
+            work = copy.deepcopy(block).float()
 
-        def run(x: torch.Tensor, work=work) -> torch.Tensor:
-            return work(x.float(), [Span(1, seq_len, rotary=rotary)])
+            def run(x: torch.Tensor, work=work) -> torch.Tensor:
+                return work(x.float(), [Span(1, seq_len, rotary=rotary)])
 
-        quantized = {}
-        for group in groups:
-            hessians = _collect_hessians(work, group, hidden, run) if method == "gptq" else {}
-            for position, name in enumerate(group):
-                module = work.get_submodule(name)
-                if method == "gptq":
-                    # The last user of a Hessian may work in it in place (q, k and v share one).
-                    last = all(hessians[later] is not hessians[name] for later in group[position + 1:])
-                    weight, losses[f"{index}.{name}"] = gptq(module.weight, hessians[name].H, settings,
-                                                             overwrite=last)
-                    if last:
-                        hessians[name].H = None
-                else:
-                    weight = rtn(module.weight, settings)
-                quantized[name] = weight
-                module.weight.data = weight.dequantize(torch.float32)  # later groups see the quantized layer
-        hidden = [run(x).to(stored) for x in hidden]
-        del work
+            quantized = _gptq_block(work, hidden, run, settings, losses, index)
+            hidden = [run(x).to(stored) for x in hidden]  # the next block's inputs, through this one quantized
+            del work
         writer.write_block(index, quantized, block.state_dict())  # the integer weights go to disk now
         block.to_empty(device="meta")  # done with the original weights: let their pages go
         for tensor in reader:
@@ -163,6 +152,25 @@ def _peak_rss(reset: bool = False) -> int:
         return peak
     except (OSError, StopIteration):
         return 0
+
+
+def _gptq_block(work, hidden: list[torch.Tensor], run, settings: QuantSettings, losses: dict[str, float],
+                index: int) -> dict:
+    """GPTQ over one block's linears (a float32 copy) in true-sequential order: each group's Hessians come from
+    the calibration inputs run through the block with the groups before it already quantized."""
+    quantized = {}
+    for group in SEQUENTIAL_GROUPS if settings.true_sequential else (LINEARS,):
+        hessians = _collect_hessians(work, group, hidden, run)
+        for position, name in enumerate(group):
+            module = work.get_submodule(name)
+            # The last user of a Hessian may work in it in place (q, k and v share one).
+            last = all(hessians[later] is not hessians[name] for later in group[position + 1:])
+            quantized[name], losses[f"{index}.{name}"] = gptq(module.weight, hessians[name].H, settings,
+                                                              overwrite=last)
+            if last:
+                hessians[name].H = None
+            module.weight.data = quantized[name].dequantize(torch.float32)  # later groups see the quantized layer
+    return quantized
 
 
 def _collect_hessians(work, group: tuple[str, ...], hidden: list[torch.Tensor], run) -> dict[str, Hessian]:
