@@ -169,9 +169,11 @@ def main() -> None:
     p.add_argument("--requantize", action="store_true", help="quantize the 1B checkpoint again (and time it)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--prompt", type=int, default=512, help=argparse.SUPPRESS)
+    p.add_argument("--new", type=int, default=64, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.path, 512, 64)))
+        print(json.dumps(child(args.path, args.prompt, args.new)))
     elif args.part == "quality":
         quality()
     else:

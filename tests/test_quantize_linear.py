@@ -80,6 +80,37 @@ def test_native_kernels_equal_the_reference(bits, group_size, N, K):
 
 
 @needs_native
+@pytest.mark.skipif(not native.int8_activations(), reason="no AVX512-VNNI (or STARCODER_INT8_ACTIVATIONS=0)")
+@pytest.mark.parametrize("bits, group_size, N, K", [(4, -1, 128, 512), (4, 128, 192, 256), (4, 256, 64, 512),
+                                                    (8, -1, 64, 256), (8, -1, 96, 192)])
+def test_integer_kernels_equal_their_contract_and_stay_close_to_exact(bits, group_size, N, K, monkeypatch):
+    """The int8-activation kernels against the same arithmetic in float64 (activations quantized per block of 64,
+    in the order the nibbles unpack): equal up to float32 sums and the final bfloat16. Against the exact product
+    the error is what int8 activations cost; the bfloat16-activation kernels stay selectable."""
+    weight, bias = random_weight(N, K, bits, group_size), torch.randn(N)
+    layer = quantized_linear(weight, bias, torch.bfloat16)
+    assert layer.int8_activations and "int8 activations" in repr(layer)
+    kernels, contract = native.kernels(), ReferenceKernels()
+    args = ((layer.native_packed, layer.native_scales, layer.native_offsets, layer.kernel_group) if bits == 4 else
+            (layer.int8_weight, layer.native_scales, layer.native_offsets))
+    name = "int4_matvec_i8" if bits == 4 else "int8_matvec_i8"
+    for rows, activation in ((1, 0), (2, 1), (5, 2), (8, 0)):
+        x = torch.randn(rows, K).bfloat16()
+        x[:, 7] = 30.0  # an outlier channel, as real activations have
+        got = getattr(kernels, name)(x, *args, layer.native_bias, activation).double()
+        want = getattr(contract, name)(x, *args, layer.native_bias, activation).double()
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-3 * float(want.abs().max()))
+    x = torch.randn(4, K).bfloat16()
+    exact = reference(weight, bias, x.float())
+    error = float((layer(x).double() - exact).abs().max() / exact.abs().max())
+    assert 0 < error < 2e-2, error
+    monkeypatch.setenv("STARCODER_INT8_ACTIVATIONS", "0")
+    exact_layer = quantized_linear(weight, bias, torch.bfloat16)
+    assert not exact_layer.int8_activations
+    assert float((exact_layer(x).double() - exact).abs().max() / exact.abs().max()) < 2**-7
+
+
+@needs_native
 def test_decode_head_reads_the_embedding_in_place():
     embedding = torch.nn.Parameter(torch.randn(320, 128).bfloat16(), requires_grad=False)
     head = DecodeHead(embedding, native.kernels())
@@ -96,12 +127,33 @@ class ReferenceKernels:
     (their packing, scales, offsets, bias and activation epilogue, the long-input path) be checked on any CPU."""
 
     @staticmethod
-    def _int4_weight(packed, scales, offsets, group):
+    def _int4_weight(packed, scales, offsets, group, with_offsets=True):
         N, K = packed.shape[0], packed.shape[1] * 2
         chunks = packed.view(N, K // 64, 32)  # byte j of a 64-input chunk: input j low, input 32 + j high
         q = torch.stack((chunks & 15, chunks >> 4), dim=2).view(N, K).float()
         groups = torch.arange(K) // group
-        return q * scales[:, groups] + offsets[:, groups]
+        return q * scales[:, groups] + (offsets[:, groups] if with_offsets else 0)
+
+    @staticmethod
+    def _int8_activations(x):
+        """The integer kernels' activations: int8 per block of 64 (scale max|x| / 127, x times the scale's
+        inverse rounded half to even), back as the values they stand for."""
+        M, K = x.shape
+        blocks = x.float().view(M, K // 64, 64)
+        scale = blocks.abs().amax(-1, keepdim=True) / 127
+        inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+        return (torch.round(blocks * inverse) * scale).view(M, K).double()
+
+    def int4_matvec_i8(self, x, packed, scales, offsets, group, bias, activation):
+        # the offsets meet the exact activations' group sums; the integer part, the quantized activations
+        group_sums = x.double().view(x.shape[0], -1, group).sum(-1)  # (M, G)
+        weight = self._int4_weight(packed, scales, offsets, group, with_offsets=False).double()
+        y = self._int8_activations(x) @ weight.T + group_sums @ offsets.double().T
+        return self._epilogue(y.float(), bias, activation)
+
+    def int8_matvec_i8(self, x, q8, scale, offset, bias, activation):
+        y = self._int8_activations(x) @ (q8.double() * scale[:, None]).T + x.double().sum(-1, keepdim=True) * offset
+        return self._epilogue(y.float(), bias, activation)
 
     @staticmethod
     def _epilogue(y, bias, activation):

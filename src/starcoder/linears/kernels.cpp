@@ -5,13 +5,19 @@
 // scale and offset per (output channel, group), float32 [N, G]: a row's are together in memory.
 // Each block of 64 nibbles becomes two vectors of 32 bfloat16 (exactly 128 + q, by one OR), which meet the
 // activations in vdpbf16ps with float32 accumulation; a group's sum is scaled once, and the offsets
-// multiply the group's sum of activations. Activations stay bfloat16 as given: no activation quantization.
+// multiply the group's sum of activations. Activations stay bfloat16 as given: this is the exact path.
 //
 // int8 layout: q8[n, k] signed, weight = q8 * scale[n] + offset[n].
+//
+// The *_i8 kernels are the integer-dot versions for CPUs with AVX512-VNNI: the activations are quantized to int8
+// per block of 64 inputs (scale max|x| / 127, as llama.cpp's q8 activations, whose blocks are 32) and meet the
+// weights in vpdpbusd (u8 x s8, four products summed into each int32 lane), 64 multiply-adds per instruction.
+// They are close to the bfloat16-activation kernels, not equal (under 0.1% of perplexity, see BENCHMARKS.md).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -46,26 +52,81 @@ std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t K, int64_t g
   return sums;
 }
 
-constexpr int64_t kPrefetchRows = 16;
+// Decoding streams every weight from DRAM once: while a row is computed, the row kPrefetchBytes further on is
+// asked for, so the loads overlap the math. Much farther and the lines leave the L1 cache before they are used.
+constexpr int64_t kPrefetchBytes = 16 * 1024;
+
+inline void prefetch_ahead(const void* row, int64_t row_bytes, int64_t n, int64_t N) {
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / row_bytes);
+  if (n + ahead >= N) return;
+  const char* next = static_cast<const char*>(row) + ahead * row_bytes;
+  for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+}
+
+// Activations for the integer kernels: each block of 64 inputs as int8 with its own scale.
+struct Int8Acts {
+  std::vector<int8_t> q;      // [M, K]; for the int4 kernel in the order its nibbles unpack (see int4_rows)
+  std::vector<float> scale;   // [M, K / 64]
+  std::vector<float> lanes;   // int4 only, [M, K / 128, 16]: per int32 lane of a 128-input chunk, its block's scale
+  std::vector<float> shift;   // [M]: 128 * sum of q * scale, what reading s8 weights as u8 (q + 128) adds
+};
+
+Int8Acts quantize_activations(const uint16_t* x, int64_t M, int64_t K, bool nibble_order) {
+  const int64_t B = K / 64;
+  Int8Acts a{std::vector<int8_t>(M * K), std::vector<float>(M * B), {}, std::vector<float>(M, 0.f)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < B; ++b) {
+      __m512 v[4];
+      __m512 amax = _mm512_setzero_ps();
+      for (int i = 0; i < 4; ++i) {  // bfloat16 -> float32 is a shift into the high half
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K + b * 64 + 16 * i));
+        v[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+      }
+      const float scale = _mm512_reduce_max_ps(amax) / 127.f;
+      const __m512 inverse = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+      a.scale[m * B + b] = scale;
+      int32_t sum = 0;
+      for (int i = 0; i < 4; ++i) {
+        const __m512i q32 = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inverse));  // round to nearest even
+        sum += _mm512_reduce_add_epi32(q32);
+        // In nibble order the two middle quarters of each 128-input chunk swap places: the low nibbles of a
+        // chunk's 64 bytes are inputs 0-31 and 64-95, the high nibbles 32-63 and 96-127.
+        const int64_t k = b * 64 + 16 * i, quarter = (k % 128) / 32;
+        const int64_t at = nibble_order ? k - (k % 128) + (quarter == 1 ? 2 : quarter == 2 ? 1 : quarter) * 32 + k % 32
+                                        : k;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q.data() + m * K + at), _mm512_cvtsepi32_epi8(q32));
+      }
+      a.shift[m] += 128.f * scale * static_cast<float>(sum);
+    }
+  if (nibble_order) {
+    a.lanes.resize(M * (K / 128) * 16);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < K / 128; ++c)
+        for (int l = 0; l < 16; ++l) a.lanes[(m * (K / 128) + c) * 16 + l] = a.scale[m * B + 2 * c + l / 8];
+  }
+  return a;
+}
 
 // Rows (output channels) are taken R at a time: independent accumulators and R memory streams per thread keep
 // both the vector units and the memory system busy.
-template <int M, int R>
-void int4_rows(const uint16_t* x, const uint8_t* packed, const float* scales, const float* offsets,
-               const float* xsum, const float* bias, int64_t activation, at::BFloat16* y, int64_t K, int64_t N,
-               int64_t group, int64_t n) {
-  // bf16 0x4300 is 128.0 and its 7 mantissa bits count units there: (0x4300 | q) is exactly 128 + q, one OR
-  // instead of a conversion. The 128 * sum(x) this adds is taken back through the offsets below.
-  const __m512i exponent128 = _mm512_set1_epi16(0x4300);
-  const __m512i low = _mm512_set1_epi16(0x0F);
+//
+// Integer (int8 activations, `a`): a 128-input chunk is 64 bytes of two 64-blocks; its low nibbles (one AND) are
+// inputs 0-31 and 64-95 and its high nibbles (shift, AND) 32-63 and 96-127, which is the order the activations
+// were put in, so two vpdpbusd take the whole chunk with no shuffle. Int32 lanes 0-7 then hold the first
+// block's sums and lanes 8-15 the second's: one multiply by `lanes` applies both blocks' scales.
+// Otherwise (bfloat16 activations, `x`): each block of 64 nibbles becomes two vectors of 32 bfloat16 for
+// vdpbf16ps. bf16 0x4300 is 128.0 and its 7 mantissa bits count units there: (0x4300 | q) is exactly 128 + q, one
+// OR instead of a conversion. The 128 * sum(x) this adds is taken back through the offsets.
+template <int M, int R, bool Integer>
+void int4_rows(const uint16_t* x, const Int8Acts* a, const uint8_t* packed, const float* scales,
+               const float* offsets, const float* xsum, const float* bias, int64_t activation, at::BFloat16* y,
+               int64_t K, int64_t N, int64_t group, int64_t n) {
   const int64_t G = K / group;
   const uint8_t* rows[R];
   for (int r = 0; r < R; ++r) {
     rows[r] = packed + (n + r) * (K / 2);
-    // Decoding streams every weight from DRAM once: ask for rows ahead so the loads overlap the math.
-    if (n + r + kPrefetchRows < N)
-      for (int64_t b = 0; b < K / 2; b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kPrefetchRows * (K / 2) + b), _MM_HINT_T0);
+    prefetch_ahead(rows[r], K / 2, n + r, N);
   }
   __m512 total[R][M];
   float constant[R][M];
@@ -75,27 +136,45 @@ void int4_rows(const uint16_t* x, const uint8_t* packed, const float* scales, co
       constant[r][m] = 0.f;
     }
   for (int64_t g = 0; g < G; ++g) {
-    // Two accumulators per row and input (low and high nibbles): independent chains hide vdpbf16ps's latency.
+    // Two accumulators per row and input for bfloat16 (low and high nibbles): independent chains hide vdpbf16ps's
+    // latency. The integer chunk's two vpdpbusd start from zero each time, so one suffices there.
     __m512 acc_a[R][M], acc_b[R][M];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc_a[r][m] = acc_b[r][m] = _mm512_setzero_ps();
-    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
-      for (int r = 0; r < R; ++r) {
-        __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k0 / 2)));
-        __m512bh w_lo = (__m512bh)_mm512_or_si512(_mm512_and_si512(words, low), exponent128);
-        __m512bh w_hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(words, 4), exponent128);
-        for (int m = 0; m < M; ++m) {
-          const uint16_t* xm = x + m * K + k0;
-          acc_a[r][m] = _mm512_dpbf16_ps(acc_a[r][m], w_lo, (__m512bh)_mm512_loadu_si512(xm));
-          acc_b[r][m] = _mm512_dpbf16_ps(acc_b[r][m], w_hi, (__m512bh)_mm512_loadu_si512(xm + 32));
+    if constexpr (Integer) {
+      const __m512i low = _mm512_set1_epi8(0x0F);
+      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 128)
+        for (int r = 0; r < R; ++r) {
+          const __m512i w = _mm512_loadu_si512(rows[r] + k0 / 2);
+          const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+          for (int m = 0; m < M; ++m) {
+            const int8_t* xq = a->q.data() + m * K + k0;
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+            dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xq + 64));
+            acc_a[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                          _mm512_loadu_ps(&a->lanes[(m * (K / 128) + k0 / 128) * 16]), acc_a[r][m]);
+          }
         }
-      }
+    } else {
+      const __m512i exponent128 = _mm512_set1_epi16(0x4300), low = _mm512_set1_epi16(0x0F);
+      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 64)
+        for (int r = 0; r < R; ++r) {
+          const __m512i words =
+              _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k0 / 2)));
+          const __m512bh w_lo = (__m512bh)_mm512_or_si512(_mm512_and_si512(words, low), exponent128);
+          const __m512bh w_hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(words, 4), exponent128);
+          for (int m = 0; m < M; ++m) {
+            const uint16_t* xm = x + m * K + k0;
+            acc_a[r][m] = _mm512_dpbf16_ps(acc_a[r][m], w_lo, (__m512bh)_mm512_loadu_si512(xm));
+            acc_b[r][m] = _mm512_dpbf16_ps(acc_b[r][m], w_hi, (__m512bh)_mm512_loadu_si512(xm + 32));
+          }
+        }
     }
     for (int r = 0; r < R; ++r) {
       const float s = scales[(n + r) * G + g], o = offsets[(n + r) * G + g];
       for (int m = 0; m < M; ++m) {
         total[r][m] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[r][m], acc_b[r][m]), _mm512_set1_ps(s), total[r][m]);
-        constant[r][m] += (o - 128.f * s) * xsum[m * G + g];
+        constant[r][m] += (Integer ? o : o - 128.f * s) * xsum[m * G + g];
       }
     }
   }
@@ -105,15 +184,58 @@ void int4_rows(const uint16_t* x, const uint8_t* packed, const float* scales, co
                                                activation));
 }
 
-template <int M>
-void int4_range(const uint16_t* x, const uint8_t* packed, const float* scales, const float* offsets,
-                const float* xsum, const float* bias, int64_t activation, at::BFloat16* y, int64_t K, int64_t N,
-                int64_t group, int64_t n0, int64_t n1) {
-  constexpr int R = M <= 2 ? 2 : 1;  // larger M already has enough independent work per row
+// The int8 kernel on int8 activations: the s8 weights are read as u8 (top bit flipped, q + 128) for vpdpbusd,
+// and the 128 * sum(activations) that adds is taken back once per input row (Int8Acts::shift).
+template <int M, int R>
+void int8_rows_i8(const Int8Acts& a, const int8_t* q8, const float* scale, const float* offset, const float* xsum,
+                  const float* bias, int64_t activation, at::BFloat16* y, int64_t K, int64_t N, int64_t n) {
+  const __m512i top = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int8_t* rows[R];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = q8 + (n + r) * K;
+    prefetch_ahead(rows[r], K, n + r, N);
+  }
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / 64; ++b)
+    for (int r = 0; r < R; ++r) {
+      const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(rows[r] + b * 64), top);
+      for (int m = 0; m < M; ++m) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(&a.q[m * K + b * 64]));
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.scale[m * (K / 64) + b]), acc[r][m]);
+      }
+    }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      y[m * N + n + r] = at::BFloat16(epilogue(
+          scale[n + r] * (_mm512_reduce_add_ps(acc[r][m]) - a.shift[m]) + offset[n + r] * xsum[m], bias, n + r,
+          activation));
+}
+
+// Output rows two at a time for one or two input rows (more independent work per weight read), else one.
+template <int M, typename Rows>
+void by_row_pairs(int64_t n0, int64_t n1, Rows rows) {
   int64_t n = n0;
-  for (; n + R <= n1; n += R)
-    int4_rows<M, R>(x, packed, scales, offsets, xsum, bias, activation, y, K, N, group, n);
-  for (; n < n1; ++n) int4_rows<M, 1>(x, packed, scales, offsets, xsum, bias, activation, y, K, N, group, n);
+  if constexpr (M <= 2)
+    for (; n + 2 <= n1; n += 2) rows(std::integral_constant<int, 2>(), n);
+  for (; n < n1; ++n) rows(std::integral_constant<int, 1>(), n);
+}
+
+// Calls body(std::integral_constant<int, M>) for the number of input rows, 1 to 8: the kernels' M is a template
+// argument so that their accumulators live in registers.
+template <typename Body>
+void with_rows(int64_t M, Body body) {
+  switch (M) {
+    case 1: return body(std::integral_constant<int, 1>());
+    case 2: return body(std::integral_constant<int, 2>());
+    case 3: return body(std::integral_constant<int, 3>());
+    case 4: return body(std::integral_constant<int, 4>());
+    case 5: return body(std::integral_constant<int, 5>());
+    case 6: return body(std::integral_constant<int, 6>());
+    case 7: return body(std::integral_constant<int, 7>());
+    default: return body(std::integral_constant<int, 8>());
+  }
 }
 
 }  // namespace
@@ -141,16 +263,12 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   const float* bp = optional_bias(bias, N);
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    switch (M) {
-      case 1: int4_range<1>(xp, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n0, n1); break;
-      case 2: int4_range<2>(xp, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n0, n1); break;
-      case 3: int4_range<3>(xp, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n0, n1); break;
-      case 4: int4_range<4>(xp, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n0, n1); break;
-      case 5: int4_range<5>(xp, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n0, n1); break;
-      case 6: int4_range<6>(xp, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n0, n1); break;
-      case 7: int4_range<7>(xp, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n0, n1); break;
-      default: int4_range<8>(xp, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n0, n1); break;
-    }
+    with_rows(M, [&](auto m) {
+      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
+        int4_rows<decltype(m)::value, decltype(r)::value, false>(xp, nullptr, pp, sp, op, xsum.data(), bp,
+                                                                 activation, yp, K, N, group, n);
+      });
+    });
   });
   return y;
 }
@@ -210,9 +328,7 @@ torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scale
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* row = qp + n * K;
-      if (n + kPrefetchRows < n1)
-        for (int64_t b = 0; b < K; b += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * K + b), _MM_HINT_T0);
+      prefetch_ahead(row, K, n, n1);
       for (int64_t m = 0; m < M; ++m) {
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
         const float* xm = xp + m * K;
@@ -263,9 +379,7 @@ torch::Tensor bf16_matvec(torch::Tensor x, torch::Tensor w) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint16_t* row = wp + n * K;
-      if (n + kPrefetchRows < n1)
-        for (int64_t b = 0; b < K * 2; b += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * K) + b, _MM_HINT_T0);
+      prefetch_ahead(row, K * 2, n, n1);
       for (int64_t m = 0; m < M; ++m) {
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
         const uint16_t* xm = xp + m * K;
@@ -284,7 +398,57 @@ torch::Tensor bf16_matvec(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+// As int4_matvec, with the activations quantized to int8 per block of 64 (AVX512-VNNI); group % 128 == 0.
+torch::Tensor int4_matvec_i8(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
+                             int64_t group, c10::optional<torch::Tensor> bias, int64_t activation) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.is_contiguous() && x.dim() == 2, "x: contiguous bf16 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  TORCH_CHECK(M >= 1 && M <= 8, "int4_matvec_i8 takes 1 to 8 rows");
+  TORCH_CHECK(K % 128 == 0 && group % 128 == 0 && K % group == 0 && packed.size(1) * 2 == K, "int4_matvec_i8 shapes");
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const Int8Acts acts = quantize_activations(xp, M, K, true);
+  const auto xsum = group_sums(xp, M, K, group);
+  auto y = torch::empty({M, N}, torch::kBFloat16);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    with_rows(M, [&](auto m) {
+      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
+        int4_rows<decltype(m)::value, decltype(r)::value, true>(nullptr, &acts, pp, sp, op, xsum.data(), bp,
+                                                                activation, yp, K, N, group, n);
+      });
+    });
+  });
+  return y;
+}
+
+// As int8_matvec, with the activations quantized to int8 per block of 64 (AVX512-VNNI); K % 64 == 0.
+torch::Tensor int8_matvec_i8(torch::Tensor x, torch::Tensor q8, torch::Tensor scale, torch::Tensor offset,
+                             c10::optional<torch::Tensor> bias, int64_t activation) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.is_contiguous() && x.dim() == 2, "x: contiguous bf16 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = q8.size(0);
+  TORCH_CHECK(M >= 1 && M <= 8 && K % 64 == 0 && q8.size(1) == K, "int8_matvec_i8 shapes");
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const Int8Acts acts = quantize_activations(xp, M, K, false);
+  const auto xsum = group_sums(xp, M, K, K);
+  auto y = torch::empty({M, N}, torch::kBFloat16);
+  const int8_t* qp = q8.data_ptr<int8_t>();
+  const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>(), *bp = optional_bias(bias, N);
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    with_rows(M, [&](auto m) {
+      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
+        int8_rows_i8<decltype(m)::value, decltype(r)::value>(acts, qp, sp, op, xsum.data(), bp, activation, yp, K, N, n);
+      });
+    });
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_matvec_i8", &int4_matvec_i8, "int4 weights, int8 activations, integer dot products (decode)");
+  m.def("int8_matvec_i8", &int8_matvec_i8, "int8 weights, int8 activations, integer dot products (decode)");
   m.def("int4_matvec", &int4_matvec, "int4 weight-only matrix-vector product (decode)");
   m.def("int4_dequantize", &int4_dequantize, "int4 weight to bfloat16");
   m.def("int8_matvec", &int8_matvec, "int8 weight-only matrix-vector product (decode)");

@@ -6,7 +6,8 @@ Act-order is handled once, at load: the input rows are sorted by group so that g
 activations are permuted the same way at run time. The kinds, in order of preference:
 
   NativeInt4Linear, NativeInt8Linear  bfloat16 models on AVX512-BF16 CPUs: our kernels (native.py, kernels.cpp)
-            decode from half a byte (or one byte) per weight at close to memory bandwidth; long prompts
+            decode from half a byte (or one byte) per weight at close to memory bandwidth, on int8 activations
+            with integer dot products where the CPU has AVX512-VNNI (see native.py); long prompts
             dequantize the layer to bfloat16 once per call (into a buffer the model's layers share) and run one
             oneDNN matmul.
   Int4Linear, Int8Linear  PyTorch's kernels: `_weight_int4pack_mm_for_cpu` for decoding (long prompts
@@ -74,6 +75,7 @@ class QuantLinear(nn.Module):
     """Drop-in for a dense Linear at inference: forward(x, activation=None). Subclasses store the integers."""
 
     mode = ""  # the storage's name, shown in the module's repr
+    int8_activations = False  # whether decoding quantizes the activations for integer dot products
 
     def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -133,7 +135,8 @@ class QuantLinear(nn.Module):
         return sum(b.nbytes for b in self.buffers())
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {self.mode}"
+        kind = self.mode + (", int8 activations" if self.int8_activations else "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {kind}"
 
 
 class _NativeLinear(QuantLinear):
@@ -175,10 +178,12 @@ class NativeInt4Linear(_NativeLinear):
         self.register_buffer("native_scales", scales.T.contiguous())
         self.register_buffer("native_offsets", (-weight.zeros.float()[chunk_group] * scales).T.contiguous())
         self.kernel_group = size
+        self.int8_activations = native.int8_activations() and size % 128 == 0
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
-        return self.native.int4_matvec(x, self.native_packed, self.native_scales, self.native_offsets,
-                                       self.kernel_group, bias, activation)
+        matvec = self.native.int4_matvec_i8 if self.int8_activations else self.native.int4_matvec
+        return matvec(x, self.native_packed, self.native_scales, self.native_offsets, self.kernel_group, bias,
+                      activation)
 
     def _dequantize_into(self, w: Tensor) -> None:
         self.native.int4_dequantize(self.native_packed, self.native_scales, self.native_offsets, self.kernel_group, w)
@@ -204,9 +209,11 @@ class NativeInt8Linear(_NativeLinear):
         scale, offset = _int8_storage(self, weight)
         self.register_buffer("native_scales", scale)
         self.register_buffer("native_offsets", offset.contiguous())
+        self.int8_activations = native.int8_activations() and self.in_features % 64 == 0
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
-        return self.native.int8_matvec(x, self.int8_weight, self.native_scales, self.native_offsets, bias, activation)
+        matvec = self.native.int8_matvec_i8 if self.int8_activations else self.native.int8_matvec
+        return matvec(x, self.int8_weight, self.native_scales, self.native_offsets, bias, activation)
 
     def _dequantize_into(self, w: Tensor) -> None:
         self.native.int8_dequantize(self.int8_weight, self.native_scales, self.native_offsets, w)
