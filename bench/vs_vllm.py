@@ -6,9 +6,9 @@ vLLM runs from its own venv under bench/results/vllm-venv, made on first use: `v
 installed with `--no-deps` beside torch==2.13.0 (the CPU build on local disk) plus its other requirements, so
 pip never fetches a CUDA torch. Both servers get the same random checkpoint of the preset's shape (its
 tokenizer.json too), max 16 sequences at once, and the same clients: each sends its requests one after another
-(OpenAI /v1/completions, streamed, a different ~60-token code prompt each (the first ~40 tokens shared), greedy, exactly --max-tokens new
-tokens with `ignore_eos`), all clients at once. Sides alternate, each in a fresh server process; best of
---rounds by tokens/s.
+(OpenAI /v1/completions, streamed, a different ~60-token code prompt each, the first ~40 tokens shared, greedy,
+exactly --max-tokens new tokens with `ignore_eos`), all clients at once. Sides alternate, each in a fresh server
+process; best of --rounds by tokens/s.
 
 Reported per level: aggregate completion tokens/s over the level's wall time, median time to first token, and
 the p99 gap between streamed chunks over all streams. Targets: tokens/s >= 1.0x vLLM's at every level, p99 gap
