@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,9 +48,11 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def run_child(script: str, side: str, args: list[str]) -> dict:
-    """Run `script --child SIDE ARGS` in a fresh process and return the JSON it prints last."""
-    out = subprocess.run([sys.executable, script, "--child", side, *args], capture_output=True, text=True)
+def run_child(script: str, side: str, args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run `script --child SIDE ARGS` in a fresh process (with `env` added to the environment) and return the
+    JSON it prints last."""
+    out = subprocess.run([sys.executable, script, "--child", side, *args], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
     if out.returncode:
         raise RuntimeError(f"{side} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

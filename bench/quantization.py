@@ -2,6 +2,7 @@
 
     python bench/quantization.py quality     # held-out perplexity: bf16 vs GPTQ vs round-to-nearest 4-bit
     python bench/quantization.py speed       # 1B shape: decode / prefill tokens/s, resident memory, quantize time
+    python bench/quantization.py activations # what int8 activations (the integer decode kernels) cost in perplexity
 
 quality: the embedded model's held-out code (the CPython files of its test split, as its manifest records them)
 is scored in 512-token windows: bfloat16, then GPTQ and round-to-nearest at 4 bits for group sizes -1 and 128,
@@ -11,6 +12,10 @@ speed: a random checkpoint of StarCoderBase-1B's shape in bfloat16 (loaded as `s
 packed for oneDNN) against GPTQ int4 (group 128, act-order; quantized here with 16 x 512 calibration tokens, timed)
 and int8 (per channel): each side in a fresh process, best of 3 runs, alternating. Resident memory is the
 process's RSS after loading minus before (the model's own memory).
+
+activations: the embedded model quantized (GPTQ int4 g128 act-order, round-to-nearest int8), scored one token
+at a time through the decode kernels (256-token windows of the held-out code), with int8 activations and with
+bfloat16 ones (STARCODER_INT8_ACTIVATIONS=0), each in a fresh process; bfloat16 weights as the baseline.
 """
 
 from __future__ import annotations
@@ -41,18 +46,68 @@ def cpython_split(split: str) -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
-def perplexity(model, tokenizer, files: list[Path], seq_len: int = 512) -> float:
+def windows(tokenizer, files: list[Path], seq_len: int) -> torch.Tensor:
+    """The files' tokens, each file ended by the end token, cut into (n, seq_len) windows."""
     ids: list[int] = []
     for f in files:
         ids += tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")) + [tokenizer.eos_id]
-    windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    return torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+
+
+def calibration_file(directory: Path) -> Path:
+    """The embedded model's training split of CPython as JSONL (GPTQ's calibration data)."""
+    out = directory / "calibration.jsonl"
+    out.write_text("".join(json.dumps({"content": f.read_text(encoding="utf-8", errors="replace")}) + "\n"
+                           for f in cpython_split("train")))
+    return out
+
+
+def perplexity(model, tokenizer, files: list[Path], seq_len: int = 512) -> float:
     total, count = 0.0, 0
     with torch.inference_mode():
-        for batch in windows.split(8):
+        for batch in windows(tokenizer, files, seq_len).split(8):
             logits = model(batch[:, :-1]).logits.float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
             total, count = total + float(loss), count + batch[:, 1:].numel()
     return math.exp(total / count)
+
+
+def decode_perplexity(path: str, count: int = 40, seq_len: int = 256) -> dict:
+    """Perplexity scored one token at a time with the cache, so every linear runs its decode kernel."""
+    from starcoder import load_model, load_tokenizer
+
+    model, tokenizer = load_model(path), load_tokenizer(EMBEDDED)
+    total, tokens = 0.0, 0
+    with torch.inference_mode():
+        for window in windows(tokenizer, cpython_split("test"), seq_len)[:count]:
+            cache = model.new_cache(1, seq_len)
+            for i in range(seq_len - 1):
+                logits = model(window[None, i : i + 1], cache=cache).logits[0, -1].float()
+                total += float(torch.nn.functional.cross_entropy(logits[None], window[i + 1 : i + 2]))
+                tokens += 1
+    return {"perplexity": math.exp(total / tokens), "tokens": tokens}
+
+
+def activations() -> None:
+    from starcoder.quantize.gptq import QuantSettings
+    from starcoder.quantize.run import quantize_model
+
+    rows = [("bfloat16 weights", str(EMBEDDED), {})]
+    with tempfile.TemporaryDirectory() as tmp:
+        calibration = calibration_file(Path(tmp))
+        gptq4 = QuantSettings(bits=4, group_size=128, act_order=True)
+        for name, settings, method in (("GPTQ int4 g128", gptq4, "gptq"), ("RTN int8", QuantSettings(bits=8), "rtn")):
+            out = Path(tmp) / method
+            quantize_model(str(EMBEDDED), out, settings, [calibration], n_samples=128, seq_len=512, method=method,
+                           progress=False)
+            rows += [(f"{name}, int8 activations", str(out), {"STARCODER_INT8_ACTIVATIONS": "1"}),
+                     (f"{name}, bf16 activations", str(out), {"STARCODER_INT8_ACTIVATIONS": "0"})]
+        results = [(name, run_child(__file__, "decode-perplexity", ["--path", path], env)) for name, path, env in rows]
+    base = results[0][1]["perplexity"]
+    print(f"embedded model, held-out CPython code, {results[0][1]['tokens']} tokens scored one at a time through the "
+          "decode kernels")
+    for name, r in results:
+        print(f"{name:<36}{r['perplexity']:>10.3f}{r['perplexity'] / base - 1:>+9.2%}")
 
 
 def quality() -> None:
@@ -61,11 +116,9 @@ def quality() -> None:
     from starcoder.quantize.run import quantize_model
 
     tokenizer = load_tokenizer(EMBEDDED)
-    held_out, train = cpython_split("test"), cpython_split("train")
+    held_out = cpython_split("test")
     with tempfile.TemporaryDirectory() as tmp:
-        calibration = Path(tmp) / "calibration.jsonl"
-        calibration.write_text("".join(json.dumps({"content": f.read_text(encoding="utf-8", errors="replace")})
-                                       + "\n" for f in train))
+        calibration = calibration_file(Path(tmp))
         rows = [("bfloat16", "", perplexity(load_model(EMBEDDED), tokenizer, held_out), None)]
         for group in (-1, 128):
             for method in ("rtn", "gptq"):
@@ -164,7 +217,7 @@ def speed(rounds: int, requantize: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", nargs="?", choices=["quality", "speed"])
+    p.add_argument("part", nargs="?", choices=["quality", "speed", "activations"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--requantize", action="store_true", help="quantize the 1B checkpoint again (and time it)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -172,10 +225,14 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=512, help=argparse.SUPPRESS)
     p.add_argument("--new", type=int, default=64, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
+    if args.child == "decode-perplexity":
+        print(json.dumps(decode_perplexity(args.path)))
+    elif args.child:
         print(json.dumps(child(args.path, args.prompt, args.new)))
     elif args.part == "quality":
         quality()
+    elif args.part == "activations":
+        activations()
     else:
         speed(args.rounds, args.requantize)
 

@@ -18,7 +18,6 @@ read bandwidth measured by bench/membw.c.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 import time
@@ -86,14 +85,8 @@ def llama_bench(gguf: Path, prompt: int, new: int, threads: int) -> dict:
 
 
 def ours(path: Path, env: dict, prompt: int, new: int) -> dict:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return run_child(str(Path(__file__).with_name("quantization.py")), "speed",
-                         ["--path", str(path), "--prompt", str(prompt), "--new", str(new)])
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return run_child(str(Path(__file__).with_name("quantization.py")), "speed",
+                     ["--path", str(path), "--prompt", str(prompt), "--new", str(new)], env)
 
 
 def best(runs: list[dict]) -> dict:
