@@ -252,6 +252,8 @@ def test_packed_weights_give_the_same_logits(name, tmp_path):
     from starcoder.linears.dense import is_packed
 
     assert is_packed(packed) and not is_packed(plain)
+    # q, k and v in one packed layer: one call per token instead of three
+    assert all(b.attn.qkv is not None and not hasattr(b.attn, "q") for b in packed.model.layers)
     ids = random_ids(2, 12)
     assert_close(packed(ids).logits, plain(ids).logits)
     cache = packed.new_cache(2, 12)

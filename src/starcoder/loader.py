@@ -20,7 +20,7 @@ from .config import Config
 from .convert import IGNORED_HF_TENSORS, convert_hf_tensor, expected_hf_shapes, split_c_attn
 from .errors import CheckpointError, StarCoderError
 from .linears import native
-from .linears.dense import can_pack, pack_weight
+from .linears.dense import Linear, can_pack, pack_weight
 from .linears.gptq_layout import LINEARS, QuantFile, from_gptq_tensors, hf_module, read_quant_config, split_qkv
 from .linears.quantized import DecodeHead, QuantLinear, Scratch, quantized_linear
 from .memory import return_freed_memory
@@ -85,6 +85,10 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
     for parameter in model.parameters():
         if parameter.is_mkldnn:
             parameter.requires_grad_(False)
+    if pack:
+        for block in model.model.layers:
+            if isinstance(block.attn.q, Linear) and can_pack(block.attn.q.weight):
+                block.attn.fuse_qkv()
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if quant is not None:
@@ -152,10 +156,11 @@ def _linear_shape(config: Config, linear: str) -> tuple[int, int]:
 
 def _packed(converted: list[tuple[str, torch.Tensor]], tied_head: bool) -> list[tuple[str, torch.Tensor]]:
     """Linear weights in oneDNN's inference layout; a tied lm_head gets a packed copy of the embedding, which
-    itself must stay readable for lookups."""
+    itself must stay readable for lookups. q, k and v stay readable: they are packed together (fuse_qkv)."""
     out = []
     for name, t in converted:
-        is_linear = name.endswith(".weight") and not name.startswith(("model.embed", "model.pos"))
+        is_linear = (name.endswith(".weight") and not name.startswith(("model.embed", "model.pos"))
+                     and not name.endswith(("attn.q.weight", "attn.k.weight", "attn.v.weight")))
         out.append((name, pack_weight(t) if is_linear and can_pack(t) else t))
         if tied_head and name == "model.embed.weight" and can_pack(t):
             out.append(("lm_head.weight", pack_weight(t)))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .cache import KVCache, PagedKVCache
 from .config import Config
 from .errors import StarCoderError
-from .linears.dense import Linear
+from .linears.dense import Linear, pack_weight
 
 
 @dataclass
@@ -152,10 +152,28 @@ class Attention(nn.Module):
         self.k = Linear(config.n_embd, kv_dim, bias=config.bias)
         self.v = Linear(config.n_embd, kv_dim, bias=config.bias)
         self.o = Linear(q_dim, config.n_embd, bias=config.bias)
+        self.widths = [q_dim, kv_dim, kv_dim]
+        self.qkv: Linear | None = None  # q, k and v in one packed layer, once fuse_qkv() has run
         self.scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
 
+    def fuse_qkv(self) -> None:
+        """q, k and v as one packed linear for CPU inference: one call and one weight read per token where there
+        were three (a multi-query model's k and v are too small to be worth a call's fixed cost)."""
+        parts = (self.q, self.k, self.v)
+        weight = torch.cat([part.weight.detach() for part in parts])
+        bias = torch.cat([part.bias.detach() for part in parts]) if self.q.bias is not None else None
+        with torch.device("meta"):
+            fused = Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        fused.weight = nn.Parameter(pack_weight(weight), requires_grad=False)
+        fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.qkv = fused
+        del self.q, self.k, self.v
+
     def forward(self, x: Tensor, spans: list[Span], layer: int) -> Tensor:
-        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split(self.widths, -1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
         if len(spans) == 1:
             return self.o(self._attend(spans[0], q, k, v, layer))
         sizes = [span.rows * span.tokens for span in spans]
