@@ -111,17 +111,27 @@ def test_integer_kernels_equal_their_contract_and_stay_close_to_exact(bits, grou
 
 
 @needs_native
-def test_decode_head_reads_the_embedding_in_place():
+@pytest.mark.parametrize("int8_activations", ["1", "0"])
+def test_decode_head_reads_the_embedding_in_place(int8_activations, monkeypatch):
+    """The head of a quantized model: decoding reads an int8 copy of the embedding (int8 activations) or the
+    bfloat16 embedding in place; logits stay float32; long inputs use the embedding."""
+    monkeypatch.setenv("STARCODER_INT8_ACTIVATIONS", int8_activations)
     embedding = torch.nn.Parameter(torch.randn(320, 128).bfloat16(), requires_grad=False)
     head = DecodeHead(embedding, native.kernels())
+    assert head.int8_activations == (int8_activations == "1" and native.int8_activations())
     x = torch.randn(1, 3, 128).bfloat16()
     expected = x.double() @ embedding.double().T
-    assert float((head(x).double() - expected).abs().max() / expected.abs().max()) < 1e-2
+    got = head(x).double()
+    assert float((got - expected).abs().max() / expected.abs().max()) < (3e-2 if head.int8_activations else 1e-2)
+    if head.int8_activations:  # the int8 copy: per row, symmetric, and the kernel is its contract
+        assert head.q8.dtype == torch.int8 and bool((head.q8.abs().amax(1) == 127).all())
+        contract = ReferenceKernels().int8_matvec_i8(x[0], head.q8, head.q8_scale, head.q8_offset, None, 0, True)
+        raw = native.kernels().int8_matvec_i8(x[0], head.q8, head.q8_scale, head.q8_offset, None, 0, float_out=True)
+        assert raw.dtype == torch.float32
+        torch.testing.assert_close(raw.double(), contract.double(), rtol=1e-4, atol=1e-4 * float(contract.abs().max()))
     y = native.kernels().bf16_matvec(x[0].contiguous(), embedding)
     assert float((y.double() - expected[0]).abs().max() / expected.abs().max()) < 1e-5
     torch.testing.assert_close(head(torch.randn(1, 20, 128).bfloat16()).shape, torch.Size([1, 20, 320]))
-
-
 class ReferenceKernels:
     """kernels.cpp's functions written in PyTorch from their documented layouts: lets the layers that call them
     (their packing, scales, offsets, bias and activation epilogue, the long-input path) be checked on any CPU."""
@@ -149,27 +159,29 @@ class ReferenceKernels:
         group_sums = x.double().view(x.shape[0], -1, group).sum(-1)  # (M, G)
         weight = self._int4_weight(packed, scales, offsets, group, with_offsets=False).double()
         y = self._int8_activations(x) @ weight.T + group_sums @ offsets.double().T
-        return self._epilogue(y.float(), bias, activation)
+        return self._epilogue(y.float(), bias, activation).bfloat16()
 
-    def int8_matvec_i8(self, x, q8, scale, offset, bias, activation):
+    def int8_matvec_i8(self, x, q8, scale, offset, bias, activation, float_out=False):
         y = self._int8_activations(x) @ (q8.double() * scale[:, None]).T + x.double().sum(-1, keepdim=True) * offset
-        return self._epilogue(y.float(), bias, activation)
+        y = self._epilogue(y.float(), bias, activation)
+        return y if float_out else y.bfloat16()
 
     @staticmethod
     def _epilogue(y, bias, activation):
         y = y if bias is None else y + bias
-        y = {0: y, 1: torch.nn.functional.gelu(y, approximate="tanh"), 2: torch.nn.functional.gelu(y)}[activation]
-        return y.bfloat16()
+        return {0: y, 1: torch.nn.functional.gelu(y, approximate="tanh"), 2: torch.nn.functional.gelu(y)}[activation]
 
     def int4_matvec(self, x, packed, scales, offsets, group, bias, activation):
-        return self._epilogue(x.float() @ self._int4_weight(packed, scales, offsets, group).T, bias, activation)
+        return self._epilogue(x.float() @ self._int4_weight(packed, scales, offsets, group).T, bias,
+                              activation).bfloat16()
 
     def int4_dequantize(self, packed, scales, offsets, group, w):
         w.copy_(self._int4_weight(packed, scales, offsets, group))
         return w
 
     def int8_matvec(self, x, q8, scale, offset, bias, activation):
-        return self._epilogue(x.float() @ (q8.float() * scale[:, None] + offset[:, None]).T, bias, activation)
+        return self._epilogue(x.float() @ (q8.float() * scale[:, None] + offset[:, None]).T, bias,
+                              activation).bfloat16()
 
     def int8_dequantize(self, q8, scale, offset, w):
         w.copy_(q8.float() * scale[:, None] + offset[:, None])

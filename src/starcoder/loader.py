@@ -72,8 +72,8 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
             raise CheckpointError(f"{stored.file}: tensor {stored.name!r} is {stored.dtype}, not floating point")
         source = reader.read(stored)
         converted = convert_hf_tensor(config, stored.name, source.to(device=device, dtype=dtype or stored.dtype))
-        if pack:
-            converted = _packed(converted, tied_head)
+        if pack:  # (a quantized model's tied head is decoded by DecodeHead from the embedding: no packed copy)
+            converted = _packed(converted, tied_head and quant is None)
         if all(not _shares_memory(t, source) for _, t in converted):
             reader.release(stored)
         state.update(converted)

@@ -186,9 +186,9 @@ void int4_rows(const uint16_t* x, const Int8Acts* a, const uint8_t* packed, cons
 
 // The int8 kernel on int8 activations: the s8 weights are read as u8 (top bit flipped, q + 128) for vpdpbusd,
 // and the 128 * sum(activations) that adds is taken back once per input row (Int8Acts::shift).
-template <int M, int R>
+template <int M, int R, typename Out>
 void int8_rows_i8(const Int8Acts& a, const int8_t* q8, const float* scale, const float* offset, const float* xsum,
-                  const float* bias, int64_t activation, at::BFloat16* y, int64_t K, int64_t N, int64_t n) {
+                  const float* bias, int64_t activation, Out* y, int64_t K, int64_t N, int64_t n) {
   const __m512i top = _mm512_set1_epi8(static_cast<char>(0x80));
   const int8_t* rows[R];
   for (int r = 0; r < R; ++r) {
@@ -208,7 +208,7 @@ void int8_rows_i8(const Int8Acts& a, const int8_t* q8, const float* scale, const
     }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m)
-      y[m * N + n + r] = at::BFloat16(epilogue(
+      y[m * N + n + r] = Out(epilogue(
           scale[n + r] * (_mm512_reduce_add_ps(acc[r][m]) - a.shift[m]) + offset[n + r] * xsum[m], bias, n + r,
           activation));
 }
@@ -423,23 +423,28 @@ torch::Tensor int4_matvec_i8(torch::Tensor x, torch::Tensor packed, torch::Tenso
   return y;
 }
 
-// As int8_matvec, with the activations quantized to int8 per block of 64 (AVX512-VNNI); K % 64 == 0.
+// As int8_matvec, with the activations quantized to int8 per block of 64 (AVX512-VNNI); K % 64 == 0. With
+// float_out the result is float32 (a model's head: logits keep their precision), else bfloat16.
 torch::Tensor int8_matvec_i8(torch::Tensor x, torch::Tensor q8, torch::Tensor scale, torch::Tensor offset,
-                             c10::optional<torch::Tensor> bias, int64_t activation) {
+                             c10::optional<torch::Tensor> bias, int64_t activation, bool float_out) {
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.is_contiguous() && x.dim() == 2, "x: contiguous bf16 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = q8.size(0);
   TORCH_CHECK(M >= 1 && M <= 8 && K % 64 == 0 && q8.size(1) == K, "int8_matvec_i8 shapes");
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const Int8Acts acts = quantize_activations(xp, M, K, false);
   const auto xsum = group_sums(xp, M, K, K);
-  auto y = torch::empty({M, N}, torch::kBFloat16);
+  auto y = torch::empty({M, N}, float_out ? torch::kFloat32 : torch::kBFloat16);
   const int8_t* qp = q8.data_ptr<int8_t>();
   const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>(), *bp = optional_bias(bias, N);
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     with_rows(M, [&](auto m) {
       by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
-        int8_rows_i8<decltype(m)::value, decltype(r)::value>(acts, qp, sp, op, xsum.data(), bp, activation, yp, K, N, n);
+        constexpr int rows = decltype(m)::value, pairs = decltype(r)::value;
+        if (float_out)
+          int8_rows_i8<rows, pairs>(acts, qp, sp, op, xsum.data(), bp, activation, y.data_ptr<float>(), K, N, n);
+        else
+          int8_rows_i8<rows, pairs>(acts, qp, sp, op, xsum.data(), bp, activation, y.data_ptr<at::BFloat16>(), K,
+                                    N, n);
       });
     });
   });
@@ -448,7 +453,9 @@ torch::Tensor int8_matvec_i8(torch::Tensor x, torch::Tensor q8, torch::Tensor sc
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matvec_i8", &int4_matvec_i8, "int4 weights, int8 activations, integer dot products (decode)");
-  m.def("int8_matvec_i8", &int8_matvec_i8, "int8 weights, int8 activations, integer dot products (decode)");
+  m.def("int8_matvec_i8", &int8_matvec_i8, "int8 weights, int8 activations, integer dot products (decode)",
+        py::arg("x"), py::arg("q8"), py::arg("scale"), py::arg("offset"), py::arg("bias"), py::arg("activation"),
+        py::arg("float_out") = false);
   m.def("int4_matvec", &int4_matvec, "int4 weight-only matrix-vector product (decode)");
   m.def("int4_dequantize", &int4_dequantize, "int4 weight to bfloat16");
   m.def("int8_matvec", &int8_matvec, "int8 weight-only matrix-vector product (decode)");

@@ -315,17 +315,44 @@ def quantized_linear(weight: QuantizedWeight, bias: Tensor | None, dtype: torch.
 
 
 class DecodeHead(nn.Module):
-    """The (unquantized, usually tied) lm_head of a quantized bfloat16 model: our bf16 matrix-vector kernel for
-    decoding reads the embedding matrix in place, where oneDNN would need a packed copy of it to be as fast."""
+    """The (unquantized, usually tied) lm_head of a quantized bfloat16 model: decoding reads it with our kernels,
+    where oneDNN would need a packed copy of it to be as fast. Where decoding uses int8 activations, it reads an
+    int8 copy of the head (per row, symmetric; half the bytes: the bfloat16 head is a quarter of what an int4
+    1B model reads per token), as llama.cpp keeps its output matrix quantized; else the bfloat16 matrix in place.
+    Long inputs use the bfloat16 matrix."""
 
     def __init__(self, weight: nn.Parameter, kernels):
         super().__init__()
         self.weight, self.kernels = weight, kernels
+        self.int8_activations = native.int8_activations() and weight.shape[1] % 64 == 0
+        if self.int8_activations:
+            q8, scale = _int8_rows(weight)
+            self.register_buffer("q8", q8)
+            self.register_buffer("q8_scale", scale)
+            self.register_buffer("q8_offset", torch.zeros_like(scale))
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= DECODE_ROWS and x2.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
-            y = self.kernels.bf16_matvec(x2.contiguous(), self.weight).to(x.dtype)
+            if self.int8_activations:
+                y = self.kernels.int8_matvec_i8(x2.contiguous(), self.q8, self.q8_scale, self.q8_offset, None, 0,
+                                                float_out=True)
+            else:
+                y = self.kernels.bf16_matvec(x2.contiguous(), self.weight)
+            y = y.to(x.dtype)
         else:
             y = matmul(x2, self.weight.to(x2.dtype))
         return y.view(*x.shape[:-1], -1)
+
+
+def _int8_rows(weight: Tensor, rows: int = 4096) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8 (round(w / scale), scale = max|w| / 127), a block of rows at a time so that the
+    float32 working copy stays small."""
+    q8 = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0])
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start : start + rows].float()
+        s = block.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q8[start : start + rows] = torch.round(block / s[:, None]).to(torch.int8)
+        scale[start : start + rows] = s
+    return q8, scale
