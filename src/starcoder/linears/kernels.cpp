@@ -451,7 +451,31 @@ torch::Tensor int8_matvec_i8(torch::Tensor x, torch::Tensor q8, torch::Tensor sc
   return y;
 }
 
+// Symmetric per-row int8 of a bfloat16 matrix (a model's head, for int8_matvec_i8): q = round(w / s) with
+// s = max|w| / 127 per row; (q8 [N, K], s [N]). No temporaries: the head of a large vocabulary is big.
+std::vector<torch::Tensor> int8_rows(torch::Tensor w) {
+  TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.is_contiguous() && w.dim() == 2, "w: contiguous bf16 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1);
+  auto q8 = torch::empty({N, K}, torch::kInt8);
+  auto scale = torch::empty({N}, torch::kFloat32);
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  int8_t* qp = q8.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint16_t* row = wp + n * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(bf16_to_float(row[k])));
+      sp[n] = amax > 0.f ? amax / 127.f : 1.f;
+      const float inverse = 1.f / sp[n];
+      for (int64_t k = 0; k < K; ++k) qp[n * K + k] = static_cast<int8_t>(std::nearbyint(bf16_to_float(row[k]) * inverse));
+    }
+  });
+  return {q8, scale};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_rows", &int8_rows, "symmetric per-row int8 of a bfloat16 matrix");
   m.def("int4_matvec_i8", &int4_matvec_i8, "int4 weights, int8 activations, integer dot products (decode)");
   m.def("int8_matvec_i8", &int8_matvec_i8, "int8 weights, int8 activations, integer dot products (decode)",
         py::arg("x"), py::arg("q8"), py::arg("scale"), py::arg("offset"), py::arg("bias"), py::arg("activation"),

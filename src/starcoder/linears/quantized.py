@@ -326,7 +326,7 @@ class DecodeHead(nn.Module):
         self.weight, self.kernels = weight, kernels
         self.int8_activations = native.int8_activations() and weight.shape[1] % 64 == 0
         if self.int8_activations:
-            q8, scale = _int8_rows(weight)
+            q8, scale = kernels.int8_rows(weight.contiguous())
             self.register_buffer("q8", q8)
             self.register_buffer("q8_scale", scale)
             self.register_buffer("q8_offset", torch.zeros_like(scale))
@@ -343,16 +343,3 @@ class DecodeHead(nn.Module):
         else:
             y = matmul(x2, self.weight.to(x2.dtype))
         return y.view(*x.shape[:-1], -1)
-
-
-def _int8_rows(weight: Tensor, rows: int = 4096) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row int8 (round(w / scale), scale = max|w| / 127), a block of rows at a time so that the
-    float32 working copy stays small."""
-    q8 = torch.empty(weight.shape, dtype=torch.int8)
-    scale = torch.empty(weight.shape[0])
-    for start in range(0, weight.shape[0], rows):
-        block = weight[start : start + rows].float()
-        s = block.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        q8[start : start + rows] = torch.round(block / s[:, None]).to(torch.int8)
-        scale[start : start + rows] = s
-    return q8, scale
