@@ -1,10 +1,11 @@
 """Generation: the one token generator everyone uses (the CLI, the evaluation harness and the server).
 
 The Generator keeps each sequence in a slot (a row) of one preallocated KV cache. A prompt is computed in a scratch
-row, a chunk per step while other sequences decode, starting from the longest prefix kept from earlier prompts;
-then its n samples take their slots, and every step decodes one token for all slots together, each at its own
-position (or checks a prompt-lookup draft when a sequence decodes alone). Sequences join between steps and leave
-when they finish (the last slot moves into the hole): submit()/add() and step() are all there is.
+row, a chunk per step inside the forward pass that decodes the other sequences (one read of the weights for
+both), starting from the longest prefix kept from earlier prompts; then its n samples take their slots, and every
+step decodes one token for all slots together, each at its own position (or checks a prompt-lookup draft when a
+sequence decodes alone). Sequences join between steps and leave when they finish (the last slot moves into the
+hole): submit()/add() and step() are all there is.
 """
 
 from __future__ import annotations
