@@ -60,6 +60,8 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
                                            if not n.startswith(inside)])
     _check_names(config, reader, expected, claimed)
     tied_head = config.tie_embeddings and config.head == "causal_lm"
+    # A quantized bfloat16 model's head decodes with our kernels (DecodeHead), from the embedding: no packed copy.
+    kernels = native.kernels() if quant is not None and dtype == torch.bfloat16 else None
     state: dict[str, torch.Tensor] = {}
     for stored in reader:
         if stored.name not in expected:
@@ -72,8 +74,8 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
             raise CheckpointError(f"{stored.file}: tensor {stored.name!r} is {stored.dtype}, not floating point")
         source = reader.read(stored)
         converted = convert_hf_tensor(config, stored.name, source.to(device=device, dtype=dtype or stored.dtype))
-        if pack:  # (a quantized model's tied head is decoded by DecodeHead from the embedding: no packed copy)
-            converted = _packed(converted, tied_head and quant is None)
+        if pack:
+            converted = _packed(converted, tied_head and kernels is None)
         if all(not _shares_memory(t, source) for _, t in converted):
             reader.release(stored)
         state.update(converted)
@@ -92,7 +94,6 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if quant is not None:
-        kernels = native.kernels() if dtype == torch.bfloat16 else None
         if kernels is not None and hasattr(model, "lm_head") and not model.lm_head.weight.is_mkldnn:
             model.lm_head = DecodeHead(model.lm_head.weight, kernels)
         return_freed_memory()

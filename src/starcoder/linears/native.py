@@ -52,7 +52,7 @@ def kernels():
         digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
         return load(name=f"starcoder_quant_{digest}", sources=[str(SOURCE)],
                     extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
-                                      "-mavx512vnni", "-mfma"],
+                                  "-mavx512vnni", "-mfma"],
                     extra_ldflags=["-fopenmp"], verbose=False)  # at::parallel_for is OpenMP: serial without it
     except Exception as e:  # no compiler, no headers, a failed build: the stock kernels still work
         lines = str(e).splitlines()
