@@ -93,12 +93,16 @@ def test_integer_kernels_equal_their_contract_and_stay_close_to_exact(bits, grou
     kernels, contract = native.kernels(), ReferenceKernels()
     args = ((layer.native_packed, layer.native_scales, layer.native_offsets, layer.kernel_group) if bits == 4 else
             (layer.int8_weight, layer.native_scales, layer.native_offsets))
-    name = "int4_matvec_i8" if bits == 4 else "int8_matvec_i8"
+
+    def integer(kernels, x, activation):
+        if bits == 4:
+            return kernels.int4_matvec(x, *args, layer.native_bias, activation, True).double()
+        return kernels.int8_matvec_i8(x, *args, layer.native_bias, activation).double()
+
     for rows, activation in ((1, 0), (2, 1), (5, 2), (8, 0)):
         x = torch.randn(rows, K).bfloat16()
         x[:, 7] = 30.0  # an outlier channel, as real activations have
-        got = getattr(kernels, name)(x, *args, layer.native_bias, activation).double()
-        want = getattr(contract, name)(x, *args, layer.native_bias, activation).double()
+        got, want = integer(kernels, x, activation), integer(contract, x, activation)
         torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-3 * float(want.abs().max()))
     x = torch.randn(4, K).bfloat16()
     exact = reference(weight, bias, x.float())
@@ -155,7 +159,7 @@ class ReferenceKernels:
         inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
         return (torch.round(blocks * inverse) * scale).view(M, K).double()
 
-    def int4_matvec_i8(self, x, packed, scales, offsets, group, bias, activation):
+    def _int4_matvec_i8(self, x, packed, scales, offsets, group, bias, activation):
         # the offsets meet the exact activations' group sums; the integer part, the quantized activations
         group_sums = x.double().view(x.shape[0], -1, group).sum(-1)  # (M, G)
         weight = self._int4_weight(packed, scales, offsets, group, with_offsets=False).double()
@@ -172,7 +176,9 @@ class ReferenceKernels:
         y = y if bias is None else y + bias
         return {0: y, 1: torch.nn.functional.gelu(y, approximate="tanh"), 2: torch.nn.functional.gelu(y)}[activation]
 
-    def int4_matvec(self, x, packed, scales, offsets, group, bias, activation):
+    def int4_matvec(self, x, packed, scales, offsets, group, bias, activation, int8_activations=False):
+        if int8_activations:
+            return self._int4_matvec_i8(x, packed, scales, offsets, group, bias, activation)
         return self._epilogue(x.float() @ self._int4_weight(packed, scales, offsets, group).T, bias,
                               activation).bfloat16()
 

@@ -9,9 +9,9 @@
 //
 // int8 layout: q8[n, k] signed, weight = q8 * scale[n] + offset[n].
 //
-// The *_i8 kernels are the integer-dot versions for CPUs with AVX512-VNNI: the activations are quantized to int8
-// per block of 64 inputs (scale max|x| / 127, as llama.cpp's q8 activations, whose blocks are 32) and meet the
-// weights in vpdpbusd (u8 x s8, four products summed into each int32 lane), 64 multiply-adds per instruction.
+// The integer-dot paths (int4_matvec with int8_activations, int8_matvec_i8) are for CPUs with AVX512-VNNI: the
+// activations are quantized to int8 per block of 64 inputs (scale max|x| / 127, as llama.cpp's q8 activations,
+// whose blocks are 32) and meet the weights in vpdpbusd (u8 x s8, four products summed into each int32 lane), 64 multiply-adds per instruction.
 // They are close to the bfloat16-activation kernels, not equal (under 0.1% of perplexity, see BENCHMARKS.md).
 
 #include <torch/extension.h>
@@ -247,26 +247,29 @@ const float* optional_bias(const c10::optional<torch::Tensor>& bias, int64_t N) 
 }
 
 // x [M, K] bfloat16 (M <= 8), packed [N, K/2] uint8, scales/offsets [N, G] float32, bias [N] float32 or None
-// -> activation(x W^T + bias) as bfloat16 [M, N].
+// -> activation(x W^T + bias) as bfloat16 [M, N]. With int8_activations (AVX512-VNNI; group % 128 == 0) the
+// activations are quantized to int8 per block of 64 and meet the weights in integer dot products.
 torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
-                          int64_t group, c10::optional<torch::Tensor> bias, int64_t activation) {
+                          int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.is_contiguous() && x.dim() == 2, "x: contiguous bf16 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), chunk = int8_activations ? 128 : 64;
   TORCH_CHECK(M >= 1 && M <= 8, "int4_matvec takes 1 to 8 rows");
-  TORCH_CHECK(K % 64 == 0 && group % 64 == 0 && K % group == 0 && packed.size(1) * 2 == K, "int4_matvec shapes");
+  TORCH_CHECK(K % chunk == 0 && group % chunk == 0 && K % group == 0 && packed.size(1) * 2 == K, "int4_matvec shapes");
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  auto xsum = group_sums(xp, M, K, group);
+  const Int8Acts acts = int8_activations ? quantize_activations(xp, M, K, true) : Int8Acts{};
+  const auto xsum = group_sums(xp, M, K, group);
   auto y = torch::empty({M, N}, torch::kBFloat16);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* op = offsets.data_ptr<float>();
-  const float* bp = optional_bias(bias, N);
+  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     with_rows(M, [&](auto m) {
       by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
-        int4_rows<decltype(m)::value, decltype(r)::value, false>(xp, nullptr, pp, sp, op, xsum.data(), bp,
-                                                                 activation, yp, K, N, group, n);
+        constexpr int rows = decltype(m)::value, pairs = decltype(r)::value;
+        if (int8_activations)
+          int4_rows<rows, pairs, true>(nullptr, &acts, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n);
+        else
+          int4_rows<rows, pairs, false>(xp, nullptr, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n);
       });
     });
   });
@@ -398,31 +401,6 @@ torch::Tensor bf16_matvec(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
-// As int4_matvec, with the activations quantized to int8 per block of 64 (AVX512-VNNI); group % 128 == 0.
-torch::Tensor int4_matvec_i8(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
-                             int64_t group, c10::optional<torch::Tensor> bias, int64_t activation) {
-  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.is_contiguous() && x.dim() == 2, "x: contiguous bf16 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
-  TORCH_CHECK(M >= 1 && M <= 8, "int4_matvec_i8 takes 1 to 8 rows");
-  TORCH_CHECK(K % 128 == 0 && group % 128 == 0 && K % group == 0 && packed.size(1) * 2 == K, "int4_matvec_i8 shapes");
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const Int8Acts acts = quantize_activations(xp, M, K, true);
-  const auto xsum = group_sums(xp, M, K, group);
-  auto y = torch::empty({M, N}, torch::kBFloat16);
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    with_rows(M, [&](auto m) {
-      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
-        int4_rows<decltype(m)::value, decltype(r)::value, true>(nullptr, &acts, pp, sp, op, xsum.data(), bp,
-                                                                activation, yp, K, N, group, n);
-      });
-    });
-  });
-  return y;
-}
-
 // As int8_matvec, with the activations quantized to int8 per block of 64 (AVX512-VNNI); K % 64 == 0. With
 // float_out the result is float32 (a model's head: logits keep their precision), else bfloat16.
 torch::Tensor int8_matvec_i8(torch::Tensor x, torch::Tensor q8, torch::Tensor scale, torch::Tensor offset,
@@ -476,11 +454,12 @@ std::vector<torch::Tensor> int8_rows(torch::Tensor w) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_rows", &int8_rows, "symmetric per-row int8 of a bfloat16 matrix");
-  m.def("int4_matvec_i8", &int4_matvec_i8, "int4 weights, int8 activations, integer dot products (decode)");
   m.def("int8_matvec_i8", &int8_matvec_i8, "int8 weights, int8 activations, integer dot products (decode)",
         py::arg("x"), py::arg("q8"), py::arg("scale"), py::arg("offset"), py::arg("bias"), py::arg("activation"),
         py::arg("float_out") = false);
-  m.def("int4_matvec", &int4_matvec, "int4 weight-only matrix-vector product (decode)");
+  m.def("int4_matvec", &int4_matvec, "int4 weight-only matrix-vector product (decode)", py::arg("x"),
+        py::arg("packed"), py::arg("scales"), py::arg("offsets"), py::arg("group"), py::arg("bias"),
+        py::arg("activation"), py::arg("int8_activations") = false);
   m.def("int4_dequantize", &int4_dequantize, "int4 weight to bfloat16");
   m.def("int8_matvec", &int8_matvec, "int8 weight-only matrix-vector product (decode)");
   m.def("int8_dequantize", &int8_dequantize, "int8 weight to bfloat16");

@@ -181,9 +181,8 @@ class NativeInt4Linear(_NativeLinear):
         self.int8_activations = native.int8_activations() and size % 128 == 0
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
-        matvec = self.native.int4_matvec_i8 if self.int8_activations else self.native.int4_matvec
-        return matvec(x, self.native_packed, self.native_scales, self.native_offsets, self.kernel_group, bias,
-                      activation)
+        return self.native.int4_matvec(x, self.native_packed, self.native_scales, self.native_offsets,
+                                       self.kernel_group, bias, activation, self.int8_activations)
 
     def _dequantize_into(self, w: Tensor) -> None:
         self.native.int4_dequantize(self.native_packed, self.native_scales, self.native_offsets, self.kernel_group, w)
