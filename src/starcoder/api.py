@@ -11,9 +11,9 @@ from .errors import StarCoderError
 from .fim import PromptFormat, RepoFile
 from .generate import Completion, Request, SamplingParams, generate, stream
 from .loader import load_model
-from .paths import default_model_dir, resolve_model_dir
+from .paths import default_model_dir, resolve_model
 from .speculate import Drafter, DraftModel, drafter_for
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 
 class StarCoder:
@@ -87,12 +87,12 @@ def load(model: str | os.PathLike | None = None, dtype: str | None = None, devic
         speculate = "draft"
     elif draft_model is not None:
         raise StarCoderError(f"a draft model is used with speculate='draft', not {speculate!r}")
-    model_dir = default_model_dir() if model is None else resolve_model_dir(model)
+    model_dir = default_model_dir() if model is None else resolve_model(model)
     pack = pack and device == "cpu"
     model = load_model(model_dir, dtype=dtype, device=device, allow_pickle=allow_pickle, pack=pack)
-    tokenizer = Tokenizer.from_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     if speculate == "draft" and draft_model is not None:
-        draft_dir = resolve_model_dir(draft_model)
+        draft_dir = resolve_model(draft_model)
         drafter = load_model(draft_dir, dtype=dtype, device=device, allow_pickle=allow_pickle, pack=pack)
-        speculate = DraftModel(drafter, Tokenizer.from_dir(draft_dir), tokenizer)
+        speculate = DraftModel(drafter, load_tokenizer(draft_dir), tokenizer)
     return StarCoder(model, tokenizer, speculate)

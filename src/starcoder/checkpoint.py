@@ -213,8 +213,13 @@ class CheckpointReader:
 
 
 # ---------------------------------------------------------------------------------------------- load
-def load_config(model_dir: Path) -> Config:
-    return Config.from_file(model_dir / "config.json")
+def load_config(location: Path) -> Config:
+    """The config of a model directory (config.json) or of a GGUF file (its metadata)."""
+    if location.suffix == ".gguf":
+        from .gguf_file import open_gguf, read_config
+
+        return read_config(open_gguf(location), location)
+    return Config.from_file(location / "config.json")
 
 
 # ---------------------------------------------------------------------------------------------- save

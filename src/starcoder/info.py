@@ -7,22 +7,32 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointReader, dtype_name, load_config, weight_files
-from .paths import resolve_model_dir
+from .paths import resolve_model
 
 
 def model_info(path_or_id: str | os.PathLike, allow_pickle: bool = False,
                cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    model_dir = resolve_model_dir(path_or_id, cache_dir)
-    config = load_config(model_dir)
-    files = weight_files(model_dir, allow_pickle)
-    reader = CheckpointReader(files)
-    dtypes = sorted({dtype_name(t.dtype) for t in reader})
-    floats = [t.dtype.itemsize for t in reader if t.dtype.is_floating_point]
-    itemsize = max(floats) if floats else 4
-    from .linears.gptq_layout import read_quant_config
+    model_dir = resolve_model(path_or_id, cache_dir)
+    if model_dir.suffix == ".gguf":
+        from .gguf_weights import GGUFSource
 
-    quant = read_quant_config(model_dir)
-    quantization = None
+        reader = GGUFSource(model_dir)
+        config, files = reader.config, [model_dir]
+        dtypes = reader.kinds()
+        quantization = None if set(dtypes) <= {"F32", "F16", "BF16"} else f"GGUF {', '.join(dtypes)}"
+        itemsize = reader.dtype.itemsize
+        quant = None
+    else:
+        config = load_config(model_dir)
+        files = weight_files(model_dir, allow_pickle)
+        reader = CheckpointReader(files)
+        dtypes = sorted({dtype_name(t.dtype) for t in reader})
+        floats = [t.dtype.itemsize for t in reader if t.dtype.is_floating_point]
+        itemsize = max(floats) if floats else 4
+        from .linears.gptq_layout import read_quant_config
+
+        quant = read_quant_config(model_dir)
+        quantization = None
     if quant is not None:
         q = quant.settings
         quantization = (f"GPTQ {q.bits}-bit, group {'per channel' if q.group_size == -1 else q.group_size}"

@@ -1,58 +1,82 @@
 """Where a checkpoint's bytes become our modules, in one place.
 
-A weight source (checkpoint.CheckpointReader: safetensors files, memory-mapped) gives named tensors under Hugging
-Face names. build() makes the model on the meta device and assigns them: each block linear becomes what the
-linear factory says (dense, packed for oneDNN, or a quantized kind built from GPTQ tensors); every other tensor
-is converted to our names (convert.py) and assigned as it is, without a copy where dtype and device allow. Then
-one check for missing tensors, one tie of the head, eval mode. `dtype`, `device` and `pack` mean the same for
-every kind of checkpoint.
+A weight source (checkpoint.CheckpointReader: safetensors files; gguf_weights.GGUFSource: a GGUF file; both
+memory-mapped) gives named tensors under Hugging Face names. build() makes the model on the meta device and
+assigns them: each block linear becomes what the linear factory says (dense, packed for oneDNN, or a quantized
+kind built from GPTQ tensors or GGUF integer blocks); every other tensor is converted to our names (convert.py)
+and assigned as it is, without a copy where dtype and device allow. Then one check for missing tensors, one tie
+of the head, eval mode. `dtype`, `device` and `pack` mean the same for every kind of checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointReader, load_config, parse_dtype, weight_files
+from .checkpoint import CheckpointReader, StoredTensor, load_config, parse_dtype, weight_files
 from .config import Config
 from .convert import IGNORED_HF_TENSORS, convert_hf_tensor, expected_hf_shapes, split_c_attn
 from .errors import CheckpointError, StarCoderError
 from .linears import native
 from .linears.dense import Linear, can_pack, pack_weight
-from .linears.gptq_layout import LINEARS, QuantFile, from_gptq_tensors, hf_module, read_quant_config, split_qkv
+from .linears.gptq_layout import (
+    LINEARS,
+    QuantFile,
+    QuantizedWeight,
+    from_gptq_tensors,
+    hf_module,
+    read_quant_config,
+    split_qkv,
+)
 from .linears.quantized import DecodeHead, QuantLinear, Scratch, quantized_linear
 from .memory import return_freed_memory
 from .model import build_model
-from .paths import resolve_model_dir
+from .paths import resolve_model
 
 
 def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
                allow_pickle: bool = False, cache_dir: str | os.PathLike | None = None,
                revision: str | None = None, pack: bool = False) -> nn.Module:
-    """Load a Hugging Face StarCoder / StarCoder2 directory or hub id as our model, in eval mode.
+    """Load a Hugging Face StarCoder / StarCoder2 directory, hub id or GGUF file as our model, in eval mode.
 
     dtype None or "auto" keeps the stored dtype (for GPTQ files, whose float weights are float16, bfloat16: the
     CPU computes it much faster). The head (causal LM or sequence classification) follows the config's
     `architectures`. pack=True stores the dense linear weights in oneDNN's blocked layout for fast CPU inference
     (about 1.5x faster decoding); such a model cannot be trained or saved.
     """
-    model_dir = resolve_model_dir(path_or_id, cache_dir, revision)
-    reader = CheckpointReader(weight_files(model_dir, allow_pickle))
-    return build(load_config(model_dir), reader, parse_dtype(dtype), device, pack, read_quant_config(model_dir))
+    location = resolve_model(path_or_id, cache_dir, revision)
+    if location.suffix == ".gguf":
+        from .gguf_weights import GGUFSource
+
+        source = GGUFSource(location)
+        return build(source.config, source, parse_dtype(dtype) or source.dtype, device, pack,
+                     source if source.quantized else None)
+    reader = CheckpointReader(weight_files(location, allow_pickle))
+    quant = read_quant_config(location)
+    return build(load_config(location), reader, parse_dtype(dtype), device, pack,
+                 None if quant is None else GPTQLinears(quant, reader))
+
+
+class QuantizedLinears(Protocol):
+    def linear(self, config: Config, module: str) -> tuple[QuantizedWeight, torch.Tensor | None,
+                                                           list[StoredTensor]] | None:
+        """The quantized weight, bias and used file tensors of a HF module; None where it is stored as floats."""
 
 
 def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = None, device: str = "cpu",
-          pack: bool = False, quant: QuantFile | None = None) -> nn.Module:
-    """Our model from a source's tensors (checked against the config: names, shapes, kinds)."""
+          pack: bool = False, quant: QuantizedLinears | None = None) -> nn.Module:
+    """Our model from a source's tensors (checked against the config: names, shapes, kinds); `quant` gives the
+    linears the source holds quantized (GPTQ tensors, GGUF integer blocks)."""
     if quant is not None:
         if torch.device(device).type != "cpu":
             raise StarCoderError(f"quantized models run on the CPU only, not {device}")
         dtype = _quantized_dtype(dtype, reader)
     with torch.device("meta"):
         model = build_model(config)
-    quantized, claimed = _gptq_linears(config, quant, reader, dtype) if quant is not None else ({}, set())
+    quantized, claimed = _quantized_linears(config, quant, reader, dtype) if quant is not None else ({}, set())
     for name, module in quantized.items():
         model.set_submodule(name, module)
     inside = tuple(f"{name}." for name in quantized)
@@ -109,11 +133,29 @@ def _quantized_dtype(asked: torch.dtype | None, reader: CheckpointReader) -> tor
     return torch.bfloat16 if stored in (None, torch.float16) else stored
 
 
-def _gptq_linears(config: Config, quant: QuantFile, reader: CheckpointReader,
-                  dtype: torch.dtype) -> tuple[dict[str, QuantLinear], set[str]]:
-    """Every block linear as a quantized layer (our module name -> layer), and the file tensors they took."""
-    settings = quant.settings
-    stored = {t.name: t for t in reader}
+class GPTQLinears:
+    """The block linears of an AutoGPTQ checkpoint: qweight, qzeros, scales and g_idx per HF module."""
+
+    def __init__(self, quant: QuantFile, reader: CheckpointReader):
+        self.quant, self.reader = quant, reader
+        self.stored = {t.name: t for t in reader}
+
+    def linear(self, config: Config, module: str) -> tuple[QuantizedWeight, torch.Tensor | None, list[StoredTensor]]:
+        names = {key: f"{module}.{key}" for key in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+        if names["qweight"] not in self.stored:
+            raise CheckpointError(f"{self.reader.files[0].parent}: {module}.qweight is missing: the files do not "
+                                  f"match the quantization settings in {self.quant.source}")
+        used = {key: self.stored[name] for key, name in names.items() if name in self.stored}
+        tensors = {key: self.reader.read(t) for key, t in used.items()}
+        settings = self.quant.settings
+        weight = from_gptq_tensors(tensors, settings.bits, settings.group_size, settings.checkpoint_format, module)
+        return weight, tensors.get("bias"), list(used.values())
+
+
+def _quantized_linears(config: Config, source: QuantizedLinears, reader: CheckpointReader,
+                       dtype: torch.dtype) -> tuple[dict[str, QuantLinear], set[str]]:
+    """Every block linear the source holds quantized, as a layer (our module name -> layer), and the file tensors
+    they took. Linears the source holds as floats are left to the dense path."""
     scratch = Scratch()  # one for the model: its layers run one at a time
     layers: dict[str, QuantLinear] = {}
     claimed: set[str] = set()
@@ -121,17 +163,13 @@ def _gptq_linears(config: Config, quant: QuantFile, reader: CheckpointReader,
         fused = None
         for linear in LINEARS:
             module = hf_module(config, layer, linear)
-            names = {key: f"{module}.{key}" for key in ("qweight", "qzeros", "scales", "g_idx", "bias")}
-            if names["qweight"] not in stored:
-                raise CheckpointError(f"{reader.files[0].parent}: {module}.qweight is missing: the files do not "
-                                      f"match the quantization settings in {quant.source}")
-            claimed.update(n for n in names.values() if n in stored)
             shared = config.model_type == "gpt_bigcode" and linear in ("attn.q", "attn.k", "attn.v")
             if not shared or fused is None:
-                tensors = {key: reader.read(stored[name]) for key, name in names.items() if name in stored}
-                weight = from_gptq_tensors(tensors, settings.bits, settings.group_size, settings.checkpoint_format,
-                                           module)
-                bias = tensors.get("bias")
+                found = source.linear(config, module)
+                if found is None:
+                    continue
+                weight, bias, used = found
+                claimed.update(t.name for t in used)
                 if shared:  # the fused c_attn, split once into q, k and v
                     fused = list(zip(split_qkv(config, weight),
                                      split_c_attn(config, bias) if bias is not None else [None] * 3, strict=True))
@@ -139,12 +177,11 @@ def _gptq_linears(config: Config, quant: QuantFile, reader: CheckpointReader,
                 weight, bias = fused["qkv".index(linear[-1])]
             expected = _linear_shape(config, linear)
             if weight.shape != expected:
-                raise CheckpointError(f"{module}: quantized weight is {list(weight.shape)} but config.json "
+                raise CheckpointError(f"{module}: quantized weight is {list(weight.shape)} but the config "
                                       f"describes {list(expected)}")
             layers[f"model.layers.{layer}.{linear}"] = quantized_linear(weight, bias, dtype, scratch)
-            for name in names.values():  # the layer holds its own copies: the file pages can go (a view
-                if name in stored:  # still pointing there reads them back from the file)
-                    reader.release(stored[name])
+            for t in used:  # the layer holds its own copies: the file pages can go (a view still pointing
+                reader.release(t)  # there reads them back from the file)
     return layers, claimed
 
 

@@ -1,4 +1,5 @@
-"""Where models are: the one shipped in the package, local directories, and hub ids in the Hugging Face cache."""
+"""Where models are: the one shipped in the package, local directories, GGUF files, and hub ids in the Hugging Face
+cache."""
 
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ def default_model_dir() -> Path:
     return path
 
 
-def resolve_model_dir(path_or_id: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                      revision: str | None = None) -> Path:
-    """A local directory as is; a hub id (org/name) through the Hugging Face cache, downloading when online."""
+def resolve_model(path_or_id: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                  revision: str | None = None) -> Path:
+    """A local directory or .gguf file as is; a hub id (org/name) through the Hugging Face cache, downloading when
+    online."""
     path = Path(path_or_id).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path
     if path.exists():
-        raise StarCoderError(f"{path} is a file; pass the model directory that holds config.json")
+        raise StarCoderError(f"{path} is a file; pass the model directory that holds config.json, or a .gguf file")
     name = str(path_or_id)
     if not _HUB_ID.match(name):
         raise StarCoderError(f"{name}: no such model directory (nor a hub id of the form org/name)")

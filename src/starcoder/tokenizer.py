@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import StarCoderError
 from .files import write_text_atomic
-from .paths import resolve_model_dir
+from .paths import resolve_model
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -134,8 +134,14 @@ def _configured_eos(model_dir: Path) -> str | None:
 
 
 def load_tokenizer(path_or_id: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Tokenizer:
-    """The tokenizer of a model directory or hub id (through the Hugging Face cache)."""
-    return Tokenizer.from_dir(resolve_model_dir(path_or_id, cache_dir))
+    """The tokenizer of a model directory, a GGUF file (rebuilt from its vocabulary) or a hub id (through the
+    Hugging Face cache)."""
+    location = resolve_model(path_or_id, cache_dir)
+    if location.suffix == ".gguf":
+        from .gguf_file import open_gguf, read_tokenizer
+
+        return read_tokenizer(open_gguf(location), location)
+    return Tokenizer.from_dir(location)
 
 
 class StreamDecoder:

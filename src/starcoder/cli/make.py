@@ -167,6 +167,24 @@ def quantize(args: argparse.Namespace) -> None:
           f"{stats['seconds']:.1f} s; wrote {out}")
 
 
+@command("export", "write a model as a GGUF file for llama.cpp, Ollama, LM Studio and Tabby",
+         flag("model", nargs="?", help="model directory, hub id or .gguf file; default: the embedded model"),
+         flag("--format", default="gguf", choices=["gguf"]),
+         flag("--out", required=True, help="the .gguf file to write"),
+         flag("--quant", default="bf16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+              help="storage of the matrices (default bf16); norms and biases stay f32"),
+         flag("--force", action="store_true", help="replace an existing --out"))
+def export(args: argparse.Namespace) -> None:
+    from ..gguf_weights import export_model
+    from ..paths import default_model_dir
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise StarCoderError(f"{out} exists; pass --force to replace it")
+    export_model(args.model or default_model_dir(), out, args.quant)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.quant})")
+
+
 @command("prepare", "filter, deduplicate, decontaminate and redact source code into training shards",
          flag("--input", nargs="+", help="source trees (directories), or JSONL / Parquet rows in The Stack's schema "
               "(content, repository_name, path, licenses, language, stars)"),

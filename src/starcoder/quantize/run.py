@@ -24,7 +24,7 @@ from ..errors import StarCoderError
 from ..linears.gptq_layout import LINEARS, QuantSettings, read_quant_config
 from ..loader import build
 from ..model import Span
-from ..paths import resolve_model_dir
+from ..paths import resolve_model
 from ..tokenizer import Tokenizer
 from .files import QuantizedWriter
 from .gptq import Hessian, gptq, rtn
@@ -72,7 +72,10 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
     settings.check()
     if method not in ("gptq", "rtn"):
         raise StarCoderError(f"method must be gptq or rtn, got {method!r}")
-    model_dir = resolve_model_dir(model)
+    model_dir = resolve_model(model)
+    if model_dir.suffix == ".gguf":
+        raise StarCoderError(f"{model_dir}: quantize takes a Hugging Face model directory, not a GGUF file (GGUF "
+                             "files are quantized by llama.cpp's llama-quantize, or written by starcoder export)")
     if read_quant_config(model_dir) is not None:
         raise StarCoderError(f"{model_dir} is already quantized")
     out = Path(out)
