@@ -31,6 +31,10 @@ FAMILIES = {
                                                sliding_window=8),
     "starcoder2-nobias": lambda: hf_starcoder2(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                                use_bias=False, rope_theta=100000.0),
+    # Rows of 256 and more: K-quant blocks
+    "gpt_bigcode-wide": lambda: hf_gpt_bigcode(vocab_size=VOCAB, n_embd=256, n_inner=512, n_layer=3),
+    "starcoder2-wide": lambda: hf_starcoder2(vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
+                                             num_hidden_layers=3, tie_word_embeddings=False),
 }
 CODE = ("<repo_name>acme/tools<file_sep>util.py\n<fim_prefix>def área(r):\n    return 3.14159 * r ** 2  # 12345\n"
         "<fim_suffix>\n\tprint(área(2))\n<fim_middle>    \n<|endoftext|>")
@@ -53,7 +57,7 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", [n for n in sorted(FAMILIES) if "wide" not in n])
 def test_f32_round_trip_gives_the_hf_logits(name, tmp_path):
     hf, path = _model_dir(name, tmp_path)
     out = export_model(path, tmp_path / "model.gguf", "f32")
@@ -64,22 +68,48 @@ def test_f32_round_trip_gives_the_hf_logits(name, tmp_path):
     torch.testing.assert_close(_logits(ours, ids), _logits(hf, ids), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-window"])
-@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
-def test_integer_blocks_load_as_gguf_py_dequantizes_them(name, quant, tmp_path):
+@pytest.mark.parametrize(("name", "quant"), [("gpt_bigcode-mqa", "q8_0"), ("gpt_bigcode-mqa", "q4_0"),
+                                             ("starcoder2-window", "q8_0"), ("starcoder2-window", "q4_0"),
+                                             ("gpt_bigcode-wide", "q4_k_m"), ("starcoder2-wide", "q4_k_m")])
+def test_blocks_load_as_gguf_py_dequantizes_them(name, quant, tmp_path):
     hf, path = _model_dir(name, tmp_path)
     out = export_model(path, tmp_path / f"model-{quant}.gguf", quant)
     ours = load_model(out, dtype="float32")
     # The reference: transformers' model holding gguf-py's dequantization of every tensor in the file.
     state = {hf_name(hf.config.model_type, t.name): torch.from_numpy(
         gguf.quants.dequantize(t.data, t.tensor_type)).reshape(tuple(reversed(t.shape.tolist())))
-        for t in gguf.GGUFReader(out).tensors}
+        for t in open_gguf(out).tensors}
     hf.load_state_dict(state, strict=False)
     ids = _ids()
     torch.testing.assert_close(_logits(ours, ids), _logits(hf, ids), atol=1e-4, rtol=1e-4)
+    kinds = {t.name: t.tensor_type.name for t in open_gguf(out).tensors}
+    if quant == "q4_k_m":  # Q6_K where llama-quantize gives more bits (the output; of 3 layers, the last one's)
+        assert kinds["blk.0.ffn_up.weight"] == "Q4_K" and kinds["blk.1.ffn_down.weight"] == "Q4_K"
+        assert kinds["blk.2.ffn_down.weight"] == "Q6_K"
+        assert kinds["output.weight" if "output.weight" in kinds else "token_embd.weight"] == "Q6_K"
+        return
     # The blocks became integer layers, read from the integers (not from floats).
     fc = ours.model.layers[0].mlp.fc
     assert isinstance(fc, QuantLinear) and fc.bits == (4 if quant == "q4_0" else 8)
+
+
+def test_k_quant_writers_round_trip_through_gguf_py():
+    from starcoder.kquants import quantize_q4_k, quantize_q6_k
+
+    w = torch.randn(32, 1024, generator=torch.Generator().manual_seed(0)) * 0.02
+    w[5, 17], w[9, 300:310] = 0.6, 0.0  # an outlier, and a silent stretch
+
+    def error(data, kind):
+        back = torch.from_numpy(gguf.quants.dequantize(data, kind)).view(w.shape)
+        return float((back - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt())
+
+    kind = gguf.GGMLQuantizationType
+    q4_0 = error(gguf.quants.quantize(w.numpy(), kind.Q4_0), kind.Q4_0)
+    assert error(quantize_q4_k(w), kind.Q4_K) < q4_0 < 0.1  # per-sub-block minima beat symmetric blocks of 32
+    assert error(quantize_q6_k(w), kind.Q6_K) < q4_0 / 3
+    zero = torch.zeros(2, 256)
+    for writer, k in ((quantize_q4_k, kind.Q4_K), (quantize_q6_k, kind.Q6_K)):
+        assert not gguf.quants.dequantize(writer(zero), k).any()
 
 
 def test_bf16_export_writes_the_weights_unchanged(tmp_path):
@@ -180,7 +210,7 @@ def test_other_architectures_and_storage_types_are_refused(tmp_path, monkeypatch
     kind, encode = gguf_weights._export_kind, gguf_weights._encode
     int8 = gguf.GGMLQuantizationType.I8
     monkeypatch.setattr(gguf_weights, "_export_kind",
-                        lambda n, t, asked: int8 if n == "blk.0.ffn_up.weight" else kind(n, t, asked))
+                        lambda n, t, *rest: int8 if n == "blk.0.ffn_up.weight" else kind(n, t, *rest))
     monkeypatch.setattr(gguf_weights, "_encode", lambda t, k: t.to(torch.int8).numpy() if k == int8 else encode(t, k))
     _, path = _model_dir("starcoder2-window", tmp_path)
     odd = export_model(path, tmp_path / "int8.gguf", "f32")
@@ -224,3 +254,14 @@ def test_llamacpp_conversion_loads_with_the_hf_logits(name, tmp_path):
     torch.testing.assert_close(_logits(ours, ids), _logits(hf, ids), atol=1e-5, rtol=1e-5)
     tokenizer = load_tokenizer(out)
     assert tokenizer.encode(CODE) == Tokenizer.for_family(hf.config.model_type).encode(CODE)
+
+
+def test_our_faster_reader_reads_what_gguf_py_reads(good_file):
+    ours, theirs = open_gguf(good_file), gguf.GGUFReader(good_file)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        mine = ours.fields[key]
+        assert (mine.types, mine.data, mine.contents()) == (field.types, field.data, field.contents()), key
+        assert [(p.dtype, p.tobytes()) for p in mine.parts] == [(p.dtype, p.tobytes()) for p in field.parts], key
+    assert [(t.name, t.data_offset, t.data.tobytes()) for t in ours.tensors] == \
+        [(t.name, t.data_offset, t.data.tobytes()) for t in theirs.tensors]

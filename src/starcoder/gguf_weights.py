@@ -25,6 +25,7 @@ from .config import Config
 from .errors import CheckpointError, StarCoderError
 from .files import atomic
 from .gguf_file import ARCHITECTURES, gguf_name, hf_name, open_gguf, read_config, write_config, write_tokenizer
+from .kquants import SUPER, q4_k_m_kind, quantize_q4_k, quantize_q6_k
 from .linears.gptq_layout import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ FLOATS = {Kind.F32: torch.float32, Kind.F16: torch.float16, Kind.BF16: torch.bfl
 INTEGER_BLOCKS = {Kind.Q8_0: (8, 128), Kind.Q4_0: (4, 8)}  # bits, and the zero point: w = d * (q - zero)
 BLOCK = 32  # weights per Q8_0 / Q4_0 block, one fp16 scale each
 _RAW = torch.uint8  # the dtype a block-quantized linear is listed with: no float form until a layer takes it
-EXPORT_TYPES = {"f32": Kind.F32, "f16": Kind.F16, "bf16": Kind.BF16, "q8_0": Kind.Q8_0, "q4_0": Kind.Q4_0}
+EXPORT_TYPES = {"f32": Kind.F32, "f16": Kind.F16, "bf16": Kind.BF16, "q8_0": Kind.Q8_0, "q4_0": Kind.Q4_0,
+                "q4_k_m": Kind.Q4_K}  # Q4_K_M: Q4_K, with Q6_K where llama-quantize gives more bits (kquants.py)
 
 
 @functools.cache
@@ -183,7 +185,7 @@ def export_gguf(model: nn.Module, tokenizer, out: Path, quant: str = "bf16", nam
         raise StarCoderError(f"unknown GGUF type {quant!r}; choose one of {', '.join(EXPORT_TYPES)}")
     config: Config = model.config
     tensors = _gguf_tensors(model)
-    plan = {n: _export_kind(n, t, EXPORT_TYPES[quant]) for n, t in tensors.items()}
+    plan = {n: _export_kind(n, t, quant, config) for n, t in tensors.items()}
     with atomic(Path(out)) as tmp:
         writer = GGUFWriter(tmp, ARCHITECTURES[config.model_type])
         write_config(writer, config, name)
@@ -207,7 +209,7 @@ def export_gguf(model: nn.Module, tokenizer, out: Path, quant: str = "bf16", nam
     return Path(out)
 
 
-_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_*
 
 
 def _gguf_tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -245,13 +247,20 @@ def _quantized_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, QuantLinear)) or ("\0",)
 
 
-def _export_kind(name: str, tensor: Tensor, asked: Kind) -> Kind:
+def _export_kind(name: str, tensor: Tensor, quant: str, config: Config) -> Kind:
     """Vectors stay F32; the position table is kept in float (F16) under integer types; matrices whose rows do
-    not split into 32-weight blocks fall back to F16, as llama.cpp's converter does."""
+    not split into the type's blocks fall back to Q8_0 (K-quants) or F16, as llama.cpp's tools do."""
     if tensor.dim() == 1:
         return Kind.F32
-    if asked in INTEGER_BLOCKS and (name == "position_embd.weight" or tensor.shape[-1] % BLOCK):
+    asked = EXPORT_TYPES[quant]
+    if asked in (Kind.F32, Kind.F16, Kind.BF16):
+        return asked
+    if name == "position_embd.weight" or tensor.shape[-1] % BLOCK:
         return Kind.F16
+    if quant == "q4_k_m":
+        if tensor.shape[-1] % SUPER:
+            return Kind.Q8_0
+        return Kind[q4_k_m_kind(name, config.n_layer, tied="output.weight" not in name and config.tie_embeddings)]
     return asked
 
 
@@ -262,4 +271,9 @@ def _encode(tensor: Tensor, kind: Kind) -> np.ndarray:
         return tensor.half().contiguous().numpy()
     if kind == Kind.BF16:
         return tensor.bfloat16().contiguous().view(torch.uint8).numpy()
+    if kind in K_QUANTIZERS:
+        return K_QUANTIZERS[kind](tensor)
     return quants.quantize(tensor.float().contiguous().numpy(), kind)
+
+
+K_QUANTIZERS = {Kind.Q4_K: quantize_q4_k, Kind.Q6_K: quantize_q6_k}  # gguf-py reads these, but does not write them

@@ -171,7 +171,7 @@ def quantize(args: argparse.Namespace) -> None:
          flag("model", nargs="?", help="model directory, hub id or .gguf file; default: the embedded model"),
          flag("--format", default="gguf", choices=["gguf"]),
          flag("--out", required=True, help="the .gguf file to write"),
-         flag("--quant", default="bf16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+         flag("--quant", default="bf16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"],
               help="storage of the matrices (default bf16); norms and biases stay f32"),
          flag("--force", action="store_true", help="replace an existing --out"))
 def export(args: argparse.Namespace) -> None:
