@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,16 +26,10 @@ import time
 from pathlib import Path
 
 import llamacpp
-from common import RESULTS, make_checkpoint, running
+from common import RESULTS, free_port, make_checkpoint, running
 from common import parser as common_parser
 
 SIDES = ("starcoder", "llama.cpp")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ours(model_dir: Path, port: int) -> subprocess.Popen:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, make_checkpoint, run_child  # noqa: E402
+from common import RESULTS, make_checkpoint, peak_rss, run_child  # noqa: E402
 
 EMBEDDED = Path(__file__).parents[1] / "src" / "starcoder" / "assets" / "model"
 
@@ -169,7 +169,8 @@ def child(path: str, prompt_tokens: int, new_tokens: int) -> dict:
         for _ in range(new_tokens):
             model(token, cache=cache, logits_to_keep=1)
         decode = new_tokens / (time.perf_counter() - start)
-    return {"load_seconds": load_seconds, "model_bytes": model_bytes, "prefill": prefill, "decode": decode}
+    return {"load_seconds": load_seconds, "model_bytes": model_bytes, "prefill": prefill, "decode": decode,
+            "peak_rss": peak_rss()}
 
 
 def speed(rounds: int, requantize: bool) -> None:

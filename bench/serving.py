@@ -21,12 +21,11 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
-from common import RESULTS, make_checkpoint, wait_until_healthy
+from common import RESULTS, free_port, make_checkpoint, wait_until_healthy
 from common import parser as common_parser
 
 PROMPT = ('import json\nimport os\n\n\ndef load_config(path):\n    """Read the JSON settings file at path and return '
@@ -166,9 +165,7 @@ def main() -> None:
     parser.add_argument("--run", choices=("levels", "faults"), default="levels")
     args = parser.parse_args()
     model = "embedded" if args.model == "embedded" else str(make_checkpoint("starcoderbase-1b", "bfloat16"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = start_server(model, port)
     url = f"http://127.0.0.1:{port}"
     try:

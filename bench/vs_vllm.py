@@ -26,9 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, make_checkpoint, running, wait_until_healthy
+from common import RESULTS, free_port, make_checkpoint, running, wait_until_healthy
 from common import parser as common_parser
-from editor import free_port
 from serving import PROMPT
 from serving import start_server as start_ours
 

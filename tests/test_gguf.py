@@ -93,6 +93,19 @@ def test_blocks_load_as_gguf_py_dequantizes_them(name, quant, tmp_path):
     assert isinstance(fc, QuantLinear) and fc.bits == (4 if quant == "q4_0" else 8)
 
 
+def test_k_quant_writers_give_llama_quantizes_bytes():
+    """tests/data/llamacpp_kquants.npz: the first 32 rows of the embedded model's blk.0.ffn_up (Q4_K, from
+    llama-quantize Q4_K_M) and token_embd (Q6_K, from llama-quantize Q4_0, which gives the tied output Q6_K), as
+    llama.cpp 0.3.36's llama-quantize wrote them from its own bf16 conversion (bench/gguf_files.py makes both)."""
+    from starcoder.kquants import quantize_q4_k, quantize_q6_k
+    from starcoder.paths import default_model_dir
+
+    theirs = np.load(Path(__file__).parent / "data" / "llamacpp_kquants.npz")
+    model = load_model(default_model_dir())
+    assert np.array_equal(quantize_q4_k(model.model.layers[0].mlp.fc.weight[:32].float()), theirs["q4_k"])
+    assert np.array_equal(quantize_q6_k(model.model.embed.weight[:32].float()), theirs["q6_k"])
+
+
 def test_k_quant_writers_round_trip_through_gguf_py():
     from starcoder.kquants import quantize_q4_k, quantize_q6_k
 

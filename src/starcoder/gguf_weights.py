@@ -185,7 +185,8 @@ def export_gguf(model: nn.Module, tokenizer, out: Path, quant: str = "bf16", nam
         raise StarCoderError(f"unknown GGUF type {quant!r}; choose one of {', '.join(EXPORT_TYPES)}")
     config: Config = model.config
     tensors = _gguf_tensors(model)
-    plan = {n: _export_kind(n, t, quant, config) for n, t in tensors.items()}
+    output = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    plan = {n: _export_kind(n, t, quant, config, output) for n, t in tensors.items()}
     with atomic(Path(out)) as tmp:
         writer = GGUFWriter(tmp, ARCHITECTURES[config.model_type])
         write_config(writer, config, name)
@@ -247,9 +248,11 @@ def _quantized_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, QuantLinear)) or ("\0",)
 
 
-def _export_kind(name: str, tensor: Tensor, quant: str, config: Config) -> Kind:
-    """Vectors stay F32; the position table is kept in float (F16) under integer types; matrices whose rows do
-    not split into the type's blocks fall back to Q8_0 (K-quants) or F16, as llama.cpp's tools do."""
+def _export_kind(name: str, tensor: Tensor, quant: str, config: Config, output: str) -> Kind:
+    """The GGUF type of one tensor, as llama.cpp's tools choose: vectors stay F32; the position table stays float
+    (F16) under integer types; below 8 bits the output matrix (`output`: the token embedding where the head is
+    tied to it) gets Q6_K, as llama-quantize gives it; matrices whose rows do not split into the type's blocks
+    fall back to Q8_0 (K-quants) or F16."""
     if tensor.dim() == 1:
         return Kind.F32
     asked = EXPORT_TYPES[quant]
@@ -257,11 +260,13 @@ def _export_kind(name: str, tensor: Tensor, quant: str, config: Config) -> Kind:
         return asked
     if name == "position_embd.weight" or tensor.shape[-1] % BLOCK:
         return Kind.F16
-    if quant == "q4_k_m":
-        if tensor.shape[-1] % SUPER:
-            return Kind.Q8_0
-        return Kind[q4_k_m_kind(name, config.n_layer, tied="output.weight" not in name and config.tie_embeddings)]
-    return asked
+    if asked == Kind.Q8_0:
+        return asked
+    if tensor.shape[-1] % SUPER and (quant == "q4_k_m" or name == output):
+        return Kind.Q8_0
+    if name == output:
+        return Kind.Q6_K
+    return Kind[q4_k_m_kind(name, config.n_layer)] if quant == "q4_k_m" else asked
 
 
 def _encode(tensor: Tensor, kind: Kind) -> np.ndarray:
