@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -108,12 +109,19 @@ class GGUFSource(CheckpointReader):
     def read(self, stored: StoredTensor) -> Tensor:
         if stored.dtype == _RAW:
             raise CheckpointError(f"{stored.file}: {stored.name} is block-quantized and is read by its layer")
-        t = self._gguf[stored.name]
-        if Kind(t.tensor_type) in FLOATS:
+        kind = Kind(self._gguf[stored.name].tensor_type)
+        if kind in FLOATS:
             tensor = super().read(stored)
         else:
-            tensor = torch.from_numpy(quants.dequantize(t.data, Kind(t.tensor_type))).view(stored.shape)
+            tensor = torch.from_numpy(quants.dequantize(self._bytes(stored).numpy(), kind)).view(stored.shape)
         return _hf_rows(self.config, stored.name, tensor)
+
+    def _bytes(self, stored: StoredTensor) -> Tensor:
+        """A block-quantized tensor's bytes, one row of blocks per output row: a view of the same private mapping
+        the float tensors come from, so release() hands its pages back once a layer holds its own copy (gguf-py's
+        own mapping is only read for the header)."""
+        raw = torch.frombuffer(self._map(stored.file), dtype=torch.uint8, count=stored.nbytes, offset=stored.offset)
+        return raw.view(math.prod(stored.shape[:-1]), -1)
 
     def linear(self, config: Config, module: str) -> tuple[QuantizedWeight, Tensor | None, list[StoredTensor]] | None:
         """A block-quantized linear (HF module name) as a QuantizedWeight, its bias and the tensors it used; None
@@ -121,8 +129,7 @@ class GGUFSource(CheckpointReader):
         stored = self._stored.get(f"{module}.weight")
         if stored is None or stored.dtype != _RAW:
             return None
-        t = self._gguf[stored.name]
-        weight = integer_blocks(torch.from_numpy(t.data), Kind(t.tensor_type), *stored.shape)
+        weight = integer_blocks(self._bytes(stored), Kind(self._gguf[stored.name].tensor_type), *stored.shape)
         rows = _hf_rows(config, stored.name, torch.arange(weight.shape[0]))
         if not torch.equal(rows, torch.arange(weight.shape[0])):
             weight = QuantizedWeight(weight.q[rows], weight.scales[:, rows], weight.zeros[:, rows], weight.g_idx,

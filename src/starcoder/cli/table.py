@@ -31,7 +31,7 @@ class OneOf:
 
 
 # Flags several commands share.
-MODEL = flag("--model", help="model directory or hub id (org/name); default: the embedded model")
+MODEL = flag("--model", help="model directory, .gguf file or hub id (org/name); default: the embedded model")
 DTYPE = flag("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (auto: as stored)")
 ALLOW_PICKLE = flag("--allow-pickle", action="store_true", help="allow pytorch_model.bin (pickle) checkpoints")
 JSON = flag("--json", action="store_true", help="print JSON")
