@@ -4,6 +4,7 @@ gguf-py's own dequantization, the tokenizer rebuilt from the file, damaged files
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -267,6 +268,23 @@ def test_llamacpp_conversion_loads_with_the_hf_logits(name, tmp_path):
     torch.testing.assert_close(_logits(ours, ids), _logits(hf, ids), atol=1e-5, rtol=1e-5)
     tokenizer = load_tokenizer(out)
     assert tokenizer.encode(CODE) == Tokenizer.for_family(hf.config.model_type).encode(CODE)
+
+
+def test_a_gguf_file_of_a_hub_repository_loads_from_the_cache(good_file, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--tiny-GGUF"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    shutil.copy(good_file, repo / "snapshots" / commit / "tiny.Q8_0.gguf")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    ours = load_model("someone/tiny-GGUF/tiny.Q8_0.gguf", cache_dir=tmp_path / "cache")
+    ids = _ids()
+    torch.testing.assert_close(_logits(ours, ids), _logits(load_model(good_file), ids), atol=0, rtol=0)
+    with pytest.raises(StarCoderError, match="someone/tiny-GGUF/other.gguf is not a local directory"):
+        load_model("someone/tiny-GGUF/other.gguf", cache_dir=tmp_path / "cache")
 
 
 def test_our_faster_reader_reads_what_gguf_py_reads(good_file):

@@ -27,6 +27,7 @@ from .errors import CheckpointError, StarCoderError
 from .files import atomic
 from .gguf_file import ARCHITECTURES, gguf_name, hf_name, open_gguf, read_config, write_config, write_tokenizer
 from .kquants import SUPER, q4_k_m_kind, quantize_q4_k, quantize_q6_k
+from .linears.dense import onednn_supports
 from .linears.gptq_layout import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,8 @@ class GGUFSource(CheckpointReader):
         self._stored = {t.name: t for t in self.tensors}
         if dequantized["linears"]:  # K-quants and the like: no layer of ours takes their blocks as they are
             log.warning("%s: %.1f M weights of the linear layers are stored in %s blocks, which are dequantized at "
-                        "load: they take 2 bytes each in bfloat16 instead of about half a byte in the file "
-                        "(Q4_0 files load as integers)", path, dequantized["linears"] / 1e6,
+                        "load: they take 2 bytes each in bfloat16 (4 in float32) instead of 0.5-1 byte in the "
+                        "file, and decode slower (Q4_0 files load as integers)", path, dequantized["linears"] / 1e6,
                         "/".join(k for k in self.kinds() if k not in ("F32", "F16", "BF16", "Q4_0")))
         if dequantized["others"]:
             log.info("%s: the embeddings (%.1f M weights) are dequantized at load", path, dequantized["others"] / 1e6)
@@ -95,9 +96,12 @@ class GGUFSource(CheckpointReader):
 
     @property
     def dtype(self) -> torch.dtype:
-        """One dtype for the model when none is asked: the token embedding's where it is a float, else bfloat16."""
+        """One dtype for the model when none is asked: the token embedding's where it is a float; for block files,
+        bfloat16 where the CPU computes it natively, else float32 (bfloat16 on an AVX2-only CPU is emulated and
+        many times slower)."""
         stored = self._gguf[self._hf("token_embd.weight")]
-        return FLOATS.get(Kind(stored.tensor_type), torch.bfloat16)
+        return FLOATS.get(Kind(stored.tensor_type)) or (torch.bfloat16 if onednn_supports(torch.bfloat16)
+                                                         else torch.float32)
 
     def kinds(self) -> list[str]:
         """The storage types the file's tensors use (F32, Q4_0, Q6_K, ...)."""
