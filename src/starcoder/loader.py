@@ -54,10 +54,11 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = 
         source = GGUFSource(location)
         return build(source.config, source, parse_dtype(dtype) or source.dtype, device, pack,
                      source if source.quantized else None)
+    config = load_config(location)
     reader = CheckpointReader(weight_files(location, allow_pickle))
     quant = read_quant_config(location)
-    return build(load_config(location), reader, parse_dtype(dtype), device, pack,
-                 None if quant is None else GPTQLinears(quant, reader))
+    gptq = None if quant is None else GPTQLinears(quant, reader)
+    return build(config, reader, parse_dtype(dtype), device, pack, gptq)
 
 
 class QuantizedLinears(Protocol):
