@@ -34,8 +34,6 @@ FAMILIES = {
                                                use_bias=False, rope_theta=100000.0),
     # Rows of 256 and more: K-quant blocks
     "gpt_bigcode-wide": lambda: hf_gpt_bigcode(vocab_size=VOCAB, n_embd=256, n_inner=512, n_layer=3),
-    "starcoder2-wide": lambda: hf_starcoder2(vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
-                                             num_hidden_layers=3, tie_word_embeddings=False),
 }
 CODE = ("<repo_name>acme/tools<file_sep>util.py\n<fim_prefix>def área(r):\n    return 3.14159 * r ** 2  # 12345\n"
         "<fim_suffix>\n\tprint(área(2))\n<fim_middle>    \n<|endoftext|>")
@@ -71,7 +69,7 @@ def test_f32_round_trip_gives_the_hf_logits(name, tmp_path):
 
 @pytest.mark.parametrize(("name", "quant"), [("gpt_bigcode-mqa", "q8_0"), ("gpt_bigcode-mqa", "q4_0"),
                                              ("starcoder2-window", "q8_0"), ("starcoder2-window", "q4_0"),
-                                             ("gpt_bigcode-wide", "q4_k_m"), ("starcoder2-wide", "q4_k_m")])
+                                             ("gpt_bigcode-wide", "q4_k_m")])
 def test_blocks_load_as_gguf_py_dequantizes_them(name, quant, tmp_path):
     hf, path = _model_dir(name, tmp_path)
     out = export_model(path, tmp_path / f"model-{quant}.gguf", quant)
