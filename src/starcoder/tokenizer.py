@@ -92,7 +92,12 @@ class Tokenizer:
         return self.backend.token_to_id(text)
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.encoding(text).ids
+
+    def encoding(self, text: str):
+        """The tokenizers Encoding of `text` (ids, offsets). Through encode_batch, which lets other Python threads
+        run while it works (encode holds the GIL: seconds on a megabyte, a stalled event loop in the server)."""
+        return self.backend.encode_batch([text], add_special_tokens=False)[0]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -108,7 +108,7 @@ async def health():
 @router.post("/tokenize", responses=answers(list[TokenSpan], TGIError))
 async def tokenize(body: TokenizeRequest, s: ServiceDep):
     def answer() -> bytes:  # tokenizing and writing a large input take seconds: never on the event loop
-        encoding = s.sc.tokenizer.backend.encode(body.inputs, add_special_tokens=False)
+        encoding = s.sc.tokenizer.encoding(body.inputs)
         ids, offsets, text = encoding.ids, encoding.offsets, body.inputs
         # In pieces: json.dumps holds the GIL until it is done (the event loop gets turns between pieces), and
         # a million small dicts at once would leave the allocator's arenas fragmented and the process large.
