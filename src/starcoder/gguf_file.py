@@ -172,8 +172,9 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
     n_inner = int(up.shape[1]) if up is not None else int(key("feed_forward_length"))
     n_head = int(key("attention.head_count"))
     n_kv_head = int(key("attention.head_count_kv", n_head))
-    common = dict(vocab_size=vocab, tie_word_embeddings="output.weight" not in names, bos_token_id=_bos_eos(reader)[0],
-                  eos_token_id=_bos_eos(reader)[1])
+    bos, eos = _bos_eos(reader)
+    common = dict(vocab_size=vocab, tie_word_embeddings="output.weight" not in names, bos_token_id=bos,
+                  eos_token_id=eos)
     if model_type == "gpt_bigcode":
         if n_kv_head not in (1, n_head):
             raise ConfigError(f"{path}: {n_kv_head} KV heads for {n_head} heads; gpt_bigcode has 1 or {n_head}")

@@ -99,16 +99,13 @@ class GGUFSource(CheckpointReader):
         """One dtype for the model when none is asked: the token embedding's where it is a float; for block files,
         bfloat16 where the CPU computes it natively, else float32 (bfloat16 on an AVX2-only CPU is emulated and
         many times slower)."""
-        stored = self._gguf[self._hf("token_embd.weight")]
+        stored = self._gguf[hf_name(self.config.model_type, "token_embd.weight")]
         return FLOATS.get(Kind(stored.tensor_type)) or (torch.bfloat16 if onednn_supports(torch.bfloat16)
                                                          else torch.float32)
 
     def kinds(self) -> list[str]:
         """The storage types the file's tensors use (F32, Q4_0, Q6_K, ...)."""
         return sorted({Kind(t.tensor_type).name for t in self._gguf.values()})
-
-    def _hf(self, gguf: str) -> str:
-        return hf_name(self.config.model_type, gguf)
 
     def read(self, stored: StoredTensor) -> Tensor:
         if stored.dtype == _RAW:
@@ -181,7 +178,7 @@ def export_model(location: str | Path, out: Path, quant: str = "bf16") -> Path:
 
     location = resolve_model(location)
     model = load_model(location, pack=False)
-    if any(hasattr(m, "dequantize") for m in model.modules()):
+    if _quantized_layers(model):
         log.warning("%s is quantized: its weights are dequantized and quantized again as %s, so they are rounded "
                     "twice (export the unquantized model for the best %s file)", location, quant, quant)
     return export_gguf(model, load_tokenizer(location), out, quant, name=location.stem)
@@ -204,14 +201,9 @@ def export_gguf(model: nn.Module, tokenizer, out: Path, quant: str = "bf16", nam
         writer.add_file_type(_FILE_TYPES[quant])
         writer.add_quantization_version(GGML_QUANT_VERSION)
         write_tokenizer(writer, tokenizer)
-        for n, t in tensors.items():
-            kind = plan[n]
-            if kind in (Kind.F32, Kind.F16):
-                writer.add_tensor_info(n, tuple(t.shape), np.float32 if kind == Kind.F32 else np.float16,
-                                       t.numel() * (4 if kind == Kind.F32 else 2))
-            else:
-                shape = quants.quant_shape_to_byte_shape(tuple(t.shape), kind)
-                writer.add_tensor_info(n, shape, np.uint8, int(np.prod(shape)), raw_dtype=kind)
+        for n, t in tensors.items():  # every type by its byte shape: what _encode gives, written as raw bytes
+            shape = quants.quant_shape_to_byte_shape(tuple(t.shape), plan[n])
+            writer.add_tensor_info(n, shape, np.uint8, int(np.prod(shape)), raw_dtype=plan[n])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -228,24 +220,23 @@ def _gguf_tensors(model: nn.Module) -> dict[str, Tensor]:
     """GGUF name -> float tensor: quantized layers dequantized, q/k/v fused as [q | k | v] for `starcoder`, and
     zero biases where a bias-free StarCoder2 has none (llama.cpp's starcoder2 requires them)."""
     from .convert import ours_to_hf
-    from .linears.quantized import QuantLinear
 
     config: Config = model.config
-    state = {n: t for n, t in model.state_dict().items() if not n.startswith(_quantized_prefixes(model))}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            state[f"{name}.weight"] = module.dequantize()
-            if module.bias is not None:
-                state[f"{name}.bias"] = module.bias.detach()
+    quantized = _quantized_layers(model)
+    inside = tuple(f"{name}." for name in quantized)
+    state = {n: t for n, t in model.state_dict().items() if not n.startswith(inside)}
+    for name, layer in quantized.items():
+        state[f"{name}.weight"] = layer.dequantize()
+        if layer.bias is not None:
+            state[f"{name}.bias"] = layer.bias.detach()
     if config.model_type == "starcoder2" and not config.bias:
         for name, module in model.named_modules():
             if name.startswith("model.layers.") and hasattr(module, "out_features"):
                 state.setdefault(f"{name}.bias", torch.zeros(module.out_features))
-    hf = ours_to_hf(config, state)
     order = torch.argsort(_per_head_rows(config)) if config.model_type == "gpt_bigcode" and config.n_kv_head != 1 \
         else None
     out = {}
-    for name, tensor in hf.items():
+    for name, tensor in ours_to_hf(config, state).items():
         tensor = tensor.detach()
         if order is not None and ".attn.c_attn." in name:
             tensor = tensor[order]
@@ -253,10 +244,10 @@ def _gguf_tensors(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _quantized_prefixes(model: nn.Module) -> tuple[str, ...]:
+def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     from .linears.quantized import QuantLinear
 
-    return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, QuantLinear)) or ("\0",)
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def _export_kind(name: str, tensor: Tensor, quant: str, config: Config, output: str) -> Kind:
