@@ -19,9 +19,11 @@ def reference(weight, bias, x):
 
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("bits, group_size, N, K", SHAPES)
-def test_float32_paths_equal_the_reference(bits, group_size, N, K, act_order):
-    """float32 models take PyTorch's kernels (or keep the dequantized weight): tight agreement with and without
-    act-order (a g_idx that spreads the groups over the inputs in a random order) and groups."""
+def test_float32_paths_equal_the_reference(bits, group_size, N, K, act_order, monkeypatch):
+    """Without int8 activations, float32 models take PyTorch's kernels (or keep the dequantized weight): tight
+    agreement with and without act-order (a g_idx that spreads the groups over the inputs in a random order) and
+    groups."""
+    monkeypatch.setenv("STARCODER_INT8_ACTIVATIONS", "0")
     weight, bias = random_weight(N, K, bits, group_size, act_order=act_order), torch.randn(N)
     layer = quantized_linear(weight, bias, torch.float32)
     expected_mode = {(4, 48): "dequantized"}.get((bits, N), "int4" if bits == 4 else "int8")
@@ -121,7 +123,7 @@ def test_decode_head_reads_the_embedding_in_place(int8_activations, monkeypatch)
     bfloat16 embedding in place; logits stay float32; long inputs use the embedding."""
     monkeypatch.setenv("STARCODER_INT8_ACTIVATIONS", int8_activations)
     embedding = torch.nn.Parameter(torch.randn(320, 128).bfloat16(), requires_grad=False)
-    head = DecodeHead(embedding, native.kernels())
+    head = DecodeHead(embedding, "avx512")
     assert head.int8_activations == (int8_activations == "1" and native.int8_activations())
     x = torch.randn(1, 3, 128).bfloat16()
     expected = x.double() @ embedding.double().T
@@ -138,7 +140,7 @@ def test_decode_head_reads_the_embedding_in_place(int8_activations, monkeypatch)
     assert float((y.double() - expected[0]).abs().max() / expected.abs().max()) < 1e-5
     torch.testing.assert_close(head(torch.randn(1, 20, 128).bfloat16()).shape, torch.Size([1, 20, 320]))
 class ReferenceKernels:
-    """kernels.cpp's functions written in PyTorch from their documented layouts: lets the layers that call them
+    """The native kernels' functions written in PyTorch from their documented layouts: lets the layers that call them
     (their packing, scales, offsets, bias and activation epilogue, the long-input path) be checked on any CPU."""
 
     @staticmethod
@@ -150,11 +152,11 @@ class ReferenceKernels:
         return q * scales[:, groups] + (offsets[:, groups] if with_offsets else 0)
 
     @staticmethod
-    def _int8_activations(x):
-        """The integer kernels' activations: int8 per block of 64 (scale max|x| / 127, x times the scale's
-        inverse rounded half to even), back as the values they stand for."""
+    def _int8_activations(x, block=64):
+        """The integer kernels' activations: int8 per block of 64 (32 for the AVX2 kernels; scale max|x| / 127,
+        x times the scale's inverse rounded half to even), back as the values they stand for."""
         M, K = x.shape
-        blocks = x.float().view(M, K // 64, 64)
+        blocks = x.float().view(M, K // block, block)
         scale = blocks.abs().amax(-1, keepdim=True) / 127
         inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
         return (torch.round(blocks * inverse) * scale).view(M, K).double()
@@ -206,10 +208,11 @@ class ReferenceKernels:
 @pytest.mark.parametrize("int8_activations", [False, True])
 @pytest.mark.parametrize("bits, group_size, N, K", SHAPES[:5])
 def test_native_layers_on_reference_kernels(bits, group_size, N, K, int8_activations, monkeypatch):
-    """The native layer kinds, on kernels.cpp's contract written in PyTorch: packing, act-order, scales and
+    """The native layer kinds, on the native kernels' contract written in PyTorch: packing, act-order, scales and
     offsets, the bias and activation epilogue, and the long-input path through the model's shared buffer; with
     bfloat16 activations and with the integer kernels' int8 ones (whose rounding widens the bound on decoding)."""
-    monkeypatch.setattr(native, "kernels", lambda: ReferenceKernels())
+    monkeypatch.setattr(native, "kernels", lambda isa="avx512": ReferenceKernels())
+    monkeypatch.setattr(native, "avx2_kernels", lambda: None)
     monkeypatch.setattr(native, "int8_activations", lambda: int8_activations)
     weight, bias = random_weight(N, K, bits, group_size), torch.randn(N)
     layer = quantized_linear(weight, bias, torch.bfloat16)
@@ -228,3 +231,77 @@ def test_native_layers_on_reference_kernels(bits, group_size, N, K, int8_activat
     torch.testing.assert_close(layer.dequantize().float(), expected, rtol=2**-8,
                                atol=2**-7 * float(expected.abs().max()))
     assert layer.nbytes < N * K * (bits / 8 + 0.2) + 16 * N  # stored compact, not as floats
+
+
+needs_avx2 = pytest.mark.skipif(native.kernels("avx2") is None, reason="no AVX2 CPU or no compiler")
+
+
+def int8_blocks_of_32(x):
+    return ReferenceKernels._int8_activations(x, block=32)
+
+
+def avx2_contract(layer, x, activation):
+    """What an AVX2 layer's decode kernel computes, in float64 from the layer's stored integers (inputs sorted by
+    group): the integer part on int8 activations, the offsets on the exact group sums."""
+    K, G = layer.in_features, layer.native_scales.shape[1]
+    x = x.float() if layer.perm is None else x.float()[:, layer.perm]
+    if layer.bits == 4:
+        q = ReferenceKernels._int4_weight(layer.native_packed, torch.ones(layer.out_features, 1),
+                                          torch.zeros(layer.out_features, 1), K)
+    else:
+        q = layer.int8_weight.float()
+    groups = torch.arange(K) // (K // G)
+    y = int8_blocks_of_32(x) @ (q.double() * layer.native_scales.double()[:, groups]).T
+    y += x.double().view(x.shape[0], G, -1).sum(-1) @ layer.native_offsets.double().T
+    return ReferenceKernels._epilogue(y, None if layer.bias is None else layer.bias.double(), activation)
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits, group_size, N, K", [(4, 32, 128, 256), (4, -1, 128, 512), (4, 128, 192, 256),
+                                                    (8, 32, 64, 256), (8, -1, 96, 192), (8, 64, 48, 128)])
+def test_avx2_kernels_equal_their_contract_and_stay_close_to_exact(bits, group_size, N, K, dtype, monkeypatch):
+    """The AVX2 layers (float32 models, groups of 32 on every CPU): the decode kernels equal their contract up to
+    float32 sums; against the exact product the error is what int8 activations cost; the long-input path
+    dequantizes exactly; STARCODER_INT8_ACTIVATIONS=0 turns them off."""
+    weight, bias = random_weight(N, K, bits, group_size), torch.randn(N)
+    layer = quantized_linear(weight, bias, dtype)
+    assert layer.mode == f"avx2-int{bits}" and layer.int8_activations
+    assert (layer.perm is not None) == (group_size != -1)  # act-order: inputs sorted by group at load
+    for rows, activation in ((1, 0), (2, 1), (5, 2), (8, 0)):
+        x = torch.randn(rows, K).to(dtype)
+        x[:, 7] = 30.0  # an outlier channel, as real activations have
+        name = (None, "gelu_pytorch_tanh", "gelu")[activation]
+        got = layer(x, name).double()
+        want = avx2_contract(layer, x, activation)
+        torch.testing.assert_close(got, want.to(dtype).double(), rtol=2**-7 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-5 * float(want.abs().max()))
+        x = torch.randn(rows, K).to(dtype)  # without the outlier: the error int8 activations cost
+        exact = reference(weight, bias, x.float())
+        if name:
+            exact = torch.nn.functional.gelu(exact, approximate="tanh" if activation == 1 else "none")
+        assert float((layer(x, name).double() - exact).abs().max() / exact.abs().max()) < 2e-2
+    x = torch.randn(20, K).to(dtype)  # long inputs: the weight dequantized into the scratch buffer, one matmul
+    expected = reference(weight, bias, x.float())
+    torch.testing.assert_close(layer(x).double(), expected, rtol=2**-7 if dtype == torch.bfloat16 else 1e-5,
+                               atol=(2e-2 if dtype == torch.bfloat16 else 1e-5) * float(expected.abs().max()))
+    torch.testing.assert_close(layer.dequantize().double(), weight.dequantize().to(dtype).double(),
+                               rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    assert layer.nbytes < N * K * (bits / 8 + 0.3) + 16 * N
+    monkeypatch.setenv("STARCODER_INT8_ACTIVATIONS", "0")
+    assert not quantized_linear(weight, bias, dtype).mode.startswith("avx2")
+
+
+@needs_avx2
+def test_avx2_decode_head_reads_an_int8_copy():
+    """A quantized float32 model's head on AVX2: an int8 copy of the embedding (per row, symmetric) for decoding,
+    float32 logits; long inputs use the embedding."""
+    embedding = torch.nn.Parameter(torch.randn(320, 128), requires_grad=False)
+    head = DecodeHead(embedding, "avx2")
+    q8, scale = ReferenceKernels().int8_rows(embedding)
+    assert head.int8_activations and torch.equal(head.q8, q8) and torch.equal(head.q8_scale, scale)
+    x = torch.randn(1, 3, 128)
+    contract = int8_blocks_of_32(x[0]) @ (q8.double() * scale.double()[:, None]).T
+    torch.testing.assert_close(head(x)[0].double(), contract, rtol=1e-5, atol=1e-5 * float(contract.abs().max()))
+    long = torch.randn(1, 20, 128)
+    torch.testing.assert_close(head(long), long @ embedding.T)

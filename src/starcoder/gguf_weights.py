@@ -3,9 +3,9 @@ as a GGUF file that llama.cpp, Ollama, LM Studio and Tabby run.
 
 Reading: float tensors (F32, F16, BF16) are views of the privately mapped file, as with safetensors. Q8_0 and Q4_0
 block linears become QuantizedWeights straight from their integers (groups of 32, w = d * (q - zero)), and the
-linear factory picks their layer: Q4_0 lands on the 4-bit layers without a float detour; Q8_0 is dequantized
-there, as no 8-bit layer takes groups yet. Every other block format gguf-py knows (K-quants, Q4_1, Q5_0, Q5_1)
-is dequantized at load. Dequantizing costs float memory, and the log says so.
+linear factory picks their layer: the AVX2 kernels' 4- and 8-bit layers take them without a float detour. Every
+other block format gguf-py knows (K-quants, Q4_1, Q5_0, Q5_1) is dequantized at load. Dequantizing costs float
+memory, and the log says so.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .errors import CheckpointError, StarCoderError
 from .files import atomic
 from .gguf_file import ARCHITECTURES, gguf_name, hf_name, open_gguf, read_config, write_config, write_tokenizer
 from .kquants import SUPER, q4_k_m_kind, quantize_q4_k, quantize_q6_k
-from .linears.dense import onednn_supports
+from .linears.dense import compute_dtype
 from .linears.gptq_layout import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,7 @@ class GGUFSource(CheckpointReader):
             if kind in FLOATS:
                 dtype = FLOATS[kind]
             elif kind in INTEGER_BLOCKS and name.startswith(("transformer.h.", "model.layers.")):
-                dtype = _RAW
-                if kind == Kind.Q8_0:  # its integers go to the linear factory, which dequantizes groups of 8 bits
-                    dequantized["linears"] += int(t.n_elements)
+                dtype = _RAW  # its integers go to the linear factory
             elif _dequantizable(kind):
                 dtype = torch.float32
                 in_block = name.startswith(("transformer.h.", "model.layers."))
@@ -84,8 +82,9 @@ class GGUFSource(CheckpointReader):
         if dequantized["linears"]:  # K-quants and the like: no layer of ours takes their blocks as they are
             log.warning("%s: %.1f M weights of the linear layers are stored in %s blocks, which are dequantized at "
                         "load: they take 2 bytes each in bfloat16 (4 in float32) instead of 0.5-1 byte in the "
-                        "file, and decode slower (Q4_0 files load as integers)", path, dequantized["linears"] / 1e6,
-                        "/".join(k for k in self.kinds() if k not in ("F32", "F16", "BF16", "Q4_0")))
+                        "file, and decode slower (Q4_0 and Q8_0 files load as integers)",
+                        path, dequantized["linears"] / 1e6,
+                        "/".join(k for k in self.kinds() if k not in ("F32", "F16", "BF16", "Q4_0", "Q8_0")))
         if dequantized["others"]:
             log.info("%s: the embeddings (%.1f M weights) are dequantized at load", path, dequantized["others"] / 1e6)
 
@@ -96,12 +95,10 @@ class GGUFSource(CheckpointReader):
 
     @property
     def dtype(self) -> torch.dtype:
-        """One dtype for the model when none is asked: the token embedding's where it is a float; for block files,
-        bfloat16 where the CPU computes it natively, else float32 (bfloat16 on an AVX2-only CPU is emulated and
-        many times slower)."""
+        """One dtype for the model when none is asked: the token embedding's where it is a float, else what this
+        CPU computes fastest."""
         stored = self._gguf[hf_name(self.config.model_type, "token_embd.weight")]
-        return FLOATS.get(Kind(stored.tensor_type)) or (torch.bfloat16 if onednn_supports(torch.bfloat16)
-                                                         else torch.float32)
+        return FLOATS.get(Kind(stored.tensor_type)) or compute_dtype()
 
     def kinds(self) -> list[str]:
         """The storage types the file's tensors use (F32, Q4_0, Q6_K, ...)."""

@@ -10,6 +10,7 @@ of the head, eval mode. `dtype`, `device` and `pack` mean the same for every kin
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Protocol
 
@@ -20,8 +21,7 @@ from .checkpoint import CheckpointReader, StoredTensor, load_config, parse_dtype
 from .config import Config
 from .convert import IGNORED_HF_TENSORS, convert_hf_tensor, expected_hf_shapes, split_c_attn
 from .errors import CheckpointError, StarCoderError
-from .linears import native
-from .linears.dense import Linear, can_pack, pack_weight
+from .linears.dense import Linear, can_pack, compute_dtype, pack_weight
 from .linears.gptq_layout import (
     LINEARS,
     QuantFile,
@@ -31,10 +31,12 @@ from .linears.gptq_layout import (
     read_quant_config,
     split_qkv,
 )
-from .linears.quantized import DecodeHead, QuantLinear, Scratch, quantized_linear
+from .linears.quantized import DecodeHead, DequantizedLinear, QuantLinear, Scratch, head_kernels, quantized_linear
 from .memory import return_freed_memory
 from .model import build_model
 from .paths import resolve_model
+
+log = logging.getLogger(__name__)
 
 
 def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
@@ -85,8 +87,8 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
                                            if not n.startswith(inside)])
     _check_names(config, reader, expected, claimed)
     tied_head = config.tie_embeddings and config.head == "causal_lm"
-    # A quantized bfloat16 model's head decodes with our kernels (DecodeHead), from the embedding: no packed copy.
-    kernels = native.kernels() if quant is not None and dtype == torch.bfloat16 else None
+    # A quantized model's head decodes with our kernels (DecodeHead), from the embedding: no packed copy.
+    head_isa = head_kernels(dtype) if quant is not None else None
     state: dict[str, torch.Tensor] = {}
     for stored in reader:
         if stored.name not in expected:
@@ -100,7 +102,7 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
         source = reader.read(stored)
         converted = convert_hf_tensor(config, stored.name, source.to(device=device, dtype=dtype or stored.dtype))
         if pack:
-            converted = _packed(converted, tied_head and kernels is None)
+            converted = _packed(converted, tied_head and head_isa is None)
         if all(not _shares_memory(t, source) for _, t in converted):
             reader.release(stored)
         state.update(converted)
@@ -119,19 +121,19 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if quant is not None:
-        if kernels is not None and hasattr(model, "lm_head") and not model.lm_head.weight.is_mkldnn:
-            model.lm_head = DecodeHead(model.lm_head.weight, kernels)
+        if head_isa is not None and hasattr(model, "lm_head") and not model.lm_head.weight.is_mkldnn:
+            model.lm_head = DecodeHead(model.lm_head.weight, head_isa)
         return_freed_memory()
     return model.eval()
 
 
 def _quantized_dtype(asked: torch.dtype | None, reader: CheckpointReader) -> torch.dtype:
-    """The activations' dtype of a quantized model: as asked, else the stored one, but bfloat16 for float16
-    files (GPTQ files are float16; the CPU computes bfloat16 much faster)."""
+    """The activations' dtype of a quantized model: as asked, else the stored one, but float16 files (GPTQ files are
+    float16) compute in bfloat16 where the CPU has it natively, else in float32 (float16 is slow on CPUs)."""
     if asked is not None:
         return asked
     stored = next((t.dtype for t in reader if t.dtype.is_floating_point and t.name.endswith("weight")), None)
-    return torch.bfloat16 if stored in (None, torch.float16) else stored
+    return compute_dtype() if stored in (None, torch.float16) else stored
 
 
 class GPTQLinears:
@@ -183,6 +185,11 @@ def _quantized_linears(config: Config, source: QuantizedLinears, reader: Checkpo
             layers[f"model.layers.{layer}.{linear}"] = quantized_linear(weight, bias, dtype, scratch)
             for t in used:  # the layer holds its own copies: the file pages can go (a view still pointing
                 reader.release(t)  # there reads them back from the file)
+    dequantized = [layer for layer in layers.values() if isinstance(layer, DequantizedLinear)]
+    if dequantized:
+        log.warning("%d of %d quantized linears are kept as %s matrices: no integer kernel of this machine takes "
+                    "their shape (%d-bit, %d inputs); they take %.0f MB", len(dequantized), len(layers), dtype,
+                    dequantized[0].bits, dequantized[0].in_features, sum(x.nbytes for x in dequantized) / 1e6)
     return layers, claimed
 
 

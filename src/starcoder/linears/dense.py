@@ -28,6 +28,12 @@ def onednn_supports(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def compute_dtype() -> torch.dtype:
+    """The dtype models compute fastest in here when their files do not say: bfloat16 where the CPU has it natively,
+    else float32 (bfloat16 on an AVX2-only CPU is emulated and many times slower)."""
+    return torch.bfloat16 if onednn_supports(torch.bfloat16) else torch.float32
+
+
 class Linear(nn.Linear):
     """nn.Linear whose CPU inference runs on oneDNN, optionally with the activation fused into the matmul.
 

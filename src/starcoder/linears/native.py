@@ -1,11 +1,15 @@
-"""Our int4/int8 decode kernels (kernels.cpp), compiled on first use for this CPU.
+"""Our int4/int8 decode kernels, one build per instruction set, compiled on first use for this CPU.
 
-They need AVX-512 with BF16 (Zen 4 and later, Sapphire Rapids and later) and a C++ compiler; the build is cached
-(torch's extension directory, ~/.cache/torch_extensions) and takes about a minute once. Elsewhere, or with
-STARCODER_NATIVE_KERNELS=0, QuantLinear uses PyTorch's own int4/int8 kernels instead.
+- "avx512" (kernels_avx512.cpp): bfloat16 models on CPUs with AVX-512 BF16 (Zen 4 and later, Sapphire Rapids and
+  later). Activations stay bfloat16 (the exact path), or are quantized to int8 for integer dot products where the
+  CPU has AVX512-VNNI (every CPU with AVX512-BF16 so far).
+- "avx2" (kernels_avx2.cpp): every x86-64 CPU with AVX2 and FMA, where models compute in float32 (no native
+  bfloat16), and the group size of llama.cpp's Q4_0 / Q8_0 blocks (32) on every CPU. Activations are always
+  quantized to int8 per block of 32, as llama.cpp does.
 
-Decoding quantizes the activations to int8 and uses integer dot products where the CPU has AVX512-VNNI (every
-CPU with AVX512-BF16 so far); STARCODER_INT8_ACTIVATIONS=0 keeps the bfloat16 activations (the exact path).
+A build needs a C++ compiler; it is cached (torch's extension directory, ~/.cache/torch_extensions) and takes about
+a minute once. STARCODER_NATIVE_KERNELS=0 turns both off, STARCODER_INT8_ACTIVATIONS=0 every int8-activation path
+(then the AVX2 kernels are not used): the layers fall back to PyTorch's own int4/int8 kernels (quantized.py).
 """
 
 from __future__ import annotations
@@ -18,8 +22,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-SOURCE = Path(__file__).with_name("kernels.cpp")
+HERE = Path(__file__).parent
+HEADER = HERE / "kernels_common.h"
+# instruction set -> (the CPU flags it needs, its source, the compiler's target flags)
+BUILDS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_bf16"), HERE / "kernels_avx512.cpp",
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma"]),
+    "avx2": (("avx2", "fma", "f16c"), HERE / "kernels_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
+}
 
 
 @functools.cache
@@ -31,32 +41,41 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(flags.split(":", 1)[1].split())
 
 
-def cpu_supported() -> bool:
-    return all(flag in cpu_flags() for flag in REQUIRED_FLAGS)
+def cpu_supported(isa: str = "avx512") -> bool:
+    return all(flag in cpu_flags() for flag in BUILDS[isa][0])
+
+
+def int8_activations_allowed() -> bool:
+    return os.environ.get("STARCODER_INT8_ACTIVATIONS", "1") != "0"
 
 
 def int8_activations() -> bool:
-    """Whether decoding kernels quantize activations to int8 for integer dot products (AVX512-VNNI)."""
-    return os.environ.get("STARCODER_INT8_ACTIVATIONS", "1") != "0" and "avx512_vnni" in cpu_flags()
+    """Whether the AVX-512 kernels quantize activations to int8 for integer dot products (AVX512-VNNI)."""
+    return int8_activations_allowed() and "avx512_vnni" in cpu_flags()
 
 
 @functools.cache
-def kernels():
-    """The compiled module, or None when this machine cannot build or run it."""
-    if os.environ.get("STARCODER_NATIVE_KERNELS", "1") == "0" or not cpu_supported():
+def kernels(isa: str = "avx512"):
+    """The compiled module for an instruction set, or None when this machine cannot build or run it."""
+    required, source, target = BUILDS[isa]
+    if os.environ.get("STARCODER_NATIVE_KERNELS", "1") == "0" or not cpu_supported(isa):
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        # The name carries a hash of the source, so an edited kernel is rebuilt rather than a stale one loaded.
-        digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-        return load(name=f"starcoder_quant_{digest}", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
-                                  "-mavx512vnni", "-mfma"],
+        # The name carries a hash of the sources, so an edited kernel is rebuilt rather than a stale one loaded.
+        digest = hashlib.sha256(source.read_bytes() + HEADER.read_bytes()).hexdigest()[:12]
+        return load(name=f"starcoder_{isa}_{digest}", sources=[str(source)], extra_include_paths=[str(HERE)],
+                    extra_cflags=["-O3", "-fopenmp", *target],
                     extra_ldflags=["-fopenmp"], verbose=False)  # at::parallel_for is OpenMP: serial without it
     except Exception as e:  # no compiler, no headers, a failed build: the stock kernels still work
         lines = str(e).splitlines()
         reason = next((line for line in lines if "error" in line.lower() and ".cpp" in line), lines[0] if lines else "")
-        log.warning("could not build the int4/int8 kernels (%s: %s); using PyTorch's, which decode slower",
+        log.warning("could not build the %s int4/int8 kernels (%s: %s); using PyTorch's, which decode slower", isa,
                     type(e).__name__, reason)
         return None
+
+
+def avx2_kernels():
+    """The AVX2 module where int8 activations are allowed (its only kind), else None."""
+    return kernels("avx2") if int8_activations_allowed() else None

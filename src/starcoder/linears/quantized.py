@@ -5,11 +5,12 @@ shapes allow.
 Act-order is handled once, at load: the input rows are sorted by group so that groups are contiguous, and the
 activations are permuted the same way at run time. The kinds, in order of preference:
 
-  NativeInt4Linear, NativeInt8Linear  bfloat16 models on AVX512-BF16 CPUs: our kernels (native.py, kernels.cpp)
-            decode from half a byte (or one byte) per weight at close to memory bandwidth, on int8 activations
-            with integer dot products where the CPU has AVX512-VNNI (see native.py); long prompts
-            dequantize the layer to bfloat16 once per call (into a buffer the model's layers share) and run one
-            oneDNN matmul.
+  NativeInt4Linear, NativeInt8Linear  bfloat16 models on AVX512-BF16 CPUs: our kernels (native.py,
+            kernels_avx512.cpp) decode from half a byte (or one byte) per weight at close to memory bandwidth, on
+            int8 activations with integer dot products where the CPU has AVX512-VNNI (see native.py); long prompts
+            dequantize the layer once per call (into a buffer the model's layers share) and run one oneDNN matmul.
+  Avx2Int4Linear, Avx2Int8Linear  the same for float32 models on AVX2 CPUs, and for groups of 32 (llama.cpp's
+            Q4_0 / Q8_0 blocks) on every CPU (kernels_avx2.cpp): int8 activations, 8-bit weights in groups.
   Int4Linear, Int8Linear  PyTorch's kernels: `_weight_int4pack_mm_for_cpu` for decoding (long prompts
             dequantize from its layout block by block), `_weight_int8pack_mm` for 8 bits.
   DequantizedLinear  shapes none of those takes: the weight is kept dequantized (correct, not compact).
@@ -28,7 +29,7 @@ from .dense import activation_function, matmul
 from .gptq_layout import QuantizedWeight
 
 DECODE_ROWS = 8  # up to this many input rows, the decode kernels; beyond, dequantize and run one matmul
-_NATIVE_ACTIVATIONS = {None: 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # what kernels.cpp applies itself
+_NATIVE_ACTIVATIONS = {None: 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # what the native kernels apply themselves
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes PyTorch's int4 kernel takes
 INNER_K_TILES = 2
 
@@ -59,15 +60,15 @@ def unpack_int4(packed: Tensor, N: int, K: int, block: int) -> Tensor:
 
 
 class Scratch:
-    """One growable bfloat16 buffer for the layers of one model, which run one at a time: where a long input's
-    layer is dequantized before its matmul."""
+    """One growable buffer for the layers of one model, which run one at a time: where a long input's layer is
+    dequantized before its matmul."""
 
     def __init__(self):
         self.buffer = torch.empty(0, dtype=torch.bfloat16)
 
-    def matrix(self, N: int, K: int) -> Tensor:
-        if self.buffer.numel() < N * K:
-            self.buffer = torch.empty(N * K, dtype=torch.bfloat16)
+    def matrix(self, N: int, K: int, dtype: torch.dtype) -> Tensor:
+        if self.buffer.numel() < N * K or self.buffer.dtype != dtype:
+            self.buffer = torch.empty(N * K, dtype=dtype)
         return self.buffer[: N * K].view(N, K)
 
 
@@ -84,9 +85,10 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
         order = torch.argsort(weight.g_idx, stable=True)
         self.perm = None if torch.equal(order, torch.arange(K)) else order
-        groups = weight.g_idx[order].long()
-        self._store(QuantizedWeight(weight.q[:, order], weight.scales, weight.zeros, groups, weight.bits,
-                                    weight.group_size))
+        if self.perm is not None:
+            weight = QuantizedWeight(weight.q[:, order], weight.scales, weight.zeros, weight.g_idx[order],
+                                     weight.bits, weight.group_size)
+        self._store(weight)
 
     @staticmethod
     def group_size(weight: QuantizedWeight) -> int | None:
@@ -143,9 +145,11 @@ class _NativeLinear(QuantLinear):
     """Our kernels: decoding in one call that also adds the bias and applies the activation; long inputs
     dequantized into the model's scratch buffer and one oneDNN matmul."""
 
+    isa = "avx512"  # which build of the kernels (native.BUILDS)
+
     def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype, scratch: Scratch):
         super().__init__(weight, bias, dtype)
-        self.native, self.scratch = native.kernels(), scratch
+        self.native, self.scratch = native.kernels(self.isa), scratch
         if bias is not None:
             self.register_buffer("native_bias", bias.float().contiguous())
 
@@ -153,7 +157,7 @@ class _NativeLinear(QuantLinear):
         if x.shape[0] <= DECODE_ROWS and activation in _NATIVE_ACTIVATIONS:
             bias = None if self.bias is None else self.native_bias
             return self._matvec(x.contiguous(), bias, _NATIVE_ACTIVATIONS[activation])
-        w = self.scratch.matrix(self.out_features, self.in_features)
+        w = self.scratch.matrix(self.out_features, self.in_features, self.dtype)
         self._dequantize_into(w)
         return matmul(x, w, self.bias, activation)
 
@@ -170,7 +174,7 @@ class NativeInt4Linear(_NativeLinear):
     def _store(self, weight: QuantizedWeight) -> None:
         N, K = weight.shape
         size = self.group_size(weight)
-        blocks = weight.q.view(N, K // 64, 2, 32).to(torch.uint8)  # kernels.cpp's layout: k0 + j low, k0 + 32 + j high
+        blocks = weight.q.view(N, K // 64, 2, 32).to(torch.uint8)  # the kernels' layout: k0 + j low, k0 + 32 + j high
         self.register_buffer("native_packed", (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2))
         chunk_group = weight.g_idx[::size]
         scales = weight.scales.float()[chunk_group]  # (G, N)
@@ -188,12 +192,14 @@ class NativeInt4Linear(_NativeLinear):
         self.native.int4_dequantize(self.native_packed, self.native_scales, self.native_offsets, self.kernel_group, w)
 
 
-def _int8_storage(layer: QuantLinear, weight: QuantizedWeight) -> tuple[Tensor, Tensor]:
-    """Per-channel 8-bit weights as int8 q - 128 (q with its top bit flipped: no wider temporary), and the scale;
+def _int8_storage(layer: QuantLinear, weight: QuantizedWeight, group: int) -> tuple[Tensor, Tensor]:
+    """8-bit weights (inputs sorted by group) as int8 q - 128 (q with its top bit flipped: no wider temporary), and
+    the scale and offset of each (output channel, group) as float32 [N, G];
     (q - zero) * scale = (q - 128) * scale + (128 - zero) * scale."""
     layer.register_buffer("int8_weight", (weight.q.to(torch.uint8) ^ 0x80).view(torch.int8).contiguous())
-    scale = weight.scales.float()[0].contiguous()
-    return scale, (128 - weight.zeros.float()[0]) * scale
+    chunk_group = weight.g_idx[::group]
+    scale = weight.scales.float()[chunk_group]
+    return scale.T.contiguous(), ((128 - weight.zeros.float()[chunk_group]) * scale).T.contiguous()
 
 
 class NativeInt8Linear(_NativeLinear):
@@ -205,9 +211,9 @@ class NativeInt8Linear(_NativeLinear):
                 and native.kernels() is not None and weight.shape[1] % 16 == 0)
 
     def _store(self, weight: QuantizedWeight) -> None:
-        scale, offset = _int8_storage(self, weight)
-        self.register_buffer("native_scales", scale)
-        self.register_buffer("native_offsets", offset.contiguous())
+        scale, offset = _int8_storage(self, weight, self.in_features)
+        self.register_buffer("native_scales", scale.view(-1))
+        self.register_buffer("native_offsets", offset.view(-1))
         self.int8_activations = native.int8_activations() and self.in_features % 64 == 0
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
@@ -216,6 +222,56 @@ class NativeInt8Linear(_NativeLinear):
 
     def _dequantize_into(self, w: Tensor) -> None:
         self.native.int8_dequantize(self.int8_weight, self.native_scales, self.native_offsets, w)
+
+
+class _Avx2Kernels:
+    """What the AVX2 kernels take: float32 or bfloat16 models (they compute in float32), groups of 32 inputs or a
+    multiple, a number of inputs that their blocks divide."""
+
+    isa, int8_activations = "avx2", True
+    bits: int
+    inputs_multiple: int
+
+    @classmethod
+    def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+        size = cls.group_size(weight)
+        return (weight.bits == cls.bits and dtype in (torch.float32, torch.bfloat16)
+                and native.avx2_kernels() is not None and weight.shape[1] % cls.inputs_multiple == 0
+                and size is not None and size % 32 == 0)
+
+
+class Avx2Int4Linear(_Avx2Kernels, NativeInt4Linear):
+    """The AVX2 kernels on the AVX-512 kernels' packing, with int8 activations."""
+
+    mode, bits, inputs_multiple = "avx2-int4", 4, 64
+
+    def _store(self, weight: QuantizedWeight) -> None:
+        super()._store(weight)
+        self.int8_activations = True
+
+    def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
+        return self.native.int4_matvec(x.float(), self.native_packed, self.native_scales, self.native_offsets,
+                                       self.kernel_group, bias, activation)
+
+
+class Avx2Int8Linear(_Avx2Kernels, _NativeLinear):
+    """8-bit weights with a scale and offset per group of 32 inputs or a multiple (Q8_0's blocks, GPTQ's groups)
+    or per channel, on the AVX2 kernels."""
+
+    mode, bits, inputs_multiple = "avx2-int8", 8, 32
+
+    def _store(self, weight: QuantizedWeight) -> None:
+        self.kernel_group = self.group_size(weight)
+        scales, offsets = _int8_storage(self, weight, self.kernel_group)
+        self.register_buffer("native_scales", scales)
+        self.register_buffer("native_offsets", offsets)
+
+    def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
+        return self.native.int8_matvec(x.float(), self.int8_weight, self.native_scales, self.native_offsets,
+                                       self.kernel_group, bias, activation)
+
+    def _dequantize_into(self, w: Tensor) -> None:
+        self.native.int8_dequantize(self.int8_weight, self.native_scales, self.native_offsets, self.kernel_group, w)
 
 
 class Int4Linear(QuantLinear):
@@ -276,9 +332,9 @@ class Int8Linear(QuantLinear):
         return weight.bits == 8 and weight.group_size == -1 and _stock_kernels()
 
     def _store(self, weight: QuantizedWeight) -> None:
-        scale, offset = _int8_storage(self, weight)
-        self.register_buffer("int8_scale", scale.to(self.dtype))
-        self.register_buffer("int8_offset", None if bool((offset == 0).all()) else offset.to(self.dtype))
+        scale, offset = _int8_storage(self, weight, self.in_features)
+        self.register_buffer("int8_scale", scale.view(-1).to(self.dtype))
+        self.register_buffer("int8_offset", None if bool((offset == 0).all()) else offset.view(-1).to(self.dtype))
 
     def product(self, x: Tensor, activation: str | None) -> Tensor:
         y = torch._weight_int8pack_mm(x.contiguous(), self.int8_weight, self.int8_scale)
@@ -301,7 +357,8 @@ class DequantizedLinear(QuantLinear):
         return self._finish(F.linear(x, self.weight), activation)
 
 
-KINDS = (NativeInt4Linear, NativeInt8Linear, Int4Linear, Int8Linear, DequantizedLinear)  # most preferred first
+KINDS = (NativeInt4Linear, NativeInt8Linear, Avx2Int4Linear, Avx2Int8Linear, Int4Linear, Int8Linear,
+         DequantizedLinear)  # most preferred first
 
 
 def quantized_linear(weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype = torch.bfloat16,
@@ -314,31 +371,43 @@ def quantized_linear(weight: QuantizedWeight, bias: Tensor | None, dtype: torch.
 
 
 class DecodeHead(nn.Module):
-    """The (unquantized, usually tied) lm_head of a quantized bfloat16 model: decoding reads it with our kernels,
-    where oneDNN would need a packed copy of it to be as fast. Where decoding uses int8 activations, it reads an
-    int8 copy of the head (per row, symmetric; half the bytes: the bfloat16 head is a quarter of what an int4
-    1B model reads per token), as llama.cpp keeps its output matrix quantized; else the bfloat16 matrix in place.
-    Long inputs use the bfloat16 matrix."""
+    """The (unquantized, usually tied) lm_head of a quantized model: decoding reads it with our kernels (`isa`, a
+    build in native.BUILDS). Where decoding uses int8 activations, it reads an int8 copy of the head (per row,
+    symmetric; a quarter of float32's bytes, half of bfloat16's: the float head is a large part of what a 4-bit
+    model reads per token), as llama.cpp keeps its output matrix quantized; else (AVX-512 without VNNI, or
+    STARCODER_INT8_ACTIVATIONS=0) the bfloat16 matrix in place. Long inputs use the float matrix."""
 
-    def __init__(self, weight: nn.Parameter, kernels):
+    def __init__(self, weight: nn.Parameter, isa: str):
         super().__init__()
-        self.weight, self.kernels = weight, kernels
-        self.int8_activations = native.int8_activations() and weight.shape[1] % 64 == 0
+        self.weight, self.isa, self.kernels = weight, isa, native.kernels(isa)
+        self.int8_activations = (isa == "avx2" or native.int8_activations()) and weight.shape[1] % 64 == 0
         if self.int8_activations:
-            q8, scale = kernels.int8_rows(weight.contiguous())
-            self.register_buffer("q8", q8)
-            self.register_buffer("q8_scale", scale)
-            self.register_buffer("q8_offset", torch.zeros_like(scale))
+            q8, scale = self.kernels.int8_rows(weight.contiguous())
+            # derived from the weight: not part of the model's state (saving, exporting)
+            self.register_buffer("q8", q8, persistent=False)
+            self.register_buffer("q8_scale", scale, persistent=False)
+            self.register_buffer("q8_offset", torch.zeros_like(scale), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= DECODE_ROWS and x2.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
-            if self.int8_activations:
-                y = self.kernels.int8_matvec_i8(x2.contiguous(), self.q8, self.q8_scale, self.q8_offset, None, 0,
-                                                float_out=True)
-            else:
-                y = self.kernels.bf16_matvec(x2.contiguous(), self.weight)
-            y = y.to(x.dtype)
+        decode = x2.shape[0] <= DECODE_ROWS and x2.dtype == self.weight.dtype
+        if decode and self.int8_activations and self.isa == "avx2":
+            y = self.kernels.int8_matvec(x2.float().contiguous(), self.q8, self.q8_scale, self.q8_offset,
+                                         x2.shape[1], None, 0).to(x.dtype)
+        elif decode and self.int8_activations:
+            y = self.kernels.int8_matvec_i8(x2.contiguous(), self.q8, self.q8_scale, self.q8_offset, None, 0,
+                                            float_out=True).to(x.dtype)
+        elif decode and self.isa == "avx512" and x2.dtype == torch.bfloat16:
+            y = self.kernels.bf16_matvec(x2.contiguous(), self.weight).to(x.dtype)
         else:
             y = matmul(x2, self.weight.to(x2.dtype))
         return y.view(*x.shape[:-1], -1)
+
+
+def head_kernels(dtype: torch.dtype) -> str | None:
+    """Which build of our kernels decodes a quantized model's head in `dtype` on this machine (None: none does)."""
+    if dtype == torch.bfloat16 and native.kernels("avx512") is not None:
+        return "avx512"
+    if dtype in (torch.float32, torch.bfloat16) and native.avx2_kernels() is not None:
+        return "avx2"
+    return None

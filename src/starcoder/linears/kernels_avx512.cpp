@@ -1,4 +1,5 @@
-// Weight-only int4 and int8 matrix-vector kernels for decoding on AVX-512 CPUs (with AVX512-BF16).
+// Weight-only int4 and int8 matrix-vector kernels for decoding on AVX-512 CPUs (with AVX512-BF16); the AVX2
+// kernels (kernels_avx2.cpp) serve the CPUs without it.
 //
 // int4 layout (ours): packed[n, k/2], 64 inputs per 32 bytes: byte j of a block starting at k0 holds
 // q[n, k0 + j] in its low nibble and q[n, k0 + 32 + j] in its high nibble. A weight is q * scale + offset, with
@@ -14,30 +15,9 @@
 // whose blocks are 32) and meet the weights in vpdpbusd (u8 x s8, four products summed into each int32 lane), 64 multiply-adds per instruction.
 // They are close to the bfloat16-activation kernels, not equal (under 0.1% of perplexity, see BENCHMARKS.md).
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <algorithm>
-#include <cmath>
-#include <cstring>
+#include "kernels_common.h"
 
 namespace {
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// What the layer does to its float32 sums before they are stored as bfloat16: bias, then the activation
-// (0 none, 1 GELU with the tanh approximation, 2 exact GELU), so no extra passes run over the output.
-inline float epilogue(float v, const float* bias, int64_t n, int64_t activation) {
-  if (bias != nullptr) v += bias[n];
-  if (activation == 1) return 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-  if (activation == 2) return 0.5f * v * (1.f + std::erf(v * 0.7071067811865476f));
-  return v;
-}
 
 // Per-group sums of each activation row, float32 [M, G].
 std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t K, int64_t group) {
@@ -50,17 +30,6 @@ std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t K, int64_t g
       sums[m * G + g] = s;
     }
   return sums;
-}
-
-// Decoding streams every weight from DRAM once: while a row is computed, the row kPrefetchBytes further on is
-// asked for, so the loads overlap the math. Much farther and the lines leave the L1 cache before they are used.
-constexpr int64_t kPrefetchBytes = 16 * 1024;
-
-inline void prefetch_ahead(const void* row, int64_t row_bytes, int64_t n, int64_t N) {
-  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / row_bytes);
-  if (n + ahead >= N) return;
-  const char* next = static_cast<const char*>(row) + ahead * row_bytes;
-  for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
 }
 
 // Activations for the integer kernels: each block of 64 inputs as int8 with its own scale.
@@ -213,38 +182,7 @@ void int8_rows_i8(const Int8Acts& a, const int8_t* q8, const float* scale, const
           activation));
 }
 
-// Output rows two at a time for one or two input rows (more independent work per weight read), else one.
-template <int M, typename Rows>
-void by_row_pairs(int64_t n0, int64_t n1, Rows rows) {
-  int64_t n = n0;
-  if constexpr (M <= 2)
-    for (; n + 2 <= n1; n += 2) rows(std::integral_constant<int, 2>(), n);
-  for (; n < n1; ++n) rows(std::integral_constant<int, 1>(), n);
-}
-
-// Calls body(std::integral_constant<int, M>) for the number of input rows, 1 to 8: the kernels' M is a template
-// argument so that their accumulators live in registers.
-template <typename Body>
-void with_rows(int64_t M, Body body) {
-  switch (M) {
-    case 1: return body(std::integral_constant<int, 1>());
-    case 2: return body(std::integral_constant<int, 2>());
-    case 3: return body(std::integral_constant<int, 3>());
-    case 4: return body(std::integral_constant<int, 4>());
-    case 5: return body(std::integral_constant<int, 5>());
-    case 6: return body(std::integral_constant<int, 6>());
-    case 7: return body(std::integral_constant<int, 7>());
-    default: return body(std::integral_constant<int, 8>());
-  }
-}
-
 }  // namespace
-
-const float* optional_bias(const c10::optional<torch::Tensor>& bias, int64_t N) {
-  if (!bias.has_value()) return nullptr;
-  TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->numel() == N && bias->is_contiguous(), "bias: f32 [N]");
-  return bias->data_ptr<float>();
-}
 
 // x [M, K] bfloat16 (M <= 8), packed [N, K/2] uint8, scales/offsets [N, G] float32, bias [N] float32 or None
 // -> activation(x W^T + bias) as bfloat16 [M, N]. With int8_activations (AVX512-VNNI; group % 128 == 0) the
@@ -427,29 +365,6 @@ torch::Tensor int8_matvec_i8(torch::Tensor x, torch::Tensor q8, torch::Tensor sc
     });
   });
   return y;
-}
-
-// Symmetric per-row int8 of a bfloat16 matrix (a model's head, for int8_matvec_i8): q = round(w / s) with
-// s = max|w| / 127 per row; (q8 [N, K], s [N]). No temporaries: the head of a large vocabulary is big.
-std::vector<torch::Tensor> int8_rows(torch::Tensor w) {
-  TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.is_contiguous() && w.dim() == 2, "w: contiguous bf16 [N, K]");
-  const int64_t N = w.size(0), K = w.size(1);
-  auto q8 = torch::empty({N, K}, torch::kInt8);
-  auto scale = torch::empty({N}, torch::kFloat32);
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  int8_t* qp = q8.data_ptr<int8_t>();
-  float* sp = scale.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint16_t* row = wp + n * K;
-      float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(bf16_to_float(row[k])));
-      sp[n] = amax > 0.f ? amax / 127.f : 1.f;
-      const float inverse = 1.f / sp[n];
-      for (int64_t k = 0; k < K; ++k) qp[n * K + k] = static_cast<int8_t>(std::nearbyint(bf16_to_float(row[k]) * inverse));
-    }
-  });
-  return {q8, scale};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

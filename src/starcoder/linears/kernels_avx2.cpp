@@ -1,0 +1,249 @@
+// int4 and int8 matrix-vector kernels for decoding on AVX2 CPUs (and any x86-64 CPU of the last ten years with
+// FMA): the CPUs without AVX512-BF16, where models compute in float32. Also the kernels for group sizes the
+// AVX-512 ones do not take (llama.cpp's Q4_0 and Q8_0 blocks of 32) on every CPU.
+//
+// The activations are quantized to int8 per block of 32 inputs, as llama.cpp's q8_0 (scale max|x| / 127, x
+// times its inverse rounded half to even), and meet the weights in vpmaddubsw (u8 x s8 -> pairs of products
+// summed into int16) and vpmaddwd (pairs of int16 summed into int32): 32 products per two instructions. Each
+// block's int32 sums are scaled once by the weight's and the block's scales. The weights' offsets (q * scale +
+// offset) meet the exact float32 sums of each group. Inputs are float32 [M, K]; outputs float32 [M, N].
+//
+// int4 layout: the AVX-512 kernels' (kernels_avx512.cpp), so one packing serves both: 64 inputs per 32 bytes,
+// byte j holding input k0 + j in its low nibble and k0 + 32 + j in its high nibble; the nibbles (0..15) are the
+// unsigned side of vpmaddubsw. Scales and offsets float32 [N, G], groups of 32 inputs or a multiple.
+// int8 layout: q8[n, k] signed, weight = q8 * scale[n, g] + offset[n, g]; vpmaddubsw needs one unsigned side,
+// so it gets |q8| and the activations take q8's signs (vpsignb), as in llama.cpp.
+
+#include "kernels_common.h"
+
+namespace {
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float horizontal_max(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Sum of a[i] * b[i], i < n.
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float sum = horizontal_sum(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// The activations as the kernels take them: int8 per block of 32 with a scale each, and each group's float sum.
+struct Int8Acts {
+  std::vector<int8_t> q;      // [M, K]
+  std::vector<float> scale;   // [M, K / 32]
+  std::vector<float> sums;    // [M, K / group]
+};
+
+Int8Acts quantize_activations(const float* x, int64_t M, int64_t K, int64_t group) {
+  const int64_t B = K / 32, G = K / group;
+  Int8Acts a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * G, 0.f)};
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  // vpackssdw / vpacksswb work within 128-bit lanes: this puts the packed dwords back in input order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xb = x + m * K + b * 32;
+      __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+        sum = _mm256_add_ps(sum, v[i]);
+      }
+      const float scale = horizontal_max(amax) / 127.f;
+      const __m256 inverse = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+      a.scale[m * B + b] = scale;
+      a.sums[m * G + b * 32 / group] += horizontal_sum(sum);
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));  // half to even
+      const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q.data() + m * K + b * 32),
+                          _mm256_permutevar8x32_epi32(packed, order));
+    }
+  return a;
+}
+
+// 32 unsigned bytes times 32 signed ones, summed in fours into 8 int32 lanes, as floats.
+inline __m256 dot_u8_s8(__m256i u, __m256i s) {
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+
+// Rows (output channels) are taken R at a time, for M input rows: independent accumulators and R memory streams.
+// A 64-input chunk is one 32-byte load: its low nibbles are the first block of 32, its high nibbles the second.
+template <int M, int R>
+void int4_rows(const Int8Acts& a, const uint8_t* packed, const float* scales, const float* offsets,
+               const float* bias, int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t n) {
+  const int64_t G = K / group, B = K / 32;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = packed + (n + r) * (K / 2);
+    prefetch_ahead(rows[r], K / 2, n + r, N);
+  }
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 64)
+    for (int r = 0; r < R; ++r) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k0 / 2));
+      const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+      const float s_lo = scales[(n + r) * G + k0 / group], s_hi = scales[(n + r) * G + (k0 + 32) / group];
+      for (int m = 0; m < M; ++m) {
+        const int8_t* xq = a.q.data() + m * K + k0;
+        const float* xs = a.scale.data() + m * B + k0 / 32;
+        const __m256 d_lo = dot_u8_s8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+        const __m256 d_hi = dot_u8_s8(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
+        acc[r][m] = _mm256_fmadd_ps(d_lo, _mm256_set1_ps(s_lo * xs[0]), acc[r][m]);
+        acc[r][m] = _mm256_fmadd_ps(d_hi, _mm256_set1_ps(s_hi * xs[1]), acc[r][m]);
+      }
+    }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      y[m * N + n + r] = epilogue(horizontal_sum(acc[r][m]) + dot(offsets + (n + r) * G, &a.sums[m * G], G), bias,
+                                  n + r, activation);
+}
+
+template <int M, int R>
+void int8_rows_i8(const Int8Acts& a, const int8_t* q8, const float* scales, const float* offsets,
+                  const float* bias, int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t n) {
+  const int64_t G = K / group, B = K / 32;
+  const int8_t* rows[R];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = q8 + (n + r) * K;
+    prefetch_ahead(rows[r], K, n + r, N);
+  }
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 32)
+    for (int r = 0; r < R; ++r) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k0));
+      const __m256i magnitude = _mm256_sign_epi8(w, w);
+      const float s = scales[(n + r) * G + k0 / group];
+      for (int m = 0; m < M; ++m) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + k0));
+        acc[r][m] = _mm256_fmadd_ps(dot_u8_s8(magnitude, _mm256_sign_epi8(x, w)),
+                                    _mm256_set1_ps(s * a.scale[m * B + k0 / 32]), acc[r][m]);
+      }
+    }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      y[m * N + n + r] = epilogue(horizontal_sum(acc[r][m]) + dot(offsets + (n + r) * G, &a.sums[m * G], G), bias,
+                                  n + r, activation);
+}
+
+void check_decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, const torch::Tensor& offsets,
+                         int64_t N, int64_t group) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous f32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M >= 1 && M <= 8, "the decode kernels take 1 to 8 rows");
+  TORCH_CHECK(group % 32 == 0 && K % group == 0, "groups of a multiple of 32 inputs that divide K");
+  for (const auto* t : {&scales, &offsets})
+    TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous() && t->numel() == N * (K / group),
+                "scales/offsets: f32 [N, K / group]");
+}
+
+// Writes w [N, K] (float32 or bfloat16) from weight(n, k).
+template <typename Weight>
+torch::Tensor fill(torch::Tensor w, int64_t N, int64_t K, Weight weight) {
+  TORCH_CHECK(w.is_contiguous() && w.numel() == N * K && (w.dtype() == torch::kFloat32 || w.dtype() == torch::kBFloat16),
+              "w: contiguous f32 or bf16 [N, K]");
+  float* as_float = w.dtype() == torch::kFloat32 ? w.data_ptr<float>() : nullptr;
+  at::BFloat16* as_bf16 = as_float == nullptr ? w.data_ptr<at::BFloat16>() : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = weight(n, k);
+        if (as_float != nullptr) as_float[n * K + k] = v; else as_bf16[n * K + k] = at::BFloat16(v);
+      }
+  });
+  return w;
+}
+
+}  // namespace
+
+// x [M, K] float32 (M <= 8), packed [N, K/2] uint8, scales/offsets [N, G] float32, bias [N] float32 or None
+// -> activation(x W^T + bias) as float32 [M, N]; K % 64 == 0.
+torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
+                          int64_t group, c10::optional<torch::Tensor> bias, int64_t activation) {
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  check_decode_inputs(x, scales, offsets, N, group);
+  TORCH_CHECK(K % 64 == 0 && packed.size(1) * 2 == K && packed.is_contiguous(), "packed: uint8 [N, K / 2]");
+  const Int8Acts acts = quantize_activations(x.data_ptr<float>(), M, K, group);
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    with_rows(M, [&](auto m) {
+      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
+        int4_rows<decltype(m)::value, decltype(r)::value>(acts, pp, sp, op, bp, activation, yp, K, N, group, n);
+      });
+    });
+  });
+  return y;
+}
+
+// x [M, K] float32 (M <= 8), q8 [N, K] int8, scales/offsets [N, G] float32 -> float32 [M, N]; K % 32 == 0.
+torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scales, torch::Tensor offsets,
+                          int64_t group, c10::optional<torch::Tensor> bias, int64_t activation) {
+  const int64_t M = x.size(0), K = x.size(1), N = q8.size(0);
+  check_decode_inputs(x, scales, offsets, N, group);
+  TORCH_CHECK(q8.dtype() == torch::kInt8 && q8.size(1) == K && q8.is_contiguous(), "q8: int8 [N, K]");
+  const Int8Acts acts = quantize_activations(x.data_ptr<float>(), M, K, group);
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  const int8_t* qp = q8.data_ptr<int8_t>();
+  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    with_rows(M, [&](auto m) {
+      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
+        int8_rows_i8<decltype(m)::value, decltype(r)::value>(acts, qp, sp, op, bp, activation, yp, K, N, group, n);
+      });
+    });
+  });
+  return y;
+}
+
+// The weights into w [N, K] (float32 or bfloat16), for long inputs: a matmul reads them once per prompt.
+torch::Tensor int4_dequantize(torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets, int64_t group,
+                              torch::Tensor w) {
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / group;
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
+  return fill(w, N, K, [&](int64_t n, int64_t k) {
+    const uint8_t byte = pp[n * (K / 2) + (k / 64) * 32 + k % 32];
+    const int q = k % 64 < 32 ? byte & 15 : byte >> 4;
+    return q * sp[n * G + k / group] + op[n * G + k / group];
+  });
+}
+
+torch::Tensor int8_dequantize(torch::Tensor q8, torch::Tensor scales, torch::Tensor offsets, int64_t group,
+                              torch::Tensor w) {
+  const int64_t N = q8.size(0), K = q8.size(1), G = K / group;
+  const int8_t* qp = q8.data_ptr<int8_t>();
+  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
+  return fill(w, N, K, [&](int64_t n, int64_t k) {
+    return qp[n * K + k] * sp[n * G + k / group] + op[n * G + k / group];
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_matvec", &int4_matvec, "int4 weights, int8 activations (decode)");
+  m.def("int8_matvec", &int8_matvec, "int8 weights in groups, int8 activations (decode)");
+  m.def("int4_dequantize", &int4_dequantize, "int4 weights to float32 or bfloat16");
+  m.def("int8_dequantize", &int8_dequantize, "int8 weights to float32 or bfloat16");
+  m.def("int8_rows", &int8_rows, "symmetric per-row int8 of a matrix");
+}
