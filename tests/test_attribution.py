@@ -83,6 +83,16 @@ def test_text_not_in_the_corpus_is_not_found(corpus):
     for seed in range(20_000, 20_010):
         result = index.attribute(source_file(seed)[:1000])
         assert result["spans"] == [] and result["score"] == 0.0
+        assert result["sources"] == []  # files sharing some tokens but no line are no sources
+
+
+def test_attribute_says_when_no_source_was_found(corpus, tmp_path, capsys):
+    _, index_dir = corpus
+    snippet = tmp_path / "new.py"
+    snippet.write_text(source_file(20_001)[:800])
+    assert main(["attribute", str(snippet), "--index", str(index_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "no file of the training data shares a line with it" in out and "best matching files" not in out
 
 
 def test_false_positive_rate_within_twice_the_configured_rate(corpus):

@@ -105,6 +105,27 @@ def test_prepare_end_to_end(tmp_path, capsys):
     assert shard.read_bytes() == before
 
 
+def test_a_folder_of_repositories_is_read_as_repositories(tmp_path):
+    repos = tmp_path / "repos"
+    source_tree(repos / "acme-tools", {"tools/a.py": program(20), "b.py": program(21)})  # MIT
+    source_tree(repos / "zed-lib", {"z.py": program(22)}, "GNU GENERAL PUBLIC LICENSE\nVersion 3")
+    source_tree(repos / "quux", {"src/q.py": program(23), "vendor/v.py": program(24)}, None)
+    (repos / "quux" / ".git").mkdir()
+    (repos / "quux" / ".git" / "config.py").write_text(program(25))  # never read
+    source_tree(repos / "quux" / "vendor", {}, "Apache License\nVersion 2.0, January 2004")
+    out = tmp_path / "out"
+    assert main(["prepare", "--input", str(repos), "--out", str(out), "--workers", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["license"]["removed"] == {"license_not_permissive": 1, "no_license": 1}
+    rows = {(r["repository_name"], r["path"]): r["licenses"] for r in shard_rows(out)}
+    assert rows == {("acme-tools", "b.py"): ["MIT"], ("acme-tools", "tools/a.py"): ["MIT"],
+                    ("quux", "vendor/v.py"): ["Apache-2.0"]}
+    # `starcoder index` and `tokenize` read the same folder the same way
+    found = {(d.repo, d.path, d.license) for d in read_corpus([repos])}
+    assert found == {("acme-tools", "b.py", "MIT"), ("acme-tools", "tools/a.py", "MIT"),
+                     ("zed-lib", "z.py", "GPL-3.0"), ("quux", "src/q.py", None), ("quux", "vendor/v.py", "Apache-2.0")}
+
+
 def near_duplicate_corpus(tmp_path):
     """Three trees whose files are near duplicates of each other's, and a JSONL file of more, cut into many small
     tasks so that every cluster spans tasks."""

@@ -135,8 +135,7 @@ def render_text(text: str, result: dict, color: bool) -> str:
     lines = ["".join(marked).rstrip("\n"), "",
              f"found in the training data: {result['score']:.0%} of the text "
              f"({len(result['spans'])} span(s), longest chain {result['longest_chain']} x 50 characters)"]
-    if result["sources"]:
-        lines.append("best matching files:")
+    lines.append("best matching files:" if result["sources"] else "no file of the training data shares a line with it")
     for source in result["sources"]:
         where = f"{source['repository']}/{source['path']}" if source["repository"] else source["path"]
         lines.append(f"  {where}  license: {source['license'] or 'unknown'}  "

@@ -114,7 +114,6 @@ def search(shards: list[sqlite3.Connection], snippet: str, limit: int = 5) -> li
                 match.lines.append({"query_line": query_line, "file_line": file_lines[text], "text": text})
                 match.matched_characters += len(text)
         matches.append(match)
-    matches.sort(key=lambda m: (-m.matched_characters, -m.bm25))
-    if matches and matches[0].matched_characters:  # files that share lines with the snippet; not mere tokens
-        matches = [m for m in matches if m.matched_characters]
+    # Only files that share lines with the snippet are sources; sharing a few tokens is not.
+    matches = sorted((m for m in matches if m.matched_characters), key=lambda m: (-m.matched_characters, -m.bm25))
     return matches[:limit]

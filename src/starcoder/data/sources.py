@@ -16,11 +16,9 @@ from pathlib import Path
 from ..errors import StarCoderError
 from ..languages import language_of
 from ..train.data import row_fields
-from .filters import classify_license
+from .trees import tree_files
 
 MAX_FILE_BYTES = 1024 * 1024
-LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING", "COPYING.txt", "LICENSE-MIT",
-                 "LICENSE-APACHE")
 
 
 @dataclass
@@ -47,12 +45,13 @@ class Skipped:
 
 @dataclass
 class Unit:
-    """One piece of input: some files of a tree, a byte range of a JSONL file, row groups of a Parquet file."""
+    """One piece of input: some files of a repository in a tree, a byte range of a JSONL file, row groups of a
+    Parquet file."""
     kind: str  # "tree" | "jsonl" | "parquet"
-    path: str
+    path: str  # tree: the repository's folder
     size: int
-    files: list[str] = field(default_factory=list)  # tree: paths relative to the root
-    licenses: list[str] = field(default_factory=list)  # tree: from its LICENSE files
+    files: list[str] = field(default_factory=list)  # tree: paths relative to the repository's folder
+    licenses: list[str] = field(default_factory=list)  # tree: from the nearest license files
     start: int = 0  # jsonl: first byte, parquet: first row group
     end: int = 0  # jsonl: end byte, parquet: end row group
     first_line: int = 1  # jsonl: the line number at `start`
@@ -91,24 +90,16 @@ def plan_from_json(data: list[list[dict]]) -> list[list[Unit]]:
     return [[Unit(**unit) for unit in task] for task in data]
 
 
-def tree_licenses(root: Path) -> list[str]:
-    licenses = []
-    for name in LICENSE_FILES:
-        if (root / name).is_file():
-            spdx = classify_license((root / name).read_text(encoding="utf-8", errors="replace"))
-            if spdx and spdx not in licenses:
-                licenses.append(spdx)
-    return licenses
-
-
 def _tree_units(root: Path, task_bytes: int) -> list[Unit]:
-    licenses = tree_licenses(root)
+    """Runs of files of one repository under the same licenses (see trees.py)."""
     units: list[Unit] = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in LICENSE_FILES):
-        size = path.stat().st_size
-        if not units or units[-1].size + size > task_bytes and units[-1].files:
-            units.append(Unit("tree", str(root), 0, licenses=licenses))
-        units[-1].files.append(str(path.relative_to(root)))
+    for file in tree_files(root):
+        size = file.path.stat().st_size
+        last = units[-1] if units else None
+        if (last is None or last.path != str(file.repo) or last.licenses != list(file.licenses)
+                or last.size + size > task_bytes and last.files):
+            units.append(Unit("tree", str(file.repo), 0, licenses=list(file.licenses)))
+        units[-1].files.append(file.relative)
         units[-1].size += size
     return units
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.trees import TreeFile, tree_files
 from ..errors import StarCoderError
 from ..files import atomic_dir
 from ..fim import FimIds, PromptFormat, RepoFile, document_text, fim_context, repository_text
@@ -44,7 +45,7 @@ class Document:
 
 def read_corpus(paths: Iterable[str | os.PathLike], languages: set[str] | None = None,
                 exclude: tuple[str, ...] = ()) -> Iterator[Document]:
-    """Documents from directories of source files (each directory is a repository named after it), from JSONL
+    """Documents from directories of source files (read as repositories: see data/trees.py), from JSONL
     and Parquet files (fields: content, and where known repo / repository_name, path, language, license /
     licenses, stars), and from the output directories of `starcoder prepare` (their shards, in order).
     Only files of a known language (or of `languages`) are read from directories, in a stable order."""
@@ -59,18 +60,20 @@ def read_corpus(paths: Iterable[str | os.PathLike], languages: set[str] | None =
             for shard in sorted(root.glob("shard-*.jsonl")) + sorted(root.glob("shard-*.parquet")):
                 yield from _read_rows(shard)
             continue
-        files = [root] if root.is_file() else sorted(
-            p for p in root.rglob("*") if p.is_file() and not set(p.relative_to(root).parts[:-1]) & set(exclude))
-        for path in files:
-            language = language_of(path.name)
+        if root.is_file():
+            files = [TreeFile(root, root.parent, ())]
+        else:
+            files = [f for f in tree_files(root) if not set(f.path.relative_to(root).parts[:-1]) & set(exclude)]
+        for file in files:
+            language = language_of(file.path.name)
             if language is None or (languages and language not in languages):
                 continue
             try:
-                content = path.read_text(encoding="utf-8")
+                content = file.path.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):
                 continue
-            relative = path.name if root.is_file() else str(path.relative_to(root))
-            yield Document(content, relative, root.name if root.is_dir() else None, language)
+            yield Document(content, file.relative, file.repo.name if root.is_dir() else None, language,
+                           ",".join(file.licenses) or None)
 
 
 def _read_rows(path: Path) -> Iterator[Document]:
