@@ -1,9 +1,10 @@
-"""starcoder: the BigCode code models (StarCoder, StarCoder2) and everything people do with them."""
+"""starcoder: the BigCode code models (StarCoder, StarCoder2, StarEncoder) and everything people do with them."""
 
 from .api import StarCoder, load
 from .cache import KVCache
 from .checkpoint import save_model
 from .config import Config, preset
+from .encoder import EncoderModel
 from .errors import CheckpointError, ConfigError, StarCoderError
 from .generate import Completion, SamplingParams
 from .loader import load_model
@@ -16,6 +17,7 @@ __all__ = [
     "CausalLM",
     "CheckpointError",
     "Completion",
+    "EncoderModel",
     "Config",
     "ConfigError",
     "KVCache",

@@ -90,9 +90,11 @@ def load(model: str | os.PathLike | None = None, dtype: str | None = None, devic
     model_dir = default_model_dir() if model is None else resolve_model(model)
     pack = pack and device == "cpu"
     model = load_model(model_dir, dtype=dtype, device=device, allow_pickle=allow_pickle, pack=pack)
+    model.config.require_causal_lm(model_dir, "generating text")
     tokenizer = load_tokenizer(model_dir)
     if speculate == "draft" and draft_model is not None:
         draft_dir = resolve_model(draft_model)
         drafter = load_model(draft_dir, dtype=dtype, device=device, allow_pickle=allow_pickle, pack=pack)
+        drafter.config.require_causal_lm(draft_dir, "drafting tokens")
         speculate = DraftModel(drafter, load_tokenizer(draft_dir), tokenizer)
     return StarCoder(model, tokenizer, speculate)

@@ -1,4 +1,5 @@
-"""The model configuration: one dataclass for both families, read from and written to Hugging Face config.json.
+"""The model configuration: one dataclass for both decoder families and the encoder (StarEncoder, StarPII: BERT),
+read from and written to Hugging Face config.json.
 
 Field names follow GPT-2 / nanoGPT (n_embd, n_layer, n_head). Missing optional fields take the defaults of
 transformers' own config classes, so a config.json means the same model here as it does there.
@@ -16,9 +17,11 @@ from .errors import ConfigError
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # for loading: auto keeps the stored dtype
 
-SUPPORTED_MODEL_TYPES = ("gpt_bigcode", "starcoder2")
+SUPPORTED_MODEL_TYPES = ("gpt_bigcode", "starcoder2", "bert")
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast", "relu", "silu")
-HEADS = ("causal_lm", "sequence_classification")
+DECODER_HEADS = ("causal_lm", "sequence_classification")
+ENCODER_HEADS = ("pretraining", "masked_lm", "token_classification")  # MLM + next-sentence, MLM alone, per token
+HEADS = DECODER_HEADS + ENCODER_HEADS
 
 # transformers class names <-> our head names, per family.
 _ARCHITECTURES = {
@@ -26,19 +29,22 @@ _ARCHITECTURES = {
     ("gpt_bigcode", "sequence_classification"): "GPTBigCodeForSequenceClassification",
     ("starcoder2", "causal_lm"): "Starcoder2ForCausalLM",
     ("starcoder2", "sequence_classification"): "Starcoder2ForSequenceClassification",
+    ("bert", "pretraining"): "BertForPreTraining",
+    ("bert", "masked_lm"): "BertForMaskedLM",
+    ("bert", "token_classification"): "BertForTokenClassification",
 }
 
 
 @dataclass
 class Config:
-    model_type: str  # "gpt_bigcode" (StarCoder, StarCoderBase, SantaCoder) or "starcoder2"
+    model_type: str  # "gpt_bigcode" (StarCoder, StarCoderBase, SantaCoder), "starcoder2" or "bert" (StarEncoder)
     vocab_size: int
     n_embd: int
     n_layer: int
     n_head: int
     n_kv_head: int  # 1 = multi-query (StarCoder), < n_head = grouped-query (StarCoder2), n_head = multi-head
     n_inner: int  # MLP width
-    max_positions: int  # learned position table size (gpt_bigcode) or trained context (starcoder2)
+    max_positions: int  # learned position table size (gpt_bigcode, bert) or trained context (starcoder2)
     head_dim: int = 0  # 0: n_embd // n_head
     rope_theta: float | None = None  # None: learned absolute positions
     sliding_window: int | None = None  # key j visible to query i iff 0 <= i - j < sliding_window
@@ -47,7 +53,8 @@ class Config:
     activation: str = "gelu_pytorch_tanh"
     tie_embeddings: bool = True
     scale_attn_weights: bool = True  # gpt_bigcode only; False means no 1/sqrt(head_dim)
-    head: str = "causal_lm"  # or "sequence_classification"
+    head: str = "causal_lm"  # one of HEADS: the decoder's or the encoder's
+    type_vocab_size: int = 0  # bert: token-type (segment) embeddings
     num_labels: int = 2
     bos_token_id: int | None = 0
     eos_token_id: int | None = 0
@@ -79,8 +86,12 @@ class Config:
             raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation {self.activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
-        if self.head not in HEADS:
-            raise ConfigError(f"head {self.head!r} is not supported; supported: {', '.join(HEADS)}")
+        heads = ENCODER_HEADS if self.encoder else DECODER_HEADS
+        if self.head not in heads:
+            raise ConfigError(f"head {self.head!r} is not supported for {self.model_type}; "
+                              f"supported: {', '.join(heads)}")
+        if self.encoder and (self.rope_theta is not None or self.n_kv_head != self.n_head or self.type_vocab_size <= 0):
+            raise ConfigError("bert has learned positions, one KV head per head and token types")
 
     # ------------------------------------------------------------------ derived facts
     @property
@@ -88,14 +99,34 @@ class Config:
         return self.rope_theta is None
 
     @property
+    def encoder(self) -> bool:
+        """A bidirectional encoder (post-LayerNorm blocks, token types) rather than a causal decoder."""
+        return self.model_type == "bert"
+
+    @property
+    def tied_head(self) -> str | None:
+        """Our name of the output matrix that is the token embedding itself (not stored in files), if any."""
+        if not self.tie_embeddings:
+            return None
+        return {"causal_lm": "lm_head.weight", "pretraining": "mlm.decoder.weight",
+                "masked_lm": "mlm.decoder.weight"}.get(self.head)
+
+    @property
     def family(self) -> str:
-        return {"gpt_bigcode": "StarCoder (gpt_bigcode)", "starcoder2": "StarCoder2"}[self.model_type]
+        return {"gpt_bigcode": "StarCoder (gpt_bigcode)", "starcoder2": "StarCoder2",
+                "bert": "StarEncoder (bert)"}[self.model_type]
 
     @property
     def attention_kind(self) -> str:
         if self.n_kv_head == 1 and self.n_head > 1:
             return "multi-query"
         return "multi-head" if self.n_kv_head == self.n_head else "grouped-query"
+
+    def require_causal_lm(self, where: str | object, job: str) -> None:
+        """A clear error where a job that generates text is given another kind of model (an encoder, a classifier)."""
+        if self.head != "causal_lm":
+            raise ConfigError(f"{where}: {job} needs a causal language model (StarCoder, StarCoder2); this is a "
+                              f"{self.family} model with a {self.head} head")
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int) -> int:
         """Keys and values of every layer for one token: only the KV heads are stored."""
@@ -112,8 +143,12 @@ class Config:
         total = self.vocab_size * d + self.n_layer * per_layer + 2 * d
         if self.learned_positions:
             total += self.max_positions * d
-        if self.head == "sequence_classification":
-            total += d * self.num_labels
+        if self.encoder:  # token types (its embeddings' norm is counted as the final norm); the MLM head, the pooler
+            total += self.type_vocab_size * d
+            if self.head != "token_classification":
+                total += d * d + 3 * d + self.vocab_size + (d * d + d + 2 * d + 2 if self.head == "pretraining" else 0)
+        if self.head in ("sequence_classification", "token_classification"):
+            total += d * self.num_labels + (self.num_labels if self.encoder else 0)
         elif not self.tie_embeddings:
             total += self.vocab_size * d
         return total
@@ -149,6 +184,27 @@ class Config:
                 scale_attn_weights=bool(reader.get("scale_attn_weights", True)),
                 bos_token_id=reader.get("bos_token_id", 50256),
                 eos_token_id=reader.get("eos_token_id", 50256),
+            )
+        elif model_type == "bert":
+            if reader.get("position_embedding_type", "absolute") != "absolute":
+                raise ConfigError(f"{source}: position_embedding_type {reader.get('position_embedding_type')!r} is "
+                                  "not supported (only absolute, as StarEncoder)")
+            if reader.get("is_decoder", False) or reader.get("add_cross_attention", False):
+                raise ConfigError(f"{source}: a bert decoder is not supported (StarEncoder is an encoder)")
+            n_head = reader.int("num_attention_heads", 12)
+            kwargs = dict(
+                vocab_size=reader.int("vocab_size", 30522),
+                n_embd=reader.int("hidden_size", 768),
+                n_layer=reader.int("num_hidden_layers", 12),
+                n_head=n_head,
+                n_kv_head=n_head,
+                n_inner=reader.int("intermediate_size", 3072),
+                max_positions=reader.int("max_position_embeddings", 512),
+                type_vocab_size=reader.int("type_vocab_size", 2),
+                norm_eps=float(reader.get("layer_norm_eps", 1e-12)),
+                activation=reader.get("hidden_act", "gelu"),
+                bos_token_id=reader.get("bos_token_id"),
+                eos_token_id=reader.get("eos_token_id"),
             )
         else:
             n_head = reader.int("num_attention_heads", 24)
@@ -196,6 +252,19 @@ class Config:
                 layer_norm_epsilon=self.norm_eps,
                 scale_attn_weights=self.scale_attn_weights,
             )
+        elif self.encoder:
+            ours = dict(
+                vocab_size=self.vocab_size,
+                hidden_size=self.n_embd,
+                num_hidden_layers=self.n_layer,
+                num_attention_heads=self.n_head,
+                intermediate_size=self.n_inner,
+                max_position_embeddings=self.max_positions,
+                type_vocab_size=self.type_vocab_size,
+                layer_norm_eps=self.norm_eps,
+                hidden_act=self.activation,
+                position_embedding_type="absolute",
+            )
         else:
             ours = dict(
                 vocab_size=self.vocab_size,
@@ -224,7 +293,7 @@ class Config:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
-        if self.head == "sequence_classification":
+        if self.head in ("sequence_classification", "token_classification"):
             hf["id2label"] = {str(i): hf.get("id2label", {}).get(str(i), f"LABEL_{i}") for i in range(self.num_labels)}
             hf["label2id"] = {label: int(i) for i, label in hf["id2label"].items()}
         if dtype is not None:
@@ -287,14 +356,19 @@ def _head_from_architectures(reader: _FieldReader, model_type: str) -> str:
     for (mtype, head), name in _ARCHITECTURES.items():
         if mtype == model_type and name in architectures:
             return head
-    return "causal_lm"
+    return "pretraining" if model_type == "bert" else "causal_lm"
 
 
 # Shapes of the published checkpoints (random weights made from these are what benchmarks use) and tiny ones for
 # tests and the first-run demo. Vocabulary 49152 everywhere so the real tokenizers fit every preset.
+_BERT = dict(model_type="bert", type_vocab_size=2, norm_eps=1e-12, activation="gelu", head="pretraining",
+             bos_token_id=None, eos_token_id=None)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-starcoder": dict(model_type="gpt_bigcode", n_embd=64, n_layer=2, n_head=4, n_kv_head=1, n_inner=256,
                            max_positions=512),
+    "tiny-starencoder": dict(**_BERT, n_embd=64, n_layer=2, n_head=4, n_kv_head=4, n_inner=256, max_positions=128),
+    "starencoder": dict(**_BERT, vocab_size=49156, n_embd=768, n_layer=12, n_head=12, n_kv_head=12, n_inner=3072,
+                        max_positions=1024),  # bigcode/starencoder, and StarPII's body
     "tiny-starcoder2": dict(model_type="starcoder2", n_embd=64, n_layer=2, n_head=4, n_kv_head=2, n_inner=256,
                             max_positions=512, rope_theta=10000.0, sliding_window=128),
     "tiny_starcoder_py": dict(model_type="gpt_bigcode", n_embd=768, n_layer=20, n_head=12, n_kv_head=1,

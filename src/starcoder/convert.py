@@ -1,7 +1,8 @@
 """Pure conversion between Hugging Face tensor names/layouts and ours, used by the loader, the saver and tests.
 
 Ours: model.embed, model.pos_embed, model.layers.{i}.{attn_norm, attn.q/k/v/o, mlp_norm, mlp.fc/proj}, model.norm,
-lm_head / score. The only layout change is gpt_bigcode's fused c_attn, which we keep as separate q, k, v:
+lm_head / score; the encoder (bert) adds model.type_embed, model.embed_norm, model.pooler and its heads mlm.*, nsp,
+classifier. The only layout change is gpt_bigcode's fused c_attn, which we keep as separate q, k, v:
   multi_query: rows are [q (n_head*hd) | k (hd) | v (hd)]
   multi-head:  rows are per head, [q_h | k_h | v_h] for h = 0..n_head-1 (transformers views them as (H, 3*hd))
 """
@@ -44,23 +45,62 @@ _STARCODER2_LAYER = {
     "mlp.c_fc": "mlp.fc",
     "mlp.c_proj": "mlp.proj",
 }
-_HEADS = ("lm_head.weight", "score.weight")
+_BERT = {
+    **{f"embeddings.{hf}.weight": f"{ours}.weight" for hf, ours in (
+        ("word_embeddings", "embed"), ("position_embeddings", "pos_embed"), ("token_type_embeddings", "type_embed"))},
+    **{f"{hf}.{kind}": f"{ours}.{kind}" for hf, ours in (("embeddings.LayerNorm", "embed_norm"),
+                                                          ("pooler.dense", "pooler")) for kind in ("weight", "bias")},
+}
+_BERT_LAYER = {  # post-LayerNorm: attention.output.LayerNorm follows the attention, output.LayerNorm the MLP
+    "attention.self.query": "attn.q",
+    "attention.self.key": "attn.k",
+    "attention.self.value": "attn.v",
+    "attention.output.dense": "attn.o",
+    "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "mlp.fc",
+    "output.dense": "mlp.proj",
+    "output.LayerNorm": "mlp_norm",
+}
+_DECODER_HEADS = {"lm_head.weight": "lm_head.weight", "score.weight": "score.weight"}
+_BERT_HEADS = {  # full HF names -> ours
+    "cls.predictions.bias": "mlm.decoder.bias",
+    "cls.predictions.decoder.weight": "mlm.decoder.weight",
+    **{f"{hf}.{kind}": f"{ours}.{kind}" for hf, ours in (
+        ("cls.predictions.transform.dense", "mlm.dense"), ("cls.predictions.transform.LayerNorm", "mlm.norm"),
+        ("cls.seq_relationship", "nsp"), ("classifier", "classifier")) for kind in ("weight", "bias")},
+}
 
-# Tensors some checkpoints carry that are derived state, not weights: skipped on load.
-IGNORED_HF_TENSORS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")
+# Tensors some checkpoints carry that are derived state or a second name of a weight: skipped on load.
+IGNORED_HF_TENSORS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq|embeddings\.position_ids"
+                                r"|cls\.predictions\.decoder\.bias)$")
 
 
-def _tables(config: Config) -> tuple[str, dict[str, str], str, dict[str, str]]:
+def _tables(config: Config) -> tuple[str, dict[str, str], str, dict[str, str], dict[str, str]]:
     if config.model_type == "gpt_bigcode":
-        return "transformer.", _GPT_BIGCODE, "transformer.h.", _GPT_BIGCODE_LAYER
-    return "model.", _STARCODER2, "model.layers.", _STARCODER2_LAYER
+        return "transformer.", _GPT_BIGCODE, "transformer.h.", _GPT_BIGCODE_LAYER, _DECODER_HEADS
+    if config.encoder:
+        return "bert.", _BERT, "bert.encoder.layer.", _BERT_LAYER, _BERT_HEADS
+    return "model.", _STARCODER2, "model.layers.", _STARCODER2_LAYER, _DECODER_HEADS
+
+
+def hf_name(config: Config, ours: str) -> str:
+    """The HF name of one of our tensors that is stored whole (not a piece of a fused one)."""
+    prefix, top, layer_prefix, layer, heads = _tables(config)
+    inverse = lambda table: {v: k for k, v in table.items()}  # noqa: E731
+    rest = ours.removeprefix("model.")
+    if ours in heads.values():
+        return inverse(heads)[ours]
+    if rest in top.values():
+        return prefix + inverse(top)[rest]
+    i, module, kind = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", rest).groups()
+    return f"{layer_prefix}{i}.{inverse(layer)[module]}.{kind}"
 
 
 def convert_hf_tensor(config: Config, name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
     """One HF tensor -> our (name, tensor) pairs (several for a fused c_attn). Unknown names give []."""
-    prefix, top, layer_prefix, layer = _tables(config)
-    if name in _HEADS:
-        return [(name, tensor)]
+    prefix, top, layer_prefix, layer, heads = _tables(config)
+    if name in heads:
+        return [(heads[name], tensor)]
     if not name.startswith(prefix):
         name = prefix + name  # a checkpoint of the bare base model has no prefix
     rest = name[len(prefix):]
@@ -105,27 +145,20 @@ def hf_to_ours(config: Config, hf_state: Mapping[str, Tensor]) -> dict[str, Tens
 
 
 def ours_to_hf(config: Config, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Our state dict -> HF names and layouts. A tied lm_head is left out, as transformers saves it."""
-    prefix, top, layer_prefix, layer = _tables(config)
-    top_inv = {v: k for k, v in top.items()}
-    layer_inv = {v: k for k, v in layer.items()}
+    """Our state dict -> HF names and layouts. A tied head is left out, as transformers saves it."""
+    layer_prefix = _tables(config)[2]
     hf: dict[str, Tensor] = {}
     for name, tensor in state.items():
-        if name in _HEADS:
-            if not (name == "lm_head.weight" and config.tie_embeddings):
-                hf[name] = tensor
+        if name == config.tied_head:
             continue
-        rest = name.removeprefix("model.")
-        if rest in top_inv:
-            hf[prefix + top_inv[rest]] = tensor
-            continue
-        i, module, kind = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", rest).groups()
-        if config.model_type == "gpt_bigcode" and module in ("attn.q", "attn.k", "attn.v"):
-            if module == "attn.q":
+        fused = re.fullmatch(r"model\.layers\.(\d+)\.attn\.([qkv])\.(weight|bias)", name)
+        if config.model_type == "gpt_bigcode" and fused:
+            i, part, kind = fused.groups()
+            if part == "q":
                 parts = [state[f"model.layers.{i}.attn.{p}.{kind}"] for p in "qkv"]
                 hf[f"{layer_prefix}{i}.attn.c_attn.{kind}"] = join_c_attn(config, *parts)
             continue
-        hf[f"{layer_prefix}{i}.{layer_inv[module]}.{kind}"] = tensor
+        hf[hf_name(config, name)] = tensor
     return hf
 
 

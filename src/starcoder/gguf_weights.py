@@ -175,6 +175,7 @@ def export_model(location: str | Path, out: Path, quant: str = "bf16") -> Path:
 
     location = resolve_model(location)
     model = load_model(location, pack=False)
+    model.config.require_causal_lm(location, "a GGUF export (llama.cpp runs decoders)")
     if _quantized_layers(model):
         log.warning("%s is quantized: its weights are dequantized and quantized again as %s, so they are rounded "
                     "twice (export the unquantized model for the best %s file)", location, quant, quant)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .checkpoint import CheckpointReader, StoredTensor, load_config, parse_dtype, weight_files
 from .config import Config
-from .convert import IGNORED_HF_TENSORS, convert_hf_tensor, expected_hf_shapes, split_c_attn
+from .convert import IGNORED_HF_TENSORS, convert_hf_tensor, expected_hf_shapes, hf_name, split_c_attn
 from .errors import CheckpointError, StarCoderError
 from .linears.dense import Linear, can_pack, compute_dtype, pack_weight
 from .linears.gptq_layout import (
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
                allow_pickle: bool = False, cache_dir: str | os.PathLike | None = None,
                revision: str | None = None, pack: bool = False) -> nn.Module:
-    """Load a Hugging Face StarCoder / StarCoder2 directory, hub id or GGUF file as our model, in eval mode.
+    """Load a Hugging Face StarCoder / StarCoder2 / StarEncoder directory, hub id or GGUF file as our model, in eval
+    mode.
 
     dtype None or "auto" keeps the stored dtype (for GPTQ files, whose float weights are float16, bfloat16: the
     CPU computes it much faster). The head (causal LM or sequence classification) follows the config's
@@ -73,6 +74,7 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
           pack: bool = False, quant: QuantizedLinears | None = None) -> nn.Module:
     """Our model from a source's tensors (checked against the config: names, shapes, kinds); `quant` gives the
     linears the source holds quantized (GPTQ tensors, GGUF integer blocks)."""
+    pack = pack and not config.encoder  # encoders run whole inputs: the plain layout serves them as well
     if quant is not None:
         if torch.device(device).type != "cpu":
             raise StarCoderError(f"quantized models run on the CPU only, not {device}")
@@ -86,7 +88,7 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
     expected = expected_hf_shapes(config, [(n, p.shape) for n, p in model.state_dict(keep_vars=True).items()
                                            if not n.startswith(inside)])
     _check_names(config, reader, expected, claimed)
-    tied_head = config.tie_embeddings and config.head == "causal_lm"
+    tied_head = config.tied_head == "lm_head.weight"
     # A quantized model's head decodes with our kernels (DecodeHead), from the embedding: no packed copy.
     head_isa = head_kernels(dtype) if quant is not None else None
     state: dict[str, torch.Tensor] = {}
@@ -106,9 +108,9 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
         if all(not _shares_memory(t, source) for _, t in converted):
             reader.release(stored)
         state.update(converted)
-    # A tied lm_head is not in the files: it becomes the embedding parameter itself once loading is done.
+    # A tied head is not in the files: it becomes the embedding parameter itself once loading is done.
     missing = [n for n in model.load_state_dict(state, strict=False, assign=True).missing_keys
-               if not n.startswith(inside) and not (n == "lm_head.weight" and tied_head)]
+               if not n.startswith(inside) and n != config.tied_head]
     if missing:  # unreachable after _check_names, kept as a guard
         raise CheckpointError(f"internal: weights not loaded: {missing}")
     for parameter in model.parameters():
@@ -226,9 +228,9 @@ def _check_names(config: Config, reader: CheckpointReader, expected: dict[str, t
         files = ", ".join(str(f) for f in reader.files)
         raise CheckpointError(f"tensor {missing[0]!r} is missing from {files}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    tied_head = config.tie_embeddings and config.head == "causal_lm"
+    tied_head = hf_name(config, config.tied_head) if config.tied_head else None  # some files hold a copy
     unexpected = [n for n in present if n not in expected and n not in claimed and not IGNORED_HF_TENSORS.search(n)
-                  and not (tied_head and n == "lm_head.weight")]
+                  and n != tied_head]
     if unexpected:
         raise CheckpointError(f"{present[unexpected[0]]}: tensor {unexpected[0]!r} is not part of the model that "
                               f"config.json describes ({config.n_layer} layers, {config.model_type}); "

@@ -25,8 +25,9 @@ from .linears.dense import Linear, pack_weight
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # (B, T, V) for a causal LM, (B, num_labels) for a classifier
+    logits: Tensor  # (B, T, V) for a causal LM or MLM, (B, num_labels) for a classifier, (B, T, num_labels) per token
     loss: Tensor | None = None
+    next_sentence_logits: Tensor | None = None  # (B, 2), the encoder's pre-training head
     # With output_hidden_states: the embeddings, then each block's output; the last one after the final norm
     # (the convention of transformers, so the two can be compared).
     hidden_states: tuple[Tensor, ...] | None = None
@@ -212,10 +213,15 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp_norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = MLP(config)
+        self.post_norm = config.encoder  # BERT normalizes each residual sum; the decoders each branch's input
 
     def forward(self, x: Tensor, spans: list[Span] | None = None, layer: int = 0) -> Tensor:
         """By default: whole sequences, causal, no cache (as calibration and tests run a block alone)."""
-        x = x + self.attn(self.attn_norm(x), spans or [Span(x.shape[0], x.shape[1])], layer)
+        spans = spans or [Span(x.shape[0], x.shape[1])]
+        if self.post_norm:
+            x = self.attn_norm(x + self.attn(x, spans, layer))
+            return self.mlp_norm(x + self.mlp(x))
+        x = x + self.attn(self.attn_norm(x), spans, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -406,8 +412,12 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
-def build_model(config: Config) -> CausalLM | SequenceClassifier:
+def build_model(config: Config) -> nn.Module:
     """An uninitialised model of the config's head (create it under `torch.device("meta")` to skip allocation)."""
+    if config.encoder:
+        from .encoder import EncoderModel
+
+        return EncoderModel(config)
     return SequenceClassifier(config) if config.head == "sequence_classification" else CausalLM(config)
 
 

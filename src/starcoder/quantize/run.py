@@ -82,8 +82,7 @@ def quantize_model(model: str, out: str | Path, settings: QuantSettings, calibra
     if out.resolve() == model_dir.resolve():
         raise StarCoderError("--out must be a new directory, not the model's own")
     config = load_config(model_dir)
-    if config.head != "causal_lm":
-        raise StarCoderError("only causal language models can be quantized")
+    config.require_causal_lm(model_dir, "quantizing")
     shapes = {"attn.q": config.n_embd, "attn.k": config.n_embd, "attn.v": config.n_embd,
               "attn.o": config.n_head * config.head_dim, "mlp.fc": config.n_embd, "mlp.proj": config.n_inner}
     for linear in LINEARS:
