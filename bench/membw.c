@@ -7,7 +7,28 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-static double best_pass(const __m512i *buffer, size_t n, int streams, long long *sink) {
+/* The widest integer vector the build targets: AVX-512 where the CPU has it, else AVX2. */
+#ifdef __AVX512F__
+typedef __m512i vec;
+#define ZERO() _mm512_setzero_si512()
+#define XOR(a, b) _mm512_xor_si512(a, b)
+#define LOAD(p) _mm512_load_si512(p)
+#define SET(x) _mm512_set1_epi64(x)
+static long long reduce(vec v) { return _mm512_reduce_add_epi64(v); }
+#else
+typedef __m256i vec;
+#define ZERO() _mm256_setzero_si256()
+#define XOR(a, b) _mm256_xor_si256(a, b)
+#define LOAD(p) _mm256_load_si256(p)
+#define SET(x) _mm256_set1_epi64x(x)
+static long long reduce(vec v) {
+    long long lanes[4];
+    _mm256_storeu_si256((__m256i *)lanes, v);
+    return lanes[0] ^ lanes[1] ^ lanes[2] ^ lanes[3];
+}
+#endif
+
+static double best_pass(const vec *buffer, size_t n, int streams, long long *sink) {
     double best = 0;
     for (int pass = 0; pass < 6; pass++) {
         double start = omp_get_wtime();
@@ -15,15 +36,15 @@ static double best_pass(const __m512i *buffer, size_t n, int streams, long long 
         #pragma omp parallel reduction(^ : local)
         {
             size_t per = n / omp_get_num_threads(), first = omp_get_thread_num() * per, len = per / streams;
-            __m512i acc[16];
-            for (int s = 0; s < 16; s++) acc[s] = _mm512_setzero_si512();
+            vec acc[16];
+            for (int s = 0; s < 16; s++) acc[s] = ZERO();
             for (size_t i = 0; i < len; i++)
                 for (int s = 0; s < streams; s++)
-                    acc[s] = _mm512_xor_si512(acc[s], _mm512_load_si512(&buffer[first + s * len + i]));
-            for (int s = 1; s < streams; s++) acc[0] = _mm512_xor_si512(acc[0], acc[s]);
-            local ^= _mm512_reduce_add_epi64(acc[0]);
+                    acc[s] = XOR(acc[s], LOAD(&buffer[first + s * len + i]));
+            for (int s = 1; s < streams; s++) acc[0] = XOR(acc[0], acc[s]);
+            local ^= reduce(acc[0]);
         }
-        double rate = n * 64.0 / (omp_get_wtime() - start);
+        double rate = n * (double)sizeof(vec) / (omp_get_wtime() - start);
         *sink ^= local;
         if (rate > best) best = rate;
     }
@@ -31,11 +52,11 @@ static double best_pass(const __m512i *buffer, size_t n, int streams, long long 
 }
 
 int main(int argc, char **argv) {
-    size_t bytes = (size_t)(argc > 1 ? atoi(argv[1]) : 2048) << 20, n = bytes / 64;
-    __m512i *buffer = aligned_alloc(4096, bytes);
+    size_t bytes = (size_t)(argc > 1 ? atoi(argv[1]) : 2048) << 20, n = bytes / sizeof(vec);
+    vec *buffer = aligned_alloc(4096, bytes);
     if (!buffer) return 1;
     #pragma omp parallel for
-    for (size_t i = 0; i < n; i++) buffer[i] = _mm512_set1_epi64((long long)i);
+    for (size_t i = 0; i < n; i++) buffer[i] = SET((long long)i);
     double best = 0;
     long long sink = 0;
     for (int streams = 1; streams <= 16; streams *= 2) {
