@@ -130,12 +130,14 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
 
 
 def _quantized_dtype(asked: torch.dtype | None, reader: CheckpointReader) -> torch.dtype:
-    """The activations' dtype of a quantized model: as asked, else the stored one, but float16 files (GPTQ files are
-    float16) compute in bfloat16 where the CPU has it natively, else in float32 (float16 is slow on CPUs)."""
+    """The activations' dtype of a quantized model: as asked, else the stored one, but half-precision files (GPTQ
+    files are float16) compute in bfloat16 where the CPU has it natively, else in float32 (float16 is slow on CPUs,
+    and bfloat16 without AVX512-BF16 is emulated: prefill ran 3x slower than in float32 on an AVX2 EPYC). Only
+    the embeddings and norms take the wider dtype's memory; the linears stay integers."""
     if asked is not None:
         return asked
     stored = next((t.dtype for t in reader if t.dtype.is_floating_point and t.name.endswith("weight")), None)
-    return compute_dtype() if stored in (None, torch.float16) else stored
+    return compute_dtype() if stored in (None, torch.float16, torch.bfloat16) else stored
 
 
 class GPTQLinears:
