@@ -198,6 +198,9 @@ def export(args: argparse.Namespace) -> None:
          flag("--multiple", nargs="*", help="MultiPL-E JSONL files to decontaminate against"),
          flag("--no-decontaminate", action="store_true", default=None),
          flag("--no-pii", action="store_true", default=None, help="do not redact PII"),
+         flag("--pii-model", help="also find PII with a StarPII-format model (a BertForTokenClassification "
+              "directory or hub id, BIO labels of EMAIL, KEY, NAME, ...), with BigCode's post-filters"),
+         flag("--no-pii-regex", action="store_true", default=None, help="find PII with --pii-model alone"),
          flag("--format", choices=["jsonl", "parquet"], help="shard format (default jsonl)"),
          flag("--task-mb", type=float, help="input per task and shard, in MB (default 16)"),
          flag("--workers", type=int, help="processes (default: every core)"),

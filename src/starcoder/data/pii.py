@@ -52,6 +52,7 @@ class Finding:
     start: int
     end: int
     value: str
+    detector: str = "regex"  # or "model" (a StarPII-format model, see pii_model.py)
 
 
 # ---- emails ----------------------------------------------------------------------------------------------------
@@ -373,10 +374,12 @@ def find_names(text: str) -> list[Finding]:
 
 # ---- all together ----------------------------------------------------------------------------------------------
 
-def find_pii(text: str, path: str | None = None) -> list[Finding]:
-    """Every finding, in order and without overlaps: where two overlap, the secret beats the address or name,
-    then the earlier and longer one wins."""
-    candidates = find_secrets(text, path) + find_emails(text) + find_ips(text) + find_names(text)
+def find_pii(text: str, path: str | None = None, model=None, regex: bool = True) -> list[Finding]:
+    """Every finding of the regex stage and/or a PiiModel, in order and without overlaps: where two overlap, the
+    secret beats the address or name, then the earlier and longer one wins (the regex stage's on a tie)."""
+    candidates = find_secrets(text, path) + find_emails(text) + find_ips(text) + find_names(text) if regex else []
+    if model is not None:
+        candidates += model.find(text)
     candidates.sort(key=lambda f: (_PRIORITY[f.kind], f.start, f.start - f.end))
     kept: list[Finding] = []
     for finding in candidates:
@@ -392,9 +395,9 @@ def replacement(finding: Finding) -> str:
     return f"<{finding.kind}>"
 
 
-def redact(text: str, path: str | None = None) -> tuple[str, list[Finding]]:
-    """text with every finding replaced, and the findings (path: the file's name, when known)."""
-    findings = find_pii(text, path)
+def redact(text: str, path: str | None = None, model=None, regex: bool = True) -> tuple[str, list[Finding]]:
+    """text with every finding replaced, and the findings (path: the file's name, when known; see find_pii)."""
+    findings = find_pii(text, path, model, regex)
     pieces, position = [], 0
     for finding in findings:
         pieces += [text[position:finding.start], replacement(finding)]

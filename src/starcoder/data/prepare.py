@@ -59,6 +59,8 @@ class PrepareConfig:
     mbpp: Path | None = None
     multiple: list[Path] = field(default_factory=list)  # MultiPL-E JSONL files to decontaminate against
     redact_pii: bool = True
+    pii_model: str | None = None  # a StarPII-format model beside (or, without pii_regex, instead of) the regexes
+    pii_regex: bool = True
     output_format: str = "jsonl"
     task_bytes: int = 16 * 1024 * 1024  # small enough to keep 2+ workers busy on 100 MB, large enough for shards
 
@@ -69,6 +71,7 @@ class PrepareConfig:
                 "licenses": sorted(self.licenses), "opt_out": sorted(self.opt_out),
                 "decontaminate": self.decontaminate, "mbpp": str(self.mbpp) if self.mbpp else None,
                 "multiple": [str(p) for p in self.multiple], "redact_pii": self.redact_pii,
+                "pii_model": self.pii_model, "pii_regex": self.pii_regex,
                 "output_format": self.output_format, "task_bytes": self.task_bytes}
 
 
@@ -80,6 +83,10 @@ class Pipeline:
             raise StarCoderError(f"output format {config.output_format!r}: choose one of {', '.join(FORMATS)}")
         if config.task_bytes < 1024:
             raise StarCoderError(f"task size {config.task_bytes} bytes is too small")
+        if config.redact_pii and config.pii_model:
+            from .pii_model import pii_model
+
+            pii_model(config.pii_model)  # a model that does not load stops the run before any work
         self.config = config
         self.out = config.out
         self.work = config.out / WORK
@@ -238,6 +245,9 @@ class Pipeline:
             return
         if self.config.redact_pii:
             from .pii import redact, redacted_lines
+            from .pii_model import pii_model
+
+            model = pii_model(self.config.pii_model) if self.config.pii_model else None
         keep = np.load(self.work / "dedup" / f"{rank:05d}.keep.npy")
         report = Report()
         shard = self.shard_path(rank)
@@ -251,7 +261,7 @@ class Pipeline:
                 size = len(row["content"].encode("utf-8", errors="surrogatepass"))
                 report.enter("pii", size)
                 if self.config.redact_pii:
-                    text, findings = redact(row["content"], row["path"])
+                    text, findings = redact(row["content"], row["path"], model, self.config.pii_regex)
                     if findings:
                         row["content"] = text
                         new_size = len(text.encode("utf-8", errors="surrogatepass"))

@@ -45,8 +45,11 @@ class Report:
         entry["bytes_out"] += size_after - size_before
         entry["redacted_documents"] = entry.get("redacted_documents", 0) + 1
         counts = entry.setdefault("findings", {})
+        by_detector = entry.setdefault("findings_by_detector", {})  # "model EMAIL", "regex KEY", ...
         for finding, line in zip(findings, redacted_lines, strict=True):
             counts[finding.kind] = counts.get(finding.kind, 0) + 1
+            found_by = f"{finding.detector} {finding.kind}"
+            by_detector[found_by] = by_detector.get(found_by, 0) + 1
             self._example(entry, {"reason": finding.kind, "document": origin, "redacted": line})
 
     @staticmethod

@@ -11,7 +11,8 @@ from .filters import PERMISSIVE_LICENSES
 from .prepare import PrepareConfig
 
 CONFIG_KEYS = {"input": list, "out": str, "languages": list, "licenses": list, "opt_out": list, "opt_out_file": str,
-               "mbpp": str, "multiple": list, "decontaminate": bool, "pii": bool, "format": str,
+               "mbpp": str, "multiple": list, "decontaminate": bool, "pii": bool, "pii_model": str,
+               "pii_regex": bool, "format": str,
                "task_mb": (int, float), "workers": int, "executor": str}
 
 
@@ -32,6 +33,7 @@ def prepare_config(args) -> tuple[PrepareConfig, dict]:
     flags = {"input": args.input, "out": args.out, "languages": args.language, "licenses": args.licenses,
              "opt_out_file": args.opt_out, "mbpp": args.mbpp, "multiple": args.multiple,
              "decontaminate": False if args.no_decontaminate else None, "pii": False if args.no_pii else None,
+             "pii_model": args.pii_model, "pii_regex": False if args.no_pii_regex else None,
              "format": args.format, "task_mb": args.task_mb, "workers": args.workers, "executor": args.executor}
     settings.update({key: value for key, value in flags.items() if value is not None})
     if not settings.get("input") or not settings.get("out"):
@@ -43,6 +45,8 @@ def prepare_config(args) -> tuple[PrepareConfig, dict]:
             opt_out |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
         except OSError as e:
             raise StarCoderError(f"{path}: cannot read the opt-out list ({e})") from None
+    if not settings.get("pii_regex", True) and not settings.get("pii_model"):
+        raise StarCoderError("--no-pii-regex leaves no PII detector: pass --pii-model DIR (or --no-pii)")
     task_mb = settings.get("task_mb", PrepareConfig.task_bytes / 2**20)
     if task_mb <= 0:
         raise StarCoderError(f"task size {task_mb} MB must be positive")
@@ -56,5 +60,6 @@ def prepare_config(args) -> tuple[PrepareConfig, dict]:
         opt_out=frozenset(opt_out), decontaminate=settings.get("decontaminate", True),
         mbpp=Path(settings["mbpp"]) if settings.get("mbpp") else None,
         multiple=[Path(p) for p in settings.get("multiple", [])], redact_pii=settings.get("pii", True),
+        pii_model=settings.get("pii_model"), pii_regex=settings.get("pii_regex", True),
         output_format=settings.get("format", "jsonl"), task_bytes=int(task_mb * 1024 * 1024))
     return config, {"workers": workers, "executor": settings.get("executor", "local")}
