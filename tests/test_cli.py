@@ -44,7 +44,7 @@ def test_bench(tiny, capsys):
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "config.json").unlink(), "config.json: no such file"),
     (lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}"), "header length 16"),
-    (lambda d: (d / "config.json").write_text('{"model_type": "bert"}'), "model_type 'bert' is not supported"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "llama"}'), "model_type 'llama' is not supported"),
 ])
 def test_damaged_model_is_a_clear_error(tiny, tmp_path, capsys, damage, message):
     import shutil

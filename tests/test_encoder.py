@@ -126,3 +126,70 @@ def test_text_generation_commands_refuse_an_encoder(reference, capsys):
         assert main(command) != 0
         assert f"needs a causal language model (StarCoder, StarCoder2); this is a StarEncoder (bert) model with a " \
                f"{head} head" in capsys.readouterr().err
+
+
+def test_masking_rates_and_sample_layout(tmp_path):
+    import numpy as np
+
+    from starcoder.tokenizer import Tokenizer
+    from starcoder.train.data import TokenDataset, read_corpus, tokenize_corpus
+    from starcoder.train.encoder_samples import EncoderTokens, mask_tokens, pretraining_sample
+
+    tokenizer = Tokenizer.for_family("bert")
+    tokens = EncoderTokens.of(tokenizer)
+    assert (tokens.pad, tokens.sep, tokens.cls, tokens.mask) == (49152, 49153, 49154, 49155)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 49152, 200_000)
+    maskable = np.ones(len(ids), dtype=bool)
+    maskable[::10] = False
+    inputs, labels = mask_tokens(ids, maskable, rng, tokens, 49156)
+    chosen = labels != -100
+    assert not chosen[::10].any() and abs(chosen.sum() / maskable.sum() - 0.15) < 0.005
+    assert np.array_equal(labels[chosen], ids[chosen])
+    masked, kept = (inputs[chosen] == tokens.mask).mean(), (inputs[chosen] == ids[chosen]).mean()
+    assert abs(masked - 0.8) < 0.01 and abs(kept - 0.1) < 0.01  # the rest: random tokens
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"content": f"def f{i}(x):\n    return x * {i}\n" * 6, "path": f"m{i}.py"})
+                              for i in range(40)))
+    tokenize_corpus(read_corpus([rows]), tokenizer, tmp_path / "data", 0.0, 0.0)
+    dataset = TokenDataset(tmp_path / "data" / "train", 64)
+    labels_seen = set()
+    for g in range(40):
+        sample = pretraining_sample(dataset, g % len(dataset), g, tokens, 49156, seed=0)
+        ids, types = sample["input_ids"], sample["token_type_ids"]
+        assert len(ids) == 64 and ids[0] == tokens.cls and ids[-1] == tokens.sep and (ids == tokens.sep).sum() >= 2
+        assert types[:32].sum() == 0 and types[32:].all()  # <cls> + 30 + <sep>, then B and its <sep>
+        labels_seen.add(int(sample["next_sentence_label"]))
+        again = pretraining_sample(dataset, g % len(dataset), g, tokens, 49156, seed=0)
+        assert all(np.array_equal(sample[k], again[k]) for k in sample)  # a function of (seed, g) alone
+    assert labels_seen == {0, 1}
+
+
+def test_starcoder_train_pretrains_an_encoder(tmp_path):
+    from starcoder.__main__ import main
+    from starcoder.tokenizer import Tokenizer
+    from starcoder.train.data import read_corpus, tokenize_corpus
+    from starcoder.train.loop import TrainConfig, train
+
+    assert main(["init", str(tmp_path / "encoder"), "--preset", "tiny-starencoder"]) == 0
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"content": f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" * 8,
+                                          "path": f"m{i}.py"}) for i in range(60)))
+    tokenize_corpus(read_corpus([rows]), Tokenizer.from_dir(tmp_path / "encoder"), tmp_path / "data", 0.1, 0.0)
+    config = TrainConfig(model=str(tmp_path / "encoder"), data=str(tmp_path / "data"), out=str(tmp_path / "run"),
+                         seq_len=48, micro_batch=4, max_steps=30, lr=3e-3, warmup_steps=2, eval_every=10,
+                         save_every=15, eval_batches=2)
+    history = train(config, progress=False)["history"]
+    assert history[-1]["loss"] < history[0]["loss"] - 2.0 and "val_loss" in history[-1]
+    trained = transformers.BertForPreTraining.from_pretrained(tmp_path / "run" / "final").eval()
+    ours = load_model(tmp_path / "run" / "final", dtype="float32")
+    ids, mask, types = batch(49156)
+    with torch.no_grad():
+        assert (ours(ids, mask, types).logits - trained(input_ids=ids, attention_mask=mask, token_type_ids=types)
+                .prediction_logits)[mask.bool()].abs().max() <= 1e-4
+    # a decoder's tokenizer lacks the encoder's tokens: a clear error
+    assert main(["init", str(tmp_path / "decoder"), "--preset", "tiny-starcoder"]) == 0
+    tokenize_corpus(read_corpus([rows]), Tokenizer.from_dir(tmp_path / "decoder"), tmp_path / "data2", 0.1, 0.0)
+    with pytest.raises(StarCoderError, match="<mask> missing"):
+        train(TrainConfig(model=str(tmp_path / "encoder"), data=str(tmp_path / "data2"), out=str(tmp_path / "r2"),
+                          seq_len=48, max_steps=1), progress=False)

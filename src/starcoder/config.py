@@ -360,14 +360,14 @@ def _head_from_architectures(reader: _FieldReader, model_type: str) -> str:
 
 
 # Shapes of the published checkpoints (random weights made from these are what benchmarks use) and tiny ones for
-# tests and the first-run demo. Vocabulary 49152 everywhere so the real tokenizers fit every preset.
-_BERT = dict(model_type="bert", type_vocab_size=2, norm_eps=1e-12, activation="gelu", head="pretraining",
-             bos_token_id=None, eos_token_id=None)
+# tests and the first-run demo. Vocabulary 49152 (49156 for the encoders) so the real tokenizers fit every preset.
+_BERT = dict(model_type="bert", vocab_size=49156, type_vocab_size=2, norm_eps=1e-12, activation="gelu",
+             head="pretraining", bos_token_id=None, eos_token_id=None)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-starcoder": dict(model_type="gpt_bigcode", n_embd=64, n_layer=2, n_head=4, n_kv_head=1, n_inner=256,
                            max_positions=512),
     "tiny-starencoder": dict(**_BERT, n_embd=64, n_layer=2, n_head=4, n_kv_head=4, n_inner=256, max_positions=128),
-    "starencoder": dict(**_BERT, vocab_size=49156, n_embd=768, n_layer=12, n_head=12, n_kv_head=12, n_inner=3072,
+    "starencoder": dict(**_BERT, n_embd=768, n_layer=12, n_head=12, n_kv_head=12, n_inner=3072,
                         max_positions=1024),  # bigcode/starencoder, and StarPII's body
     "tiny-starcoder2": dict(model_type="starcoder2", n_embd=64, n_layer=2, n_head=4, n_kv_head=2, n_inner=256,
                             max_positions=512, rope_theta=10000.0, sliding_window=128),

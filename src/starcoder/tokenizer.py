@@ -34,7 +34,10 @@ STARCODER2_SPECIAL_TOKENS = [
     "<pr_in_reply_to_review_id>", "<pr_in_reply_to_comment_id>", "<pr_diff_hunk_comment_line>",
     "<NAME>", "<EMAIL>", "<KEY>", "<PASSWORD>",
 ]
-SPECIAL_TOKENS = {"gpt_bigcode": STARCODER_SPECIAL_TOKENS, "starcoder2": STARCODER2_SPECIAL_TOKENS}
+# StarEncoder's vocabulary: StarCoder's, then these four at 49152-49155.
+ENCODER_TOKENS = ["<pad>", "<sep>", "<cls>", "<mask>"]
+SPECIAL_TOKENS = {"gpt_bigcode": STARCODER_SPECIAL_TOKENS, "starcoder2": STARCODER2_SPECIAL_TOKENS,
+                  "bert": STARCODER_SPECIAL_TOKENS + ENCODER_TOKENS}
 
 
 class Tokenizer:
@@ -79,9 +82,14 @@ class Tokenizer:
         """The tokenizer this package ships for a family (see assets/tokenizers/README.md)."""
         if model_type not in SPECIAL_TOKENS:
             raise StarCoderError(f"no shipped tokenizer for model type {model_type!r}")
-        asset = resources.files("starcoder") / "assets" / "tokenizers" / f"{model_type}.json.gz"
+        shipped = "gpt_bigcode" if model_type == "bert" else model_type
+        asset = resources.files("starcoder") / "assets" / "tokenizers" / f"{shipped}.json.gz"
         with resources.as_file(asset) as path:
-            return cls.from_file(path)
+            tokenizer = cls.from_file(path)
+        if model_type == "bert":
+            tokenizer.backend.add_special_tokens(ENCODER_TOKENS)
+            tokenizer = cls(tokenizer.backend, source=tokenizer.source)  # its special ids now hold the four
+        return tokenizer
 
     # ------------------------------------------------------------------ use
     @property

@@ -255,11 +255,14 @@ class TokenDataset:
                                             self.spm_rate), dtype=np.int64)
         return sample
 
-    def global_sample(self, g: int) -> np.ndarray:
-        """The g-th sample of training: epochs of a seeded shuffle of all samples."""
+    def global_index(self, g: int) -> int:
+        """The index of the g-th sample of training: epochs of a seeded shuffle of all samples (+ epoch * len: the
+        same window gets new FIM cut points in each epoch)."""
         epoch, within = divmod(g, len(self))
         if getattr(self, "_epoch", None) != epoch:
             self._order = np.random.default_rng((self.seed, 1_000_003, epoch)).permutation(len(self))
             self._epoch = epoch
-        # + epoch * len: the same window gets new FIM cut points in each epoch
-        return self[int(self._order[within]) + epoch * len(self)]
+        return int(self._order[within]) + epoch * len(self)
+
+    def global_sample(self, g: int) -> np.ndarray:
+        return self[self.global_index(g)]

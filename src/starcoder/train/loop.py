@@ -28,12 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import save_model
+from ..config import Config
 from ..errors import StarCoderError
 from ..files import atomic_dir, pyplot, read_settings, save_figure, write_json_atomic
 from ..loader import load_model
 from ..paths import default_model_dir
 from ..tokenizer import Tokenizer
 from .data import TokenDataset
+from .encoder_samples import EncoderObjective, EncoderTokens
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "default"  # `model: default` fine-tunes the embedded model
@@ -220,31 +222,53 @@ def _bare(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def _batch(dataset: TokenDataset, first: int, size: int, device: str) -> torch.Tensor:
+def _batch(dataset: TokenDataset, first: int, size: int, device: str,
+           objective: EncoderObjective | None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Training samples first .. first + size - 1: token windows, or an encoder's keyword arguments."""
+    if objective is not None:
+        return objective.batch(dataset, [(dataset.global_index(first + i), first + i) for i in range(size)], device)
     return torch.from_numpy(np.stack([dataset.global_sample(first + i) for i in range(size)])).to(device)
 
 
-def _loss(model, batch: torch.Tensor, config: TrainConfig, device: str) -> torch.Tensor:
-    inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, L) each
+def _loss(model, batch: torch.Tensor | dict[str, torch.Tensor], config: TrainConfig, device: str) -> torch.Tensor:
     autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if config.autocast == "bfloat16"
                 else nullcontext())
+    if isinstance(batch, dict):  # an encoder: the model computes its own losses (masked LM, next sentence)
+        with autocast:
+            return model(**batch).loss.float()
+    inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, L) each
     with autocast:
         logits = model(inputs).logits  # (B, L, V)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 @torch.no_grad()
-def evaluate(model, dataset: TokenDataset, config: TrainConfig, d: Dist) -> float:
+def evaluate(model, dataset: TokenDataset, config: TrainConfig, d: Dist,
+             objective: EncoderObjective | None = None) -> float:
     """Mean loss over the first eval_batches micro-batches of the held-out split (no FIM, same every time)."""
     model.eval()
     losses = []
     n = min(config.eval_batches * config.micro_batch, len(dataset))
     for first in range(d.rank * config.micro_batch, n, config.micro_batch * d.world):
         idx = range(first, min(first + config.micro_batch, n))
-        batch = torch.from_numpy(np.stack([dataset[i] for i in idx])).to(d.device)
+        if objective is not None:
+            batch = objective.batch(dataset, [(i, i) for i in idx], d.device)
+        else:
+            batch = torch.from_numpy(np.stack([dataset[i] for i in idx])).to(d.device)
         losses.append(float(_loss(model, batch, config, d.device)))
     model.train()
     return _mean_across(sum(losses) / max(1, len(losses)), d)
+
+
+def _encoder_objective(model_config: Config, tokenizer: Tokenizer, config: TrainConfig) -> EncoderObjective | None:
+    """StarEncoder's objective for an encoder (see encoder_samples.py); None for a decoder."""
+    if not model_config.encoder:
+        return None
+    if model_config.head == "token_classification":
+        raise StarCoderError("`starcoder train` trains encoders with the masked-LM objective (heads pretraining and "
+                             "masked_lm); this model has a token_classification head")
+    return EncoderObjective(EncoderTokens.of(tokenizer), model_config.vocab_size, config.seed,
+                            next_sentence=model_config.head == "pretraining")
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
@@ -264,9 +288,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                              f"{model.config.vocab_size}")
     if config.seq_len > model.config.max_positions:
         raise StarCoderError(f"seq_len {config.seq_len} exceeds the model's {model.config.max_positions} positions")
+    objective = _encoder_objective(model.config, tokenizer, config)
     model.train()
-    train_set = TokenDataset(data / "train", config.seq_len, tokenizer, config.fim_rate, config.spm_rate,
-                             config.seed)
+    fim_rate = 0.0 if objective is not None else config.fim_rate  # an encoder reads both ways: no FIM
+    train_set = TokenDataset(data / "train", config.seq_len, tokenizer, fim_rate, config.spm_rate, config.seed)
     val_set = TokenDataset(data / "val", config.seq_len)
 
     wrapped = _wrap(model, config, d)  # before the optimizer: FSDP replaces the parameters with sharded ones
@@ -307,7 +332,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         loss_sum = 0.0
         for micro in range(config.grad_accum):
             first = step * global_batch + (d.rank * config.grad_accum + micro) * config.micro_batch
-            batch = _batch(train_set, first, config.micro_batch, d.device)
+            batch = _batch(train_set, first, config.micro_batch, d.device, objective)
             sync = micro == config.grad_accum - 1 or d.world == 1 or config.distributed == "fsdp"
             with nullcontext() if sync else wrapped.no_sync():
                 loss = _loss(wrapped, batch, config, d.device)
@@ -322,7 +347,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                   "tokens_per_second": tokens_per_step / max(now - step_time, 1e-9)}
         step_time = now
         if (step + 1) % config.eval_every == 0 or step + 1 == config.max_steps:
-            record["val_loss"] = evaluate(wrapped, val_set, config, d)
+            record["val_loss"] = evaluate(wrapped, val_set, config, d, objective)
         history.append(record)
         if bar is not None:
             bar.update(1)
