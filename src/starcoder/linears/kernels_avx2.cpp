@@ -40,16 +40,21 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// The activations as the kernels take them: int8 per block of 32 with a scale each, and each group's float sum.
+// The activations as the kernels take them: int8 per block of 32 with a scale each, and each group's float sum;
+// and the weight group of each block, looked up rather than divided for in the inner loops (an integer division
+// per block cost more than the block's arithmetic).
 struct Int8Acts {
-  std::vector<int8_t> q;      // [M, K]
-  std::vector<float> scale;   // [M, K / 32]
-  std::vector<float> sums;    // [M, K / group]
+  std::vector<int8_t> q;        // [M, K]
+  std::vector<float> scale;     // [M, K / 32]
+  std::vector<float> sums;      // [M, K / group]
+  std::vector<int32_t> group_of;  // [K / 32]
 };
 
 Int8Acts quantize_activations(const float* x, int64_t M, int64_t K, int64_t group) {
   const int64_t B = K / 32, G = K / group;
-  Int8Acts a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * G, 0.f)};
+  Int8Acts a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * G, 0.f),
+             std::vector<int32_t>(B)};
+  for (int64_t b = 0; b < B; ++b) a.group_of[b] = static_cast<int32_t>(b * 32 / group);
   const __m256 sign = _mm256_set1_ps(-0.f);
   // vpackssdw / vpacksswb work within 128-bit lanes: this puts the packed dwords back in input order.
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -99,7 +104,8 @@ void int4_rows(const Int8Acts& a, const uint8_t* packed, const float* scales, co
     for (int r = 0; r < R; ++r) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k0 / 2));
       const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
-      const float s_lo = scales[(n + r) * G + k0 / group], s_hi = scales[(n + r) * G + (k0 + 32) / group];
+      const float* row_scales = scales + (n + r) * G;
+      const float s_lo = row_scales[a.group_of[k0 / 32]], s_hi = row_scales[a.group_of[k0 / 32 + 1]];
       for (int m = 0; m < M; ++m) {
         const int8_t* xq = a.q.data() + m * K + k0;
         const float* xs = a.scale.data() + m * B + k0 / 32;
@@ -131,7 +137,7 @@ void int8_rows_i8(const Int8Acts& a, const int8_t* q8, const float* scales, cons
     for (int r = 0; r < R; ++r) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k0));
       const __m256i magnitude = _mm256_sign_epi8(w, w);
-      const float s = scales[(n + r) * G + k0 / group];
+      const float s = scales[(n + r) * G + a.group_of[k0 / 32]];
       for (int m = 0; m < M; ++m) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + k0));
         acc[r][m] = _mm256_fmadd_ps(dot_u8_s8(magnitude, _mm256_sign_epi8(x, w)),
@@ -155,18 +161,29 @@ void check_decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, co
                 "scales/offsets: f32 [N, K / group]");
 }
 
-// Writes w [N, K] (float32 or bfloat16) from weight(n, k).
-template <typename Weight>
-torch::Tensor fill(torch::Tensor w, int64_t N, int64_t K, Weight weight) {
-  TORCH_CHECK(w.is_contiguous() && w.numel() == N * K && (w.dtype() == torch::kFloat32 || w.dtype() == torch::kBFloat16),
-              "w: contiguous f32 or bf16 [N, K]");
+// Writes w [N, K] (float32 or bfloat16) = level(n, k) * scale[n, g] + offset[n, g], g the group of k: group by
+// group, so no division runs per weight (prefill dequantizes every layer on each call).
+template <typename Level>
+torch::Tensor fill(torch::Tensor w, const torch::Tensor& scales, const torch::Tensor& offsets, int64_t N, int64_t K,
+                   int64_t group, Level level) {
+  TORCH_CHECK(w.is_contiguous() && w.numel() == N * K, "w: contiguous [N, K]");
+  TORCH_CHECK(w.dtype() == torch::kFloat32 || w.dtype() == torch::kBFloat16, "w: f32 or bf16");
+  TORCH_CHECK(group > 0 && K % group == 0, "groups that divide K");
+  const int64_t G = K / group;
+  for (const auto* t : {&scales, &offsets})
+    TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous() && t->numel() == N * G,
+                "scales/offsets: f32 [N, K / group]");
+  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
   float* as_float = w.dtype() == torch::kFloat32 ? w.data_ptr<float>() : nullptr;
   at::BFloat16* as_bf16 = as_float == nullptr ? w.data_ptr<at::BFloat16>() : nullptr;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = weight(n, k);
-        if (as_float != nullptr) as_float[n * K + k] = v; else as_bf16[n * K + k] = at::BFloat16(v);
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = sp[n * G + g], o = op[n * G + g];
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+          const float v = static_cast<float>(level(n, k)) * s + o;
+          if (as_float != nullptr) as_float[n * K + k] = v; else as_bf16[n * K + k] = at::BFloat16(v);
+        }
       }
   });
   return w;
@@ -220,24 +237,19 @@ torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scale
 // The weights into w [N, K] (float32 or bfloat16), for long inputs: a matmul reads them once per prompt.
 torch::Tensor int4_dequantize(torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets, int64_t group,
                               torch::Tensor w) {
-  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / group;
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
-  return fill(w, N, K, [&](int64_t n, int64_t k) {
+  return fill(w, scales, offsets, N, K, group, [&](int64_t n, int64_t k) {
     const uint8_t byte = pp[n * (K / 2) + (k / 64) * 32 + k % 32];
-    const int q = k % 64 < 32 ? byte & 15 : byte >> 4;
-    return q * sp[n * G + k / group] + op[n * G + k / group];
+    return k % 64 < 32 ? byte & 15 : byte >> 4;
   });
 }
 
 torch::Tensor int8_dequantize(torch::Tensor q8, torch::Tensor scales, torch::Tensor offsets, int64_t group,
                               torch::Tensor w) {
-  const int64_t N = q8.size(0), K = q8.size(1), G = K / group;
+  const int64_t N = q8.size(0), K = q8.size(1);
   const int8_t* qp = q8.data_ptr<int8_t>();
-  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
-  return fill(w, N, K, [&](int64_t n, int64_t k) {
-    return qp[n * K + k] * sp[n * G + k / group] + op[n * G + k / group];
-  });
+  return fill(w, scales, offsets, N, K, group, [&](int64_t n, int64_t k) { return qp[n * K + k]; });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
