@@ -177,10 +177,10 @@ def test_starcoder_train_pretrains_an_encoder(tmp_path):
                                           "path": f"m{i}.py"}) for i in range(60)))
     tokenize_corpus(read_corpus([rows]), Tokenizer.from_dir(tmp_path / "encoder"), tmp_path / "data", 0.1, 0.0)
     config = TrainConfig(model=str(tmp_path / "encoder"), data=str(tmp_path / "data"), out=str(tmp_path / "run"),
-                         seq_len=48, micro_batch=4, max_steps=30, lr=3e-3, warmup_steps=2, eval_every=10,
-                         save_every=15, eval_batches=2)
+                         seq_len=48, micro_batch=4, max_steps=20, lr=3e-3, warmup_steps=2, eval_every=10,
+                         save_every=10, eval_batches=2)
     history = train(config, progress=False)["history"]
-    assert history[-1]["loss"] < history[0]["loss"] - 2.0 and "val_loss" in history[-1]
+    assert history[-1]["loss"] < history[0]["loss"] - 1.5 and "val_loss" in history[-1]
     trained = transformers.BertForPreTraining.from_pretrained(tmp_path / "run" / "final").eval()
     ours = load_model(tmp_path / "run" / "final", dtype="float32")
     ids, mask, types = batch(49156)
@@ -188,8 +188,7 @@ def test_starcoder_train_pretrains_an_encoder(tmp_path):
         assert (ours(ids, mask, types).logits - trained(input_ids=ids, attention_mask=mask, token_type_ids=types)
                 .prediction_logits)[mask.bool()].abs().max() <= 1e-4
     # a decoder's tokenizer lacks the encoder's tokens: a clear error
-    assert main(["init", str(tmp_path / "decoder"), "--preset", "tiny-starcoder"]) == 0
-    tokenize_corpus(read_corpus([rows]), Tokenizer.from_dir(tmp_path / "decoder"), tmp_path / "data2", 0.1, 0.0)
+    tokenize_corpus(read_corpus([rows]), Tokenizer.for_family("gpt_bigcode"), tmp_path / "data2", 0.1, 0.0)
     with pytest.raises(StarCoderError, match="<mask> missing"):
         train(TrainConfig(model=str(tmp_path / "encoder"), data=str(tmp_path / "data2"), out=str(tmp_path / "r2"),
                           seq_len=48, max_steps=1), progress=False)
