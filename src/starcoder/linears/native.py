@@ -57,7 +57,7 @@ def int8_activations() -> bool:
 @functools.cache
 def kernels(isa: str = "avx512"):
     """The compiled module for an instruction set, or None when this machine cannot build or run it."""
-    required, source, target = BUILDS[isa]
+    _, source, target = BUILDS[isa]
     if os.environ.get("STARCODER_NATIVE_KERNELS", "1") == "0" or not cpu_supported(isa):
         return None
     try:
