@@ -11,6 +11,7 @@ nearest license files above it, up to the root.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,39 +34,72 @@ class TreeFile:
         return str(self.path.relative_to(self.repo))
 
 
-def folder_licenses(folder: Path) -> list[str] | None:
-    """The SPDX ids of a folder's license files ([] when none is recognized), or None when it has none."""
-    found = [folder / name for name in LICENSE_FILES if (folder / name).is_file()]
-    if not found:
+def folder_licenses(folder: Path, names: list[str]) -> list[str] | None:
+    """The SPDX ids of a folder's license files (`names`: those it holds; [] when none is recognized), or None when
+    it has none."""
+    if not names:
         return None
     licenses: list[str] = []
-    for path in found:
-        spdx = classify_license(path.read_text(encoding="utf-8", errors="replace"))
+    for name in names:
+        spdx = classify_license((folder / name).read_text(encoding="utf-8", errors="replace"))
         if spdx and spdx not in licenses:
             licenses.append(spdx)
     return licenses
 
 
+@dataclass
+class _Folder:
+    files: list[str]  # regular files other than license files
+    license_files: list[str]
+    checkout: bool  # holds .git
+
+
+def _listing(root: Path) -> dict[Path, _Folder]:
+    """Every folder under root (not .git, not through symlinks) with what it holds: one scandir per folder."""
+    folders: dict[Path, _Folder] = {}
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # unreadable: its files are not part of the input
+            continue
+        listing = folders[folder] = _Folder([], [], False)
+        for entry in entries:
+            if entry.name == ".git":
+                listing.checkout = True
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append(folder / entry.name)
+            elif entry.is_file():
+                (listing.license_files if entry.name in LICENSE_FILES else listing.files).append(entry.name)
+    return folders
+
+
 def tree_files(root: Path) -> Iterator[TreeFile]:
     """Every file under root in path order (not license files, nothing under .git), with its repository and
-    licenses."""
-    paths = sorted(p for p in root.rglob("*")
-                   if p.is_file() and p.name not in LICENSE_FILES and ".git" not in p.relative_to(root).parts)
-    licenses_of = functools.cache(folder_licenses)
+    licenses. Each folder is looked at once (a tree of 50,000 files costs little more than listing it)."""
+    folders = _listing(root)
 
-    checkout = functools.cache(lambda folder: (folder / ".git").exists())
+    def licenses_of(folder: Path) -> list[str] | None:
+        return folder_licenses(folder, folders[folder].license_files)
+
+    @functools.cache
+    def nearest(folder: Path) -> tuple[Path | None, Path | None, tuple[str, ...]]:
+        """The nearest checkout and license folder at or above folder, up to root, and the nearest licenses."""
+        above = nearest(folder.parent) if folder != root else (None, None, ())
+        licenses = licenses_of(folder)
+        return (folder if folders[folder].checkout else above[0], folder if licenses is not None else above[1],
+                tuple(licenses) if licenses is not None else above[2])
 
     def is_repository(folder: Path) -> bool:
-        return checkout(folder) or licenses_of(folder) is not None
+        return folders[folder].checkout or bool(folders[folder].license_files)
 
-    def up_to_root(folder: Path) -> list[Path]:
-        return [folder, *folder.parents[: len(folder.relative_to(root).parts)]]
-
-    checkouts = not is_repository(root) and any(is_repository(f) for p in paths for f in up_to_root(p.parent)[:-1])
-    for path in paths:
-        folders = up_to_root(path.parent)
-        repo = next((f for f in folders if checkout(f)), None) or next((f for f in folders if is_repository(f)), None)
+    checkouts = not is_repository(root) and any(is_repository(folder) for folder in folders if folder != root)
+    files: list[TreeFile] = []
+    for folder, listing in folders.items():
+        checkout, licensed, licenses = nearest(folder)
+        repo = checkout or licensed
         if repo is None:
-            repo = folders[-2] if checkouts and len(folders) > 1 else root
-        licenses = next((found for f in folders if (found := licenses_of(f)) is not None), [])
-        yield TreeFile(path, repo, tuple(licenses))
+            repo = root / folder.relative_to(root).parts[0] if checkouts and folder != root else root
+        files += [TreeFile(folder / name, repo, licenses) for name in listing.files]
+    yield from sorted(files, key=lambda f: f.path)
