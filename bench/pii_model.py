@@ -71,11 +71,11 @@ def main() -> None:
                 found = sum(len(sides[name](text)) for text in texts)
                 rate = size / 1e6 / (time.perf_counter() - start)
                 best[name] = max(best[name], rate)
-                print(f"round {round_ + 1} {name}: {rate:.3f} MB/s ({found} findings)", flush=True)
+                print(f"round {round_ + 1} {name}: {rate:.4g} MB/s ({found} findings)", flush=True)
     threads = torch.get_num_threads()
     print(f"\n{len(texts)} files, {size / 1e6:.1f} MB of code; {threads} threads; best of {args.rounds}")
-    print(f"StarPII-shaped model (random weights): {best['model']:.3f} MB/s; regex stage: {best['regex']:.3f} MB/s; "
-          f"model / regex {best['model'] / best['regex']:.3f}x")
+    print(f"StarPII-shaped model (random weights): {best['model']:.4g} MB/s; regex stage: {best['regex']:.4g} MB/s; "
+          f"model / regex {best['model'] / best['regex']:.4g}x")
 
 
 if __name__ == "__main__":
