@@ -189,49 +189,49 @@ torch::Tensor fill(torch::Tensor w, const torch::Tensor& scales, const torch::Te
   return w;
 }
 
+// Quantizes x's rows once, then runs rows(acts, y, m, r, n) over the output channels in parallel: m (input rows)
+// and r (output rows at a time) as integral constants, for the row kernels' template arguments.
+template <typename Rows>
+torch::Tensor decode(const torch::Tensor& x, int64_t N, int64_t group, Rows rows) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const Int8Acts acts = quantize_activations(x.data_ptr<float>(), M, K, group);
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    with_rows(M, [&](auto m) {
+      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) { rows(acts, yp, m, r, n); });
+    });
+  });
+  return y;
+}
+
 }  // namespace
 
 // x [M, K] float32 (M <= 8), packed [N, K/2] uint8, scales/offsets [N, G] float32, bias [N] float32 or None
 // -> activation(x W^T + bias) as float32 [M, N]; K % 64 == 0.
 torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t activation) {
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  const int64_t K = x.size(1), N = packed.size(0);
   check_decode_inputs(x, scales, offsets, N, group);
   TORCH_CHECK(K % 64 == 0 && packed.size(1) * 2 == K && packed.is_contiguous(), "packed: uint8 [N, K / 2]");
-  const Int8Acts acts = quantize_activations(x.data_ptr<float>(), M, K, group);
-  auto y = torch::empty({M, N}, torch::kFloat32);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    with_rows(M, [&](auto m) {
-      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
-        int4_rows<decltype(m)::value, decltype(r)::value>(acts, pp, sp, op, bp, activation, yp, K, N, group, n);
-      });
-    });
+  return decode(x, N, group, [&](const Int8Acts& acts, float* yp, auto m, auto r, int64_t n) {
+    int4_rows<decltype(m)::value, decltype(r)::value>(acts, pp, sp, op, bp, activation, yp, K, N, group, n);
   });
-  return y;
 }
 
 // x [M, K] float32 (M <= 8), q8 [N, K] int8, scales/offsets [N, G] float32 -> float32 [M, N]; K % 32 == 0.
 torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scales, torch::Tensor offsets,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t activation) {
-  const int64_t M = x.size(0), K = x.size(1), N = q8.size(0);
+  const int64_t K = x.size(1), N = q8.size(0);
   check_decode_inputs(x, scales, offsets, N, group);
   TORCH_CHECK(q8.dtype() == torch::kInt8 && q8.size(1) == K && q8.is_contiguous(), "q8: int8 [N, K]");
-  const Int8Acts acts = quantize_activations(x.data_ptr<float>(), M, K, group);
-  auto y = torch::empty({M, N}, torch::kFloat32);
   const int8_t* qp = q8.data_ptr<int8_t>();
   const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    with_rows(M, [&](auto m) {
-      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
-        int8_rows_i8<decltype(m)::value, decltype(r)::value>(acts, qp, sp, op, bp, activation, yp, K, N, group, n);
-      });
-    });
+  return decode(x, N, group, [&](const Int8Acts& acts, float* yp, auto m, auto r, int64_t n) {
+    int8_rows_i8<decltype(m)::value, decltype(r)::value>(acts, qp, sp, op, bp, activation, yp, K, N, group, n);
   });
-  return y;
 }
 
 // The weights into w [N, K] (float32 or bfloat16), for long inputs: a matmul reads them once per prompt.
