@@ -122,3 +122,55 @@ def test_bad_pii_settings_are_clear_errors(tmp_path, capsys):
                  str(tmp_path / "encoder")]) != 0
     assert "a PII model is a token classifier" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()  # stopped before any work
+
+
+FIRST = ["Alice", "Bruno", "Chen", "Dmitri", "Emma", "Farah", "Goran", "Hana", "Ivan", "Julia"]
+LAST = ["Moreau", "Okafor", "Lindqvist", "Tanaka", "Kowalski", "Haddad", "Rossi", "Nguyen", "Weber", "Silva"]
+
+
+def named_document(seed: int) -> tuple[str, str]:
+    rng = random.Random(seed)
+    name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+    return code(seed, rng.randrange(1, 6)) + f"\n# maintained by {name}\n" + code(seed + 1, 3) + "\n", name
+
+
+def test_train_fine_tunes_a_token_classifier_from_labelled_spans(tmp_path, capsys):
+    """`starcoder train` on BigCode-format labelled documents puts a new head on an encoder body and learns the
+    entity; the result is a StarPII-format model that PiiModel and transformers read."""
+    from starcoder.errors import StarCoderError
+    from starcoder.train.loop import TrainConfig, train
+
+    assert main(["init", str(tmp_path / "encoder"), "--preset", "tiny-starencoder"]) == 0
+    data = tmp_path / "labelled"
+    data.mkdir()
+    for split, seeds in (("train", range(0, 400, 2)), ("val", range(1000, 1040, 2))):
+        rows = []
+        for seed in seeds:
+            text, name = named_document(seed)
+            start = text.index(name)
+            rows.append({"text": text, "fragments": [{"category": "NAME", "position": [start, start + len(name)],
+                                                      "value": name}]})
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = TrainConfig(model=str(tmp_path / "encoder"), data=str(data), out=str(tmp_path / "run"), seq_len=64,
+                         micro_batch=8, max_steps=100, lr=3e-3, warmup_steps=5, eval_every=50, save_every=50,
+                         eval_batches=2)
+    history = train(config, progress=False)["history"]
+    assert history[-1]["val_loss"] < 0.1 < history[0]["loss"]
+    finder = PiiModel(str(tmp_path / "run" / "final"))
+    assert [kind for kind, _ in finder.kinds] == ["", "NAME", "NAME"]
+    for seed in range(2001, 2011, 2):  # documents never trained on
+        text, name = named_document(seed)
+        assert [(f.kind, f.value) for f in finder.find(text)] == [("NAME", name)]
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.BertForTokenClassification.from_pretrained(tmp_path / "run" / "final")
+    assert theirs.config.id2label == {0: "O", 1: "B-NAME", 2: "I-NAME"}
+
+    # labelled spans for a decoder, and spans outside their text, are clear errors
+    with pytest.raises(StarCoderError, match="fine-tunes an encoder"):
+        train(TrainConfig(model="default", data=str(data), out=str(tmp_path / "r2"), max_steps=1), progress=False)
+    (data / "train.jsonl").write_text(json.dumps({"text": "abc", "fragments": [{"category": "KEY",
+                                                                                "position": [1, 9]}]}) + "\n")
+    with pytest.raises(StarCoderError, match=r"train.jsonl:1: .*within the text's 3 characters"):
+        train(TrainConfig(model=str(tmp_path / "encoder"), data=str(data), out=str(tmp_path / "r3"), seq_len=64,
+                          max_steps=1),
+              progress=False)

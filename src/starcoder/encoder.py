@@ -112,3 +112,23 @@ class EncoderModel(nn.Module):
 def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over the tokens whose label is not -100."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device), ignore_index=-100)
+
+
+def with_token_classifier(model: EncoderModel, labels: list[str]) -> EncoderModel:
+    """The same encoder body under a new, randomly initialised token-classification head over these labels (as
+    transformers' BertForTokenClassification.from_pretrained(encoder, id2label=...) starts a StarPII fine-tune)."""
+    from dataclasses import replace
+
+    from .model import init_weights
+
+    id2label = {str(i): label for i, label in enumerate(labels)}
+    config = replace(model.config, head="token_classification", num_labels=len(labels),
+                     hf_config={**model.config.hf_config, "id2label": id2label,
+                                "label2id": {label: i for i, label in enumerate(labels)}})
+    weight = next(model.parameters())
+    classifier = EncoderModel(config)
+    init_weights(classifier)
+    classifier.to(device=weight.device, dtype=weight.dtype)
+    body = {name: t for name, t in model.model.state_dict().items() if not name.startswith("pooler.")}
+    classifier.model.load_state_dict(body)
+    return classifier

@@ -219,7 +219,25 @@ def _texts(documents, fmt, rng, grouped, val_fraction, test_fraction):
         yield split, Document(text, None, repo, docs[0].language, docs[0].license), text
 
 
-class TokenDataset:
+class Samples:
+    """What the training loop reads of a dataset: len(), and global_index(g), the index of the g-th sample of
+    training: epochs of a seeded shuffle of all samples (+ epoch * len, so that a sample can differ by epoch,
+    as a window gets new FIM cut points in each; index modulo len for the stored sample)."""
+
+    seed: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def global_index(self, g: int) -> int:
+        epoch, within = divmod(g, len(self))
+        if getattr(self, "_epoch", None) != epoch:
+            self._order = np.random.default_rng((self.seed, 1_000_003, epoch)).permutation(len(self))
+            self._epoch = epoch
+        return int(self._order[within]) + epoch * len(self)
+
+
+class TokenDataset(Samples):
     """Fixed-length samples (seq_len + 1 tokens) over the shards of one split, FIM applied per sample."""
 
     def __init__(self, split_dir: str | os.PathLike, seq_len: int, tokenizer: Tokenizer | None = None,
@@ -254,15 +272,6 @@ class TokenDataset:
             sample = np.asarray(fim_context(sample.tolist(), self.tokenizer, self.fim_ids, rng, self.fim_rate,
                                             self.spm_rate), dtype=np.int64)
         return sample
-
-    def global_index(self, g: int) -> int:
-        """The index of the g-th sample of training: epochs of a seeded shuffle of all samples (+ epoch * len: the
-        same window gets new FIM cut points in each epoch)."""
-        epoch, within = divmod(g, len(self))
-        if getattr(self, "_epoch", None) != epoch:
-            self._order = np.random.default_rng((self.seed, 1_000_003, epoch)).permutation(len(self))
-            self._epoch = epoch
-        return int(self._order[within]) + epoch * len(self)
 
     def global_sample(self, g: int) -> np.ndarray:
         return self[self.global_index(g)]

@@ -29,14 +29,16 @@ import torch.nn.functional as F
 
 from ..checkpoint import save_model
 from ..config import Config
+from ..encoder import with_token_classifier
 from ..errors import StarCoderError
 from ..files import atomic_dir, pyplot, read_settings, save_figure, write_json_atomic
 from ..linears.dense import onednn_supports
 from ..loader import load_model
 from ..paths import default_model_dir
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, load_tokenizer
 from .data import TokenDataset
 from .encoder_samples import EncoderObjective, EncoderTokens
+from .token_labels import HELD_OUT_EVERY, LabelledWindows, TokenLabelling, bio_labels, is_labelled_data, labelled_splits
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "default"  # `model: default` fine-tunes the embedded model
@@ -223,8 +225,8 @@ def _bare(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def _batch(dataset: TokenDataset, first: int, size: int, device: str,
-           objective: EncoderObjective | None) -> torch.Tensor | dict[str, torch.Tensor]:
+def _batch(dataset: TokenDataset | LabelledWindows, first: int, size: int, device: str,
+           objective: EncoderObjective | TokenLabelling | None) -> torch.Tensor | dict[str, torch.Tensor]:
     """Training samples first .. first + size - 1: token windows, or an encoder's keyword arguments."""
     if objective is not None:
         return objective.batch(dataset, [(dataset.global_index(first + i), first + i) for i in range(size)], device)
@@ -254,8 +256,8 @@ def _loss(model, batch: torch.Tensor | dict[str, torch.Tensor], config: TrainCon
 
 
 @torch.no_grad()
-def evaluate(model, dataset: TokenDataset, config: TrainConfig, d: Dist,
-             objective: EncoderObjective | None = None) -> float:
+def evaluate(model, dataset: TokenDataset | LabelledWindows, config: TrainConfig, d: Dist,
+             objective: EncoderObjective | TokenLabelling | None = None) -> float:
     """Mean loss over the first eval_batches micro-batches of the held-out split (no FIM, same every time)."""
     model.eval()
     losses = []
@@ -276,10 +278,41 @@ def _encoder_objective(model_config: Config, tokenizer: Tokenizer, config: Train
     if not model_config.encoder:
         return None
     if model_config.head == "token_classification":
-        raise StarCoderError("`starcoder train` trains encoders with the masked-LM objective (heads pretraining and "
-                             "masked_lm); this model has a token_classification head")
+        raise StarCoderError(f"{config.data}: a token classifier trains on labelled documents (a .jsonl file with "
+                             "fragments, a labelled .txt file, or a directory with train.jsonl and val.jsonl), not "
+                             "on token shards")
     return EncoderObjective(EncoderTokens.of(tokenizer), model_config.vocab_size, config.seed,
                             next_sentence=model_config.head == "pretraining")
+
+
+def _token_labelling(model, tokenizer: Tokenizer, config: TrainConfig):
+    """A token classifier's (model, objective, train set, val set) for labelled data: an encoder's body under a new
+    head over the data's kinds, or a token classifier as it is (fine-tuned further) when its labels cover them."""
+    if not model.config.encoder:
+        raise StarCoderError(f"{config.data} holds labelled spans for token classification, which fine-tunes an "
+                             f"encoder (StarEncoder, `starcoder init --preset starencoder`); {config.model} is a "
+                             f"{model.config.family} model")
+    train_docs, val_docs = labelled_splits(Path(config.data))
+    kinds = sorted({kind for doc in train_docs for kind, _, _ in doc.spans})
+    if model.config.head == "token_classification":
+        id2label = model.config.hf_config.get("id2label") or {}
+        labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(model.config.num_labels)]
+        unknown = [k for k in kinds if f"B-{k}" not in labels or f"I-{k}" not in labels]
+        if unknown:
+            raise StarCoderError(f"{config.data}: kinds {', '.join(unknown)} are not among the model's labels "
+                                 f"({', '.join(labels)}); start from the encoder body to train a new head")
+    else:
+        labels = bio_labels(kinds)
+        model = with_token_classifier(model, labels)
+    tokens = EncoderTokens.of(tokenizer)
+    label2id = {label: i for i, label in enumerate(labels)}
+    train_set, val_set = (LabelledWindows(docs, tokenizer, label2id, config.seq_len, tokens.cls, tokens.sep,
+                                          tokens.pad, config.seed) for docs in (train_docs, val_docs))
+    for name, dataset in (("training", train_set), ("held-out", val_set)):
+        if len(dataset) == 0:
+            raise StarCoderError(f"{config.data}: no {name} documents (a single file holds out every "
+                                 f"{HELD_OUT_EVERY}th; give at least {HELD_OUT_EVERY}, or train and val files)")
+    return model, TokenLabelling(), train_set, val_set
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
@@ -290,20 +323,25 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     if d.main:
         checkpoints.mkdir(parents=True, exist_ok=True)
     data = Path(config.data)
-    tokenizer = Tokenizer.from_dir(data / "tokenizer")
+    labelled = is_labelled_data(data)
     resume = latest_checkpoint(checkpoints)
-    start_from = default_model_dir() if config.model == DEFAULT_MODEL else config.model
-    model = load_model(resume / "model" if resume else start_from, dtype="float32", device=d.device)
+    start_from = resume / "model" if resume else default_model_dir() if config.model == DEFAULT_MODEL else config.model
+    # token shards carry the tokenizer they were made with; labelled text is read with the model's own
+    tokenizer = load_tokenizer(start_from) if labelled else Tokenizer.from_dir(data / "tokenizer")
+    model = load_model(start_from, dtype="float32", device=d.device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise StarCoderError(f"the data's tokenizer has {tokenizer.vocab_size} tokens; the model only "
                              f"{model.config.vocab_size}")
     if config.seq_len > model.config.max_positions:
         raise StarCoderError(f"seq_len {config.seq_len} exceeds the model's {model.config.max_positions} positions")
-    objective = _encoder_objective(model.config, tokenizer, config)
+    if labelled:
+        model, objective, train_set, val_set = _token_labelling(model, tokenizer, config)
+    else:
+        objective = _encoder_objective(model.config, tokenizer, config)
+        fim_rate = 0.0 if objective is not None else config.fim_rate  # an encoder reads both ways: no FIM
+        train_set = TokenDataset(data / "train", config.seq_len, tokenizer, fim_rate, config.spm_rate, config.seed)
+        val_set = TokenDataset(data / "val", config.seq_len)
     model.train()
-    fim_rate = 0.0 if objective is not None else config.fim_rate  # an encoder reads both ways: no FIM
-    train_set = TokenDataset(data / "train", config.seq_len, tokenizer, fim_rate, config.spm_rate, config.seed)
-    val_set = TokenDataset(data / "val", config.seq_len)
 
     wrapped = _wrap(model, config, d)  # before the optimizer: FSDP replaces the parameters with sharded ones
     decay = [p for p in wrapped.parameters() if p.dim() >= 2]
