@@ -23,6 +23,22 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def test_compare_puts_evaluations_side_by_side(tmp_path, capsys):
+    problems = read_problems()
+    for name, completion in (("good", lambda p: p["canonical_solution"]), ("bad", lambda p: "")):
+        write_jsonl(str(tmp_path / f"{name}.jsonl"), [{"task_id": k, "completion": completion(v)}
+                                                      for k, v in list(problems.items())[:4]])
+        evaluate(EvalConfig(["humaneval"], tmp_path / name, generations=tmp_path / f"{name}.jsonl", limit=4))
+    assert main(["evaluate", "--compare", str(tmp_path / "good"), str(tmp_path / "bad"),
+                 "--out", str(tmp_path / "both")]) == 0
+    out = capsys.readouterr().out
+    assert "| pass@1 | saved generations (good.jsonl) | saved generations (bad.jsonl) |" in out
+    assert "| humaneval | 1.0000 | 0.0000 |" in out
+    assert (tmp_path / "both" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["evaluate", "--compare", str(tmp_path / "good"), str(tmp_path / "nothing")]) != 0
+    assert "nothing/summary.json: cannot read" in capsys.readouterr().err
+
+
 def test_canonical_solutions_pass_and_empty_completions_fail(tmp_path):
     problems = read_problems()
     write_jsonl(str(tmp_path / "canonical.jsonl"), [{"task_id": k, "completion": v["canonical_solution"]}

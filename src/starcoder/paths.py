@@ -14,12 +14,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_GGUF = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)/([\w./-]+\.gguf)$")  # org/name/path/in/repo.gguf
 
 
-def default_model_dir() -> Path:
-    """The model shipped inside the package, used when no model is named."""
-    path = Path(str(resources.files("starcoder") / "assets" / "model"))
+def default_model_dir(asset: str = "model") -> Path:
+    """A model shipped inside the package: the embedded default (used when no model is named), or "pii_model",
+    the PII detector (`--pii-model default`)."""
+    path = Path(str(resources.files("starcoder") / "assets" / asset))
     if not (path / "config.json").is_file():
-        raise StarCoderError("no model given, and this installation has no embedded default model; "
-                             "pass a model directory or hub id (--model)")
+        missing = {"model": "no model given, and this installation has no embedded default model",
+                   "pii_model": "--pii-model default: this installation has no embedded PII model"}[asset]
+        raise StarCoderError(f"{missing} (assets/{asset}); pass a model directory or hub id")
     return path
 
 

@@ -77,10 +77,12 @@ def _pairs(tokens: list[str]) -> dict[str, str]:
     return {key[2:].replace("-", "_"): value for key, value in zip(tokens[::2], tokens[1::2], strict=True)}
 
 
-@command("evaluate", "score a model on HumanEval, MBPP, MultiPL-E and infilling (pass@k)",
-         flag("--tasks", required=True, help="comma-separated: humaneval, humaneval-prompted, "
-              "humaneval-infill-single, humaneval-infill-multi, mbpp, multiple-LANG (js, cpp, java, ...)"),
-         flag("--out", required=True, help="directory for results"),
+@command("evaluate", "score a model on HumanEval, MBPP, MultiPL-E, DS-1000 and infilling (pass@k)",
+         flag("--tasks", help="comma-separated: humaneval, humaneval-prompted, humaneval-infill-single, "
+              "humaneval-infill-multi, mbpp, multiple-LANG (js, cpp, java, ...), ds1000, ds1000-insertion"),
+         flag("--out", help="directory for results (with --compare: for the table and chart)"),
+         flag("--compare", nargs="+", metavar="DIR", help="put evaluated models side by side: the --out "
+              "directories of earlier runs (summary.json) -> a table of pass@1 per task and model, and a chart"),
          flag("--data", action="append", default=[], metavar="TASK=PATH",
               help="a task's data file (needed by mbpp and multiple-*; repeatable)"),
          MODEL, DTYPE,
@@ -100,14 +102,35 @@ def _pairs(tokens: list[str]) -> dict[str, str]:
          PROGRESS,
          flag("--fim-mode", default="psm", choices=["psm", "spm"], help="infilling prompt layout (default psm, "
               "the published one)"),
+         flag("--endpoint", metavar="URL", help="generate with the model behind this server (OpenAI-compatible "
+              "or TGI) instead of in-process; --model is then the name the server knows it by"),
+         flag("--api", default="openai", choices=["openai", "tgi"], help="the endpoint's API (default openai: "
+              "/v1/completions with suffix for infilling; tgi: /generate)"),
+         flag("--api-key", help="sent as a bearer token (default: $STARCODER_EVAL_API_KEY)"),
+         flag("--concurrency", type=int, default=4, help="requests in flight at the endpoint (default 4)"),
          description="Generates completions, runs them in a sandbox, and writes per-problem results, a summary "
                      "table and a chart to --out.")
 def evaluate(args: argparse.Namespace) -> None:
     try:
-        from ..eval.report import format_table
+        from ..eval.remote import Endpoint
+        from ..eval.report import compare_table, format_table, plot_comparison, read_summaries
         from ..eval.run import EvalConfig, evaluate
     except ImportError as e:
         raise StarCoderError(f"evaluation needs its extra: pip install 'starcoder[eval]' ({e})") from None
+    if args.compare:
+        summaries = read_summaries([Path(d) for d in args.compare])
+        table = compare_table(summaries)
+        print(table)
+        if args.out:
+            from ..files import write_text_atomic
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            write_text_atomic(Path(args.out) / "compare.md", table + "\n")
+            plot_comparison(summaries, Path(args.out) / "compare.png")
+            print(f"\ncompare.md and compare.png in {args.out}")
+        return
+    if not args.tasks or not args.out:
+        raise StarCoderError("evaluate needs --tasks and --out (or --compare DIR... to compare earlier runs)")
     data = {}
     for item in args.data:
         name, sep, path = item.partition("=")
@@ -119,7 +142,9 @@ def evaluate(args: argparse.Namespace) -> None:
         data=data, n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
         generations=Path(args.generations) if args.generations else None, save_generations=args.save_generations,
-        generation_only=args.generation_only, workers=args.workers, dtype=args.dtype, fim_mode=args.fim_mode)
+        generation_only=args.generation_only, workers=args.workers, dtype=args.dtype, fim_mode=args.fim_mode,
+        endpoint=Endpoint(args.endpoint, args.api, args.model, args.api_key or os.environ.get("STARCODER_EVAL_API_KEY"),
+                          args.concurrency) if args.endpoint else None)
     summary = evaluate(config, progress=True if args.progress else None)
     if args.generation_only:
         print(f"generations written to {config.out}/TASK/samples.jsonl")
@@ -198,8 +223,9 @@ def export(args: argparse.Namespace) -> None:
          flag("--multiple", nargs="*", help="MultiPL-E JSONL files to decontaminate against"),
          flag("--no-decontaminate", action="store_true", default=None),
          flag("--no-pii", action="store_true", default=None, help="do not redact PII"),
-         flag("--pii-model", help="also find PII with a StarPII-format model (a BertForTokenClassification "
-              "directory or hub id, BIO labels of EMAIL, KEY, NAME, ...), with BigCode's post-filters"),
+         flag("--pii-model", help="also find PII with a StarPII-format model: `default` (the one shipped, see "
+              "MODEL_CARD.md), or a BertForTokenClassification directory or hub id with BIO labels of EMAIL, KEY, "
+              "NAME, ...; BigCode's post-filters apply"),
          flag("--no-pii-regex", action="store_true", default=None, help="find PII with --pii-model alone"),
          flag("--format", choices=["jsonl", "parquet"], help="shard format (default jsonl)"),
          flag("--task-mb", type=float, help="input per task and shard, in MB (default 16)"),

