@@ -174,3 +174,25 @@ def test_train_fine_tunes_a_token_classifier_from_labelled_spans(tmp_path, capsy
         train(TrainConfig(model=str(tmp_path / "encoder"), data=str(data), out=str(tmp_path / "r3"), seq_len=64,
                           max_steps=1),
               progress=False)
+
+
+def test_the_shipped_model_finds_each_kind_and_prepare_uses_it(tmp_path):
+    """`--pii-model default`: the StarPII-format model this package trained (recipes/pii/build_model.py), on values
+    it never saw, and in prepare beside the regexes: it adds a name they miss."""
+    finder = PiiModel("default")
+    assert {kind for kind, _ in finder.kinds} == {"", "EMAIL", "IP_ADDRESS", "KEY", "NAME", "PASSWORD", "USERNAME"}
+    text = ('DB_HOST = "52.14.203.77"\n# Author: Mariana Costa <mariana.costa@proton.me>\n'
+            'DB_PASSWORD = "Sunfl0wer!2024"\napi_key = "sk_live_9fJ2kLm4Nq8Rt5Vw1Xy7Za3b"\n'
+            'CHECKSUM = "9e107d9d372bb6826bd81d3542a419d6"  # md5 of the release\nHOST = "10.0.0.12"\n')
+    assert [(f.kind, f.value) for f in finder.find(text)] == [
+        ("IP_ADDRESS", "52.14.203.77"), ("NAME", "Mariana Costa"), ("EMAIL", "mariana.costa@proton.me"),
+        ("PASSWORD", "Sunfl0wer!2024"), ("KEY", "sk_live_9fJ2kLm4Nq8Rt5Vw1Xy7Za3b")]
+    tree = tmp_path / "acme"
+    tree.mkdir()
+    (tree / "LICENSE").write_text(MIT)
+    (tree / "setup.py").write_text("# Thanks to Mariana Costa for the original patch.\n" + code(3, 20))
+    out = tmp_path / "out"
+    assert main(["prepare", "--input", str(tree), "--out", str(out), "--workers", "1", "--pii-model", "default"]) == 0
+    pii = json.loads((out / "report.json").read_text())["stages"]["pii"]
+    content = json.loads((out / "shard-00000.jsonl").read_text())["content"]
+    assert "# Thanks to <NAME> for" in content and pii["findings_by_detector"] == {"model NAME": 1}

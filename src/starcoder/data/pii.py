@@ -375,16 +375,15 @@ def find_names(text: str) -> list[Finding]:
 # ---- all together ----------------------------------------------------------------------------------------------
 
 def find_pii(text: str, path: str | None = None, model=None, regex: bool = True) -> list[Finding]:
-    """Every finding of the regex stage and/or a PiiModel, in order and without overlaps: where two overlap, the
-    secret beats the address or name, then the earlier and longer one wins (the regex stage's on a tie)."""
-    candidates = find_secrets(text, path) + find_emails(text) + find_ips(text) + find_names(text) if regex else []
-    if model is not None:
-        candidates += model.find(text)
-    candidates.sort(key=lambda f: (_PRIORITY[f.kind], f.start, f.start - f.end))
+    """Every finding of the regex stage and/or a PiiModel, in order and without overlaps. Within a detector, where
+    two overlap, the secret beats the address or name, then the earlier and longer one wins. Combined, the regex
+    stage (the more precise) keeps what it found and the model adds what lies outside it."""
     kept: list[Finding] = []
-    for finding in candidates:
-        if all(finding.end <= other.start or other.end <= finding.start for other in kept):
-            kept.append(finding)
+    for candidates in ((find_secrets(text, path) + find_emails(text) + find_ips(text) + find_names(text)) if regex
+                       else [], model.find(text) if model is not None else []):
+        for finding in sorted(candidates, key=lambda f: (_PRIORITY[f.kind], f.start, f.start - f.end)):
+            if all(finding.end <= other.start or other.end <= finding.start for other in kept):
+                kept.append(finding)
     return sorted(kept, key=lambda f: f.start)
 
 

@@ -45,14 +45,15 @@ def keep(kind: str, value: str) -> bool:
 
 
 class PiiModel:
-    """A StarPII-format checkpoint (directory or hub id) with its tokenizer, for finding PII in text."""
+    """A StarPII-format checkpoint (directory or hub id, or "default": the one this package ships) with its
+    tokenizer, for finding PII in text."""
 
     def __init__(self, location: str):
         from ..loader import load_model
-        from ..paths import resolve_model
+        from ..paths import default_model_dir, resolve_model
         from ..tokenizer import load_tokenizer
 
-        path = resolve_model(location)
+        path = default_model_dir("pii_model") if location == "default" else resolve_model(location)
         self.model = load_model(path, dtype="float32")
         config = self.model.config
         if config.head != "token_classification":
@@ -77,38 +78,53 @@ class PiiModel:
         return ("", False) if label.upper() == "O" else (label.upper(), True)
 
     @torch.inference_mode()
-    def labels(self, ids: list[int]) -> list[int]:
-        """A label id per token of a document, read in overlapping windows."""
+    def labels(self, ids: list[int], batch: int = 16) -> list[int]:
+        """A label id per token of a document, read in overlapping windows (`batch` of them per forward)."""
         window, margin = self.window, self.window // 8
         step = window - 2 * margin
+        starts = [0]
+        while starts[-1] + window < len(ids):
+            starts.append(starts[-1] + step)
+        head, tail = [self.cls] if self.cls is not None else [], [self.sep] if self.sep is not None else []
         out = [0] * len(ids)
-        start = 0
-        while True:
-            piece = ids[start : start + window]
-            full = ([self.cls] if self.cls is not None else []) + piece + ([self.sep] if self.sep is not None else [])
-            logits = self.model(torch.tensor([full])).logits[0]
-            predicted = logits.argmax(-1).tolist()[self.cls is not None :][: len(piece)]
-            at_end = start + window >= len(ids)
-            first, last = (0 if start == 0 else margin), (len(piece) if at_end else len(piece) - margin)
-            out[start + first : start + last] = predicted[first:last]
-            if at_end:
-                return out
-            start += step
+        for first in range(0, len(starts), batch):
+            rows = [head + ids[start : start + window] + tail for start in starts[first : first + batch]]
+            width = max(map(len, rows))
+            inputs = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+            predicted = self.model(inputs, attention_mask=mask).logits.argmax(-1).tolist()
+            for start, row in zip(starts[first : first + batch], predicted, strict=True):
+                piece = row[len(head):][: min(window, len(ids) - start)]
+                at_end = start + window >= len(ids)
+                lo, hi = (0 if start == 0 else margin), (len(piece) if at_end else len(piece) - margin)
+                out[start + lo : start + hi] = piece[lo:hi]
+        return out
 
     def find(self, text: str) -> list[Finding]:
         """The model's findings in text, after the post-filters."""
         if not text.strip():
             return []
         encoding = self.tokenizer.encoding(text)
+        tags = [self.kinds[label] for label in self.labels(encoding.ids)]
+        offsets = encoding.offsets
+        kinds = [kind for kind, _ in tags]
+        # A token the model left out between two of the same kind, with no space in it, belongs to them
+        # ("E" NAME, "len" O, "a" NAME: one name).
+        for i in range(1, len(kinds) - 1):
+            if not kinds[i] and kinds[i - 1] and kinds[i - 1] == kinds[i + 1] and not any(
+                    c.isspace() for c in text[offsets[i][0]:offsets[i][1]]):
+                kinds[i] = kinds[i - 1]
         spans: list[list] = []  # [kind, start, end]
-        previous = ""
-        for label, (start, end) in zip(self.labels(encoding.ids), encoding.offsets, strict=True):
-            kind, begins = self.kinds[label]
-            if kind and (begins or kind != previous or not spans):
-                spans.append([kind, start, end])
-            elif kind:
+        for i, (kind, (start, end)) in enumerate(zip(kinds, offsets, strict=True)):
+            if not kind:
+                continue
+            # the same kind goes on where the last span ended, unless a B- tag starts a new word there: small
+            # models tag several pieces of one value B- ("5", "2" of 52.14.203.77)
+            touching = spans and spans[-1][0] == kind and spans[-1][2] == start and kinds[i - 1] == kind
+            if touching and not (tags[i][1] and text[start:start + 1].isspace()):
                 spans[-1][2] = end
-            previous = kind
+            else:
+                spans.append([kind, start, end])
         found = []
         for kind, start, end in spans:
             value = text[start:end]
