@@ -152,7 +152,7 @@ def test_train_fine_tunes_a_token_classifier_from_labelled_spans(tmp_path, capsy
                                                       "value": name}]})
         (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     config = TrainConfig(model=str(tmp_path / "encoder"), data=str(data), out=str(tmp_path / "run"), seq_len=64,
-                         micro_batch=8, max_steps=100, lr=3e-3, warmup_steps=5, eval_every=50, save_every=50,
+                         micro_batch=8, max_steps=70, lr=3e-3, warmup_steps=5, eval_every=35, save_every=35,
                          eval_batches=2)
     history = train(config, progress=False)["history"]
     assert history[-1]["val_loss"] < 0.1 < history[0]["loss"]
