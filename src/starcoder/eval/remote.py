@@ -127,12 +127,13 @@ def post(endpoint: Endpoint, path: str, body: dict) -> Any:
             detail = e.read()[:500].decode(errors="replace")
             if e.code not in RETRIED or attempt == endpoint.attempts:
                 raise StarCoderError(f"{url}: HTTP {e.code} after {attempt} attempt(s): {detail}") from None
-            wait = _retry_after(e.headers.get("Retry-After")) or delay
+            wait, reason = _retry_after(e.headers.get("Retry-After")) or delay, f"HTTP {e.code}"
         except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError) as e:
             if attempt == endpoint.attempts:
                 raise StarCoderError(f"{url}: no answer after {attempt} attempts ({e})") from None
-            wait = delay
-        log.info("%s: retrying in %.1f s (attempt %d of %d)", url, wait, attempt + 1, endpoint.attempts)
+            wait, reason = delay, str(getattr(e, "reason", e))
+        log.warning("%s: %s; retrying in %.0f s (attempt %d of %d)", url, reason, wait, attempt + 1,
+                    endpoint.attempts)
         time.sleep(wait)
         delay = min(delay * 2, 60.0)
     raise AssertionError("unreachable")

@@ -49,7 +49,10 @@ def _title(summary: dict[str, Any]) -> str:
     config = summary["config"]
     if config.get("generations"):
         return f"saved generations ({Path(config['generations']).name})"
-    return (config.get("endpoint") or {}).get("model") or config.get("model") or "embedded default model"
+    endpoint = config.get("endpoint")
+    if endpoint:
+        return endpoint.get("model") or endpoint["endpoint"]
+    return config.get("model") or "embedded default model"
 
 
 # ---------------------------------------------------------------------------------------------------- compare
