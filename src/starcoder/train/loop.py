@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from ..checkpoint import save_model
 from ..config import Config
-from ..encoder import with_token_classifier
 from ..errors import StarCoderError
 from ..files import atomic_dir, pyplot, read_settings, save_figure, write_json_atomic
 from ..linears.dense import onednn_supports
@@ -38,7 +37,7 @@ from ..paths import default_model_dir
 from ..tokenizer import Tokenizer, load_tokenizer
 from .data import TokenDataset
 from .encoder_samples import EncoderObjective, EncoderTokens
-from .token_labels import HELD_OUT_EVERY, LabelledWindows, TokenLabelling, bio_labels, is_labelled_data, labelled_splits
+from .token_labels import LabelledWindows, TokenLabelling, is_labelled_data, token_classification
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "default"  # `model: default` fine-tunes the embedded model
@@ -285,36 +284,6 @@ def _encoder_objective(model_config: Config, tokenizer: Tokenizer, config: Train
                             next_sentence=model_config.head == "pretraining")
 
 
-def _token_labelling(model, tokenizer: Tokenizer, config: TrainConfig):
-    """A token classifier's (model, objective, train set, val set) for labelled data: an encoder's body under a new
-    head over the data's kinds, or a token classifier as it is (fine-tuned further) when its labels cover them."""
-    if not model.config.encoder:
-        raise StarCoderError(f"{config.data} holds labelled spans for token classification, which fine-tunes an "
-                             f"encoder (StarEncoder, `starcoder init --preset starencoder`); {config.model} is a "
-                             f"{model.config.family} model")
-    train_docs, val_docs = labelled_splits(Path(config.data))
-    kinds = sorted({kind for doc in train_docs for kind, _, _ in doc.spans})
-    if model.config.head == "token_classification":
-        id2label = model.config.hf_config.get("id2label") or {}
-        labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(model.config.num_labels)]
-        unknown = [k for k in kinds if f"B-{k}" not in labels or f"I-{k}" not in labels]
-        if unknown:
-            raise StarCoderError(f"{config.data}: kinds {', '.join(unknown)} are not among the model's labels "
-                                 f"({', '.join(labels)}); start from the encoder body to train a new head")
-    else:
-        labels = bio_labels(kinds)
-        model = with_token_classifier(model, labels)
-    tokens = EncoderTokens.of(tokenizer)
-    label2id = {label: i for i, label in enumerate(labels)}
-    train_set, val_set = (LabelledWindows(docs, tokenizer, label2id, config.seq_len, tokens.cls, tokens.sep,
-                                          tokens.pad, config.seed) for docs in (train_docs, val_docs))
-    for name, dataset in (("training", train_set), ("held-out", val_set)):
-        if len(dataset) == 0:
-            raise StarCoderError(f"{config.data}: no {name} documents (a single file holds out every "
-                                 f"{HELD_OUT_EVERY}th; give at least {HELD_OUT_EVERY}, or train and val files)")
-    return model, TokenLabelling(), train_set, val_set
-
-
 def train(config: TrainConfig, progress: bool = True) -> dict:
     """Run (or resume) training; returns the history and where the final model is."""
     d = setup_distributed()
@@ -335,7 +304,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     if config.seq_len > model.config.max_positions:
         raise StarCoderError(f"seq_len {config.seq_len} exceeds the model's {model.config.max_positions} positions")
     if labelled:
-        model, objective, train_set, val_set = _token_labelling(model, tokenizer, config)
+        model, train_set, val_set = token_classification(model, tokenizer, data, config.seq_len, config.seed)
+        objective = TokenLabelling()
     else:
         objective = _encoder_objective(model.config, tokenizer, config)
         fim_rate = 0.0 if objective is not None else config.fim_rate  # an encoder reads both ways: no FIM

@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..encoder import with_token_classifier
 from ..errors import StarCoderError
 from ..tokenizer import Tokenizer
 from .data import Samples, _rows
+from .encoder_samples import EncoderTokens
 
 IGNORED = -100
 HELD_OUT_EVERY = 10
@@ -145,3 +147,33 @@ class TokenLabelling:
         stacked = {"input_ids": np.stack([r[0] for r in rows]), "attention_mask": mask,
                    "labels": np.stack([r[1] for r in rows])}
         return {key: torch.from_numpy(value).to(device) for key, value in stacked.items()}
+
+
+def token_classification(model, tokenizer: Tokenizer, data: Path, seq_len: int, seed: int):
+    """(model, train set, val set) for fine-tuning on labelled data: an encoder's body under a new head over the
+    data's kinds, or a token classifier as it is (trained further) when its labels cover them."""
+    if not model.config.encoder:
+        raise StarCoderError(f"{data} holds labelled spans for token classification, which fine-tunes an encoder "
+                             f"(StarEncoder: `starcoder init --preset starencoder`); the model is a "
+                             f"{model.config.family} model")
+    train_docs, val_docs = labelled_splits(data)
+    kinds = sorted({kind for doc in train_docs for kind, _, _ in doc.spans})
+    if model.config.head == "token_classification":
+        id2label = model.config.hf_config.get("id2label") or {}
+        labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(model.config.num_labels)]
+        unknown = [k for k in kinds if f"B-{k}" not in labels or f"I-{k}" not in labels]
+        if unknown:
+            raise StarCoderError(f"{data}: kinds {', '.join(unknown)} are not among the model's labels "
+                                 f"({', '.join(labels)}); start from the encoder body to train a new head")
+    else:
+        labels = bio_labels(kinds)
+        model = with_token_classifier(model, labels)
+    tokens = EncoderTokens.of(tokenizer)
+    label2id = {label: i for i, label in enumerate(labels)}
+    train_set, val_set = (LabelledWindows(docs, tokenizer, label2id, seq_len, tokens.cls, tokens.sep, tokens.pad,
+                                          seed) for docs in (train_docs, val_docs))
+    for name, dataset in (("training", train_set), ("held-out", val_set)):
+        if len(dataset) == 0:
+            raise StarCoderError(f"{data}: no {name} documents (a single file holds out every {HELD_OUT_EVERY}th; "
+                                 f"give at least {HELD_OUT_EVERY}, or train and val files)")
+    return model, train_set, val_set
