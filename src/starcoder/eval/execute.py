@@ -140,23 +140,37 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HARNESS_PYTHON = "{python}"  # in a command: this harness's own Python, as the sandbox can run it
 
 
+@dataclass(frozen=True)
+class HarnessPython:
+    interpreter: str
+    environment: dict[str, str]
+    binds: tuple[str, ...]  # its directories under /tmp, which the sandbox's private /tmp would hide: bound read-only
+
+
 @functools.cache
-def harness_python() -> tuple[str, dict[str, str]]:
-    """(interpreter, environment) that run programs importing this harness's installed libraries (DS-1000's).
-    Programs run as `nobody` under a root harness, and a Python installed under /root (pyenv's, or a venv made
-    from it) is out of nobody's reach: then the system's Python of the same version runs them, with this one's
-    site-packages on its path (the same compiled extensions load in any patch release)."""
+def harness_python() -> HarnessPython:
+    """The Python that runs programs importing this harness's installed libraries (DS-1000's). Programs run as
+    `nobody` under a root harness, and a Python installed under /root (pyenv's, or a venv made from it) is out of
+    nobody's reach: then the system's Python of the same version runs them, with this one's site-packages on its
+    path (the same compiled extensions load in any patch release)."""
+    packages = [os.path.realpath(p) for p in site.getsitepackages()]
     if _unprivileged_ids() is None or _world_reachable(sys.executable):
-        return sys.executable, {}
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    system = shutil.which(version, path=SYSTEM_PATH)
-    packages = [p for p in site.getsitepackages() if _world_reachable(p)]
-    if system is None or not packages:
-        raise StarCoderError(f"programs run as `nobody`, who cannot run this Python ({os.path.realpath(sys.executable)}"
-                             f"){'' if system else f' and there is no system {version}'}"
-                             f"{'' if packages else ' nor read its site-packages'}: install the libraries in a "
-                             "Python every user can read, or run the evaluation as an ordinary user")
-    return system, {"PYTHONPATH": os.pathsep.join(packages)}
+        interpreter, environment = sys.executable, {}
+        needed = [sys.prefix, sys.base_prefix, *packages]
+    else:
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        system = shutil.which(version, path=SYSTEM_PATH)
+        packages = [p for p in packages if _world_reachable(p)]
+        if system is None or not packages:
+            here = os.path.realpath(sys.executable)
+            raise StarCoderError(f"programs run as `nobody`, who cannot run this Python ({here})"
+                                 f"{'' if system else f' and there is no system {version}'}"
+                                 f"{'' if packages else ' nor read its site-packages'}: install the libraries in a "
+                                 "Python every user can read, or run the evaluation as an ordinary user")
+        interpreter, environment, needed = system, {"PYTHONPATH": os.pathsep.join(packages)}, packages
+    binds = tuple(dict.fromkeys(os.path.realpath(d) for d in needed
+                                if os.path.realpath(d).startswith("/tmp/") and os.path.isdir(d)))
+    return HarnessPython(interpreter, environment, binds)
 
 
 def _world_reachable(path: str) -> bool:
@@ -169,7 +183,7 @@ def _world_reachable(path: str) -> bool:
 
 
 def _command(part: str, path: str) -> str:
-    return harness_python()[0] if part == HARNESS_PYTHON else part.replace("{file}", path)
+    return harness_python().interpreter if part == HARNESS_PYTHON else part.replace("{file}", path)
 
 
 def sandbox_path() -> str:
@@ -185,13 +199,15 @@ def sandbox_available() -> bool:
 _warned = False
 
 
-def _sandbox_prefix(workdir: str | None) -> list[str]:
+def _sandbox_prefix(workdir: str | None, harness: bool = False) -> list[str]:
     """bubblewrap's command line; with a workdir, that host directory is the program's (writable) directory,
-    without one the sandbox only has its private /tmp."""
+    without one the sandbox only has its private /tmp; for the harness's Python, its directories under /tmp."""
     global _warned
     if sandbox_available():
         home = workdir or "/tmp"
         own = ["--bind", workdir, workdir] if workdir else []
+        for directory in harness_python().binds if harness else ():
+            own += ["--ro-bind", directory, directory]
         return ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", *own,
                 "--chdir", home, "--unshare-all", "--die-with-parent", "--new-session", "--as-pid-1",
                 "--setenv", "HOME", home]
@@ -242,9 +258,11 @@ def run_program(source: str, language: str = "python", limits: Limits = Limits()
             f.write(source)
         output = b""
         for command in lang.commands:
-            argv = _limits_prefix(limits) + _sandbox_prefix(workdir) + [_command(part, path) for part in command]
+            harness = command[0] == HARNESS_PYTHON
+            argv = (_limits_prefix(limits) + _sandbox_prefix(workdir, harness)
+                    + [_command(part, path) for part in command])
             remaining = limits.timeout - (time.monotonic() - start)
-            code, out, timed_out = _run(argv, workdir, limits, max(remaining, 0.01), command[0] == HARNESS_PYTHON)
+            code, out, timed_out = _run(argv, workdir, limits, max(remaining, 0.01), harness)
             output += out
             if timed_out:
                 return Outcome(False, "timeout", None, _text(output, limits), time.monotonic() - start)
@@ -257,7 +275,7 @@ def _environment(home: str, harness: bool = False) -> dict[str, str]:
     # one thread per numerical library (programs are the parallel unit); Matplotlib draws without a display
     return {"PATH": sandbox_path(), "HOME": home, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONHASHSEED": "0", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1", **(harness_python()[1] if harness else {})}
+            "MKL_NUM_THREADS": "1", **(harness_python().environment if harness else {})}
 
 
 def _run(argv: list[str], workdir: str, limits: Limits, timeout: float,
@@ -295,7 +313,7 @@ class WarmPython:
     def __init__(self, limits: Limits, language: Language = LANGUAGES["python"]):
         self.processes = limits.processes
         harness = language.interpreter == HARNESS_PYTHON
-        argv = (_limits_prefix(limits, per_program=False) + _sandbox_prefix(None)
+        argv = (_limits_prefix(limits, per_program=False) + _sandbox_prefix(None, harness)
                 + [_command(language.interpreter, ""), "-c", ZYGOTE, "--preload", ",".join(language.preload)])
         self.proc = subprocess.Popen(argv, cwd="/", env=_environment("/tmp", harness), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,

@@ -8,6 +8,7 @@ sandboxed workers.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -133,6 +134,10 @@ def skip_unavailable(tasks: Sequence[Task], problems: dict[str, list[Problem]]) 
             raise StarCoderError(f"{task.name}: cannot run Python in the sandbox to see which libraries it has:\n"
                                  f"{outcome.output.strip()}")
         missing = set(json.loads(outcome.output.strip().splitlines()[-1]))
+        hidden = sorted(m for m in missing if importlib.util.find_spec(m) is not None)
+        if hidden:  # installed here, yet the sandbox's interpreter cannot see them: a setup problem, not a skip
+            raise StarCoderError(f"{task.name}: {', '.join(hidden)} installed for this Python but not importable in "
+                                 "the sandbox (see eval/execute.py harness_python)")
         dropped = [p for p in problems[task.name] if p.requires in missing]
         if dropped:
             skipped[task.name] = dict(Counter(str(p.group or p.requires) for p in dropped))
