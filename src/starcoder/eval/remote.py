@@ -183,7 +183,8 @@ def generate_remote(endpoint: Endpoint, tasks: list[Task], problems: dict[str, l
     completions: dict[str, list[list[str]]] = {}
     for task in tasks:
         saved = SampleLog(out / task.name / "endpoint_samples.jsonl",
-                          endpoint.settings() | sampling | {"seed": seed, "fim_mode": fim_mode, "task": task.name})
+                          endpoint.settings() | sampling | {"seed": seed, "n_samples": n_samples,  # seeds depend on n
+                                                            "fim_mode": fim_mode, "task": task.name})
         jobs = [Job(p, i, j, seed + i * n_samples + j) for i, p in enumerate(problems[task.name])
                 for j in range(n_samples) if (p.task_id, j) not in saved.done]
         # a setting the API cannot express fails before the first request
