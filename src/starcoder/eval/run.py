@@ -141,8 +141,9 @@ def skip_unavailable(tasks: Sequence[Task], problems: dict[str, list[Problem]]) 
         dropped = [p for p in problems[task.name] if p.requires in missing]
         if dropped:
             skipped[task.name] = dict(Counter(str(p.group or p.requires) for p in dropped))
-            log.warning("%s: skipping %d problems whose libraries are not installed (%s): pip install "
-                        "'starcoder[ds1000]'", task.name, len(dropped), ", ".join(sorted(missing)))
+            log.warning("%s: skipping %d problems whose libraries are not installed (%s); install them in this "
+                        "Python to score them (the ds1000 extra has all but TensorFlow)", task.name, len(dropped),
+                        ", ".join(sorted(missing)))
             problems[task.name] = [p for p in problems[task.name] if p.requires not in missing]
     return skipped
 
