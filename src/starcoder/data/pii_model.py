@@ -1,12 +1,13 @@
 """PII found by a StarPII-format model: a token classifier on the StarEncoder body (BertForTokenClassification)
 whose labels are BIO tags of the kinds (`B-EMAIL`, `I-EMAIL`, ..., `O`), as BigCode ran StarPII over StarCoderData.
 
-A document is tokenized once and read in windows of the model's positions, overlapping by an eighth of a window
-on each side: each token's label comes from the window where it is farthest from an edge. Runs of one kind (a
-B- tag, then I- tags of the same kind) become spans of the text through the tokenizer's offsets. BigCode's post-
-filters follow: ambiguous spans and usernames are dropped, names are kept only when full (two words or more),
-keys only when longer than 8 characters and gibberish (the same character model as the regex stage), IP
-addresses only when public and not a popular DNS server; and an email only when it holds an @.
+A document is tokenized once and read in windows of the model's positions (a batch of them per forward),
+overlapping by an eighth of a window on each side: each token's label comes from the window where it is farthest
+from an edge. Touching tokens of one kind become one span of the text (through the tokenizer's offsets) unless a
+B- tag starts a new word, and a lone unlabelled piece inside a run joins it. BigCode's post-filters follow:
+ambiguous spans and usernames are dropped, names are kept only when full (two words or more), keys only when
+longer than 8 characters and gibberish (the same character model as the regex stage), IP addresses only when
+public and not a popular DNS server; and an email only when it holds an @.
 """
 
 from __future__ import annotations
