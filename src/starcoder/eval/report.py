@@ -21,6 +21,11 @@ def _metrics(summary: dict[str, Any]) -> list[str]:
     return columns
 
 
+def _rows(task: str, result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A task's result and those of its groups (DS-1000's libraries), each with its row label."""
+    return [(task, result)] + [(f"{task} · {group}", r) for group, r in result.get("groups", {}).items()]
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """A Markdown table: one row per task, one column per metric."""
     columns = _metrics(summary)
@@ -28,8 +33,7 @@ def format_table(summary: dict[str, Any]) -> str:
              "|---|---:|---:|" + "---:|" * len(columns)]
     notes = []
     for name, result in summary["tasks"].items():
-        rows = [(name, result)] + [(f"{name} · {group}", r) for group, r in result.get("groups", {}).items()]
-        for label, row in rows:
+        for label, row in _rows(name, result):
             cells = [f"{row[c]:.4f}" if c in row else "" for c in columns]
             samples = row.get("samples", "")
             lines.append(f"| {label} | {row['problems']} | {samples} | " + " | ".join(cells) + " |")
@@ -78,7 +82,7 @@ def compare_table(summaries: dict[str, dict[str, Any]], metric: str = "pass@1") 
     rows: dict[str, dict[str, float]] = {}
     for model, summary in summaries.items():
         for task, result in summary["tasks"].items():
-            for label, row in [(task, result)] + [(f"{task} · {g}", r) for g, r in result.get("groups", {}).items()]:
+            for label, row in _rows(task, result):
                 if metric in row:
                     rows.setdefault(label, {})[model] = row[metric]
     models = list(summaries)
@@ -89,43 +93,35 @@ def compare_table(summaries: dict[str, dict[str, Any]], metric: str = "pass@1") 
 
 
 def plot_comparison(summaries: dict[str, dict[str, Any]], path: Path, metric: str = "pass@1") -> None:
-    plt = pyplot("eval")
-    if plt is None:
-        return
     tasks = list(dict.fromkeys(t for s in summaries.values() for t in s["tasks"]))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(tasks) + 2), 4), dpi=120)
-    width = 0.8 / max(len(summaries), 1)
-    for i, (model, summary) in enumerate(summaries.items()):
-        xs = [t + (i - (len(summaries) - 1) / 2) * width for t in range(len(tasks))]
-        bars = ax.bar(xs, [summary["tasks"].get(t, {}).get(metric, 0.0) for t in tasks], width, label=model)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
+    _bar_chart(path, tasks, {model: [s["tasks"].get(t, {}).get(metric, 0.0) for t in tasks]
+                             for model, s in summaries.items()}, metric)
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
+    tasks = list(summary["tasks"])
+    config = summary["config"]
+    settings = "" if config.get("generations") else f": n={config.get('n_samples')}, T={config.get('temperature')}"
+    _bar_chart(path, tasks, {metric: [summary["tasks"][t].get(metric, 0.0) for t in tasks]
+                             for metric in _metrics(summary) if metric.startswith("pass@")},
+               "pass@k", _title(summary) + settings)
+
+
+def _bar_chart(path: Path, tasks: list[str], series: dict[str, list[float]], ylabel: str, title: str = "") -> None:
+    """Grouped bars: one group per task, one bar per series (a metric, or a model), values labelled."""
     plt = pyplot("eval")
     if plt is None:
         return
-    columns = [c for c in _metrics(summary) if c.startswith("pass@")]
-    tasks = list(summary["tasks"])
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(tasks) + 2), 4), dpi=120)
-    width = 0.8 / max(len(columns), 1)
-    for i, metric in enumerate(columns):
-        xs = [t + (i - (len(columns) - 1) / 2) * width for t in range(len(tasks))]
-        values = [summary["tasks"][t].get(metric, 0.0) for t in tasks]
-        bars = ax.bar(xs, values, width, label=metric)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        xs = [t + (i - (len(series) - 1) / 2) * width for t in range(len(tasks))]
+        ax.bar_label(ax.bar(xs, values, width, label=label), fmt="%.3f", fontsize=7)
     ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("pass@k")
-    config = summary["config"]
-    settings = "" if config.get("generations") else f": n={config.get('n_samples')}, T={config.get('temperature')}"
-    ax.set_title(_title(summary) + settings, fontsize=9)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
