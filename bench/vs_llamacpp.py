@@ -1,6 +1,7 @@
 """Prefill and batch-1 decode against llama.cpp's llama-bench on the same weights, at every precision (issue 17).
 
     python bench/vs_llamacpp.py [--presets starcoderbase-1b starcoder2-3b] [--rounds 2] [--prompt 512] [--new 64]
+                                [--rows bf16 int4 ...]
 
 For each preset a random bfloat16 checkpoint of its shape is made once; llama.cpp (built from the
 llama-cpp-python sdist with the native CPU flags, see llamacpp.py) converts it with its own convert_hf_to_gguf.py
@@ -99,7 +100,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--rows", nargs="+", help="only the rows whose name starts with one of these")
     args = parser.parse_args()
+    rows = [row for row in ROWS if not args.rows or row[0].startswith(tuple(args.rows))]
     import torch
 
     threads = torch.get_num_threads()
@@ -110,9 +113,9 @@ def main() -> None:
     for preset in args.presets:
         paths, our_seconds = our_weights(preset)
         files, llama_seconds = llama_weights(preset, paths["bf16"])
-        results: dict[str, dict[str, list]] = {name: {"ours": [], "llama.cpp": []} for name, *_ in ROWS}
+        results: dict[str, dict[str, list]] = {name: {"ours": [], "llama.cpp": []} for name, *_ in rows}
         for round_ in range(args.rounds):
-            for name, weights, env, kind in ROWS:
+            for name, weights, env, kind in rows:
                 sides = ("ours", "llama.cpp") if round_ % 2 == 0 else ("llama.cpp", "ours")
                 for side in sides:
                     if side == "ours":
@@ -125,7 +128,7 @@ def main() -> None:
               f"batch 1; fresh process per measurement, best of {args.rounds}, sides alternating")
         print(f"{'weights (ours / llama.cpp)':<38}{'prefill tok/s':>20}{'ratio':>8}{'decode tok/s':>18}{'ratio':>8}"
               f"{'decode GB/s (share of bandwidth)':>36}")
-        for name, weights, _, kind in ROWS:
+        for name, weights, _, kind in rows:
             o, ll = best(results[name]["ours"]), best(results[name]["llama.cpp"])
             ours_gbs, llama_gbs = o["decode"] * size(paths[weights]) / 1e9, ll["decode"] * size(files[kind]) / 1e9
             print(f"{name:<38}{o['prefill']:>9.0f} / {ll['prefill']:<8.0f}{o['prefill'] / ll['prefill']:>7.2f}x"

@@ -262,6 +262,40 @@ def test_packed_weights_give_the_same_logits(name, tmp_path):
     assert_close(torch.cat(steps, 1), plain(ids).logits)
 
 
+@pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-window"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_models_compute_in_float32_where_the_cpu_emulates_their_dtype(name, dtype, tmp_path):
+    """bfloat16 on a CPU without AVX512-BF16, float16 on any: the packed model keeps its weights as stored and
+    computes in float32 (WidenedLinear), giving the float32 model's logits for the same weights, prompt and
+    cached decoding alike, with a float32 cache; it refuses saving and training like any packed model."""
+    from starcoder import StarCoderError, save_model
+    from starcoder.linears.dense import is_packed
+    from starcoder.linears.quantized import DecodeHead, WidenedLinear
+
+    HF_MODELS[name]().to(dtype).save_pretrained(tmp_path / "hf")
+    packed = load_model(tmp_path / "hf", pack=True)
+    if not WidenedLinear.accepts(packed.model.embed.weight):
+        pytest.skip(f"this CPU computes {dtype} natively (or has no AVX2 kernels)")
+    wide = load_model(tmp_path / "hf", dtype="float32")
+    block = packed.model.layers[0]
+    assert all(isinstance(layer, WidenedLinear) for layer in (block.attn.qkv, block.attn.o, block.mlp.fc,
+                                                                block.mlp.proj))
+    assert isinstance(packed.lm_head, DecodeHead) and packed.model.embed.weight.dtype == dtype
+    assert block.attn_norm.weight.dtype == torch.float32 and is_packed(packed)
+    ids = random_ids(2, 12)
+    assert_close(packed(ids).logits, wide(ids).logits)
+    cache = packed.new_cache(2, 12)
+    assert cache.k[0].dtype == torch.float32
+    steps = [packed(ids[:, :4], cache=cache).logits] + [packed(ids[:, t : t + 1], cache=cache).logits
+                                                         for t in range(4, 12)]
+    assert_close(torch.cat(steps, 1), wide(ids).logits)
+    with pytest.raises(StarCoderError, match="cannot be saved; load it without pack=True"):
+        save_model(packed, tmp_path / "out")
+    with torch.enable_grad(), pytest.raises(StarCoderError, match="packed for CPU inference"):
+        block.mlp.fc(torch.randn(1, 2, block.mlp.fc.in_features, requires_grad=True))
+
+
 def test_packed_models_refuse_training_and_saving(tmp_path):
     from starcoder import StarCoderError, save_model
 

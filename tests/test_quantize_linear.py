@@ -305,3 +305,34 @@ def test_avx2_decode_head_reads_an_int8_copy():
     torch.testing.assert_close(head(x)[0].double(), contract, rtol=1e-5, atol=1e-5 * float(contract.abs().max()))
     long = torch.randn(1, 20, 128)
     torch.testing.assert_close(head(long), long @ embedding.T)
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N, K, bias", [(96, 256, True), (50, 48, False)])
+def test_widened_layers_compute_in_float32_from_half_precision_weights(dtype, N, K, bias):
+    """A half-precision weight under float32 activations (CPUs that emulate its dtype): decoding rows (1-8, with
+    the fused bias and activations) and long inputs equal float32 arithmetic on the widened weight; the head of
+    such a model reads its half-precision matrix in place (no int8 copy)."""
+    from starcoder.linears.quantized import Scratch, WidenedLinear
+
+    weight = torch.randn(N, K).to(dtype)
+    b = torch.randn(N) if bias else None
+    layer = WidenedLinear(weight, b, Scratch())
+    assert layer.weight.dtype == dtype and layer.weight.data_ptr() == weight.data_ptr()  # held as stored
+    wide = weight.double()
+    for rows, activation in ((1, None), (2, "gelu_pytorch_tanh"), (5, "gelu"), (8, None), (20, None),
+                             (20, "gelu_pytorch_tanh")):
+        x = torch.randn(1, rows, K)
+        want = x.double() @ wide.T + (0 if b is None else b.double())
+        if activation:
+            want = torch.nn.functional.gelu(want, approximate="tanh" if activation.endswith("tanh") else "none")
+        got = layer(x, activation)
+        assert got.dtype == torch.float32 and got.shape == (1, rows, N)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    head = DecodeHead(torch.nn.Parameter(weight, requires_grad=False), "avx2", quantized=False)
+    assert not head.int8_activations and not hasattr(head, "q8")
+    for rows in (1, 3, 20):
+        x = torch.randn(1, rows, K)
+        want = x.double() @ wide.T
+        torch.testing.assert_close(head(x).double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

@@ -31,7 +31,15 @@ from .linears.gptq_layout import (
     read_quant_config,
     split_qkv,
 )
-from .linears.quantized import DecodeHead, DequantizedLinear, QuantLinear, Scratch, head_kernels, quantized_linear
+from .linears.quantized import (
+    DecodeHead,
+    DequantizedLinear,
+    QuantLinear,
+    Scratch,
+    WidenedLinear,
+    head_kernels,
+    quantized_linear,
+)
 from .memory import return_freed_memory
 from .model import build_model
 from .paths import resolve_model
@@ -116,17 +124,45 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
     for parameter in model.parameters():
         if parameter.is_mkldnn:
             parameter.requires_grad_(False)
-    if pack:
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if pack and quant is None and hasattr(model, "lm_head") and WidenedLinear.accepts(model.lm_head.weight):
+        _widen(model)
+    elif pack:
         for block in model.model.layers:
             if isinstance(block.attn.q, Linear) and can_pack(block.attn.q.weight):
                 block.attn.fuse_qkv()
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
     if quant is not None:
         if head_isa is not None and hasattr(model, "lm_head") and not model.lm_head.weight.is_mkldnn:
             model.lm_head = DecodeHead(model.lm_head.weight, head_isa)
         return_freed_memory()
     return model.eval()
+
+
+def _widen(model: nn.Module) -> None:
+    """A half-precision model whose dtype this CPU does not compute in natively (see WidenedLinear) computes in
+    float32 with its weights as stored: the block linears and the head read their 2-byte weights with our
+    kernels; the norms, biases and position embeddings (a small share of the bytes) become float32. The token
+    embedding stays as stored: it is the tied head, and its rows are widened as they are looked up."""
+    scratch = Scratch()  # one for the model: its layers run one at a time
+
+    def widened(weight: torch.Tensor, bias: torch.Tensor | None) -> WidenedLinear:
+        return WidenedLinear(weight, bias, scratch)
+
+    for block in model.model.layers:
+        block.attn.fuse_qkv(widened)
+        for parent, name in ((block.attn, "o"), (block.mlp, "fc"), (block.mlp, "proj")):
+            linear = getattr(parent, name)
+            bias = None if linear.bias is None else linear.bias.detach()
+            setattr(parent, name, widened(linear.weight.detach(), bias))
+    model.lm_head = DecodeHead(model.lm_head.weight, "avx2", quantized=False)
+    stay = {id(model.model.embed.weight), id(model.lm_head.weight)}
+    for module in model.modules():
+        if isinstance(module, WidenedLinear):
+            continue
+        for name, tensor in module.named_parameters(recurse=False):
+            if id(tensor) not in stay and tensor.dtype != torch.float32:
+                setattr(module, name, nn.Parameter(tensor.detach().float(), requires_grad=False))
 
 
 def _quantized_dtype(asked: torch.dtype | None, reader: CheckpointReader) -> torch.dtype:

@@ -11,6 +11,7 @@ Everything else (pre-LayerNorm blocks, GELU MLP, tied embeddings) is shared.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -154,20 +155,17 @@ class Attention(nn.Module):
         self.v = Linear(config.n_embd, kv_dim, bias=config.bias)
         self.o = Linear(q_dim, config.n_embd, bias=config.bias)
         self.widths = [q_dim, kv_dim, kv_dim]
-        self.qkv: Linear | None = None  # q, k and v in one packed layer, once fuse_qkv() has run
+        self.qkv: nn.Module | None = None  # q, k and v in one layer for CPU inference, once fuse_qkv() has run
         self.scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
 
-    def fuse_qkv(self) -> None:
-        """q, k and v as one packed linear for CPU inference: one call and one weight read per token where there
-        were three (a multi-query model's k and v are too small to be worth a call's fixed cost)."""
+    def fuse_qkv(self, make_layer: Callable[[Tensor, Tensor | None], nn.Module] | None = None) -> None:
+        """q, k and v as one layer for CPU inference: one call and one weight read per token where there were
+        three (a multi-query model's k and v are too small to be worth a call's fixed cost). make_layer(weight,
+        bias) builds it; by default a Linear packed for oneDNN."""
         parts = (self.q, self.k, self.v)
         weight = torch.cat([part.weight.detach() for part in parts])
         bias = torch.cat([part.bias.detach() for part in parts]) if self.q.bias is not None else None
-        with torch.device("meta"):
-            fused = Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        fused.weight = nn.Parameter(pack_weight(weight), requires_grad=False)
-        fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.qkv = fused
+        self.qkv = (make_layer or _packed_linear)(weight, bias)
         del self.q, self.k, self.v
 
     def forward(self, x: Tensor, spans: list[Span], layer: int) -> Tensor:
@@ -192,6 +190,14 @@ class Attention(nn.Module):
         if span.cache is not None:
             k, v = span.cache.update(layer, k, v, span.start)  # (B, KV, S, hd)
         return attend(q, k, v, span.pattern, self.scale)
+
+
+def _packed_linear(weight: Tensor, bias: Tensor | None) -> Linear:
+    with torch.device("meta"):
+        layer = Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight = nn.Parameter(pack_weight(weight), requires_grad=False)
+    layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    return layer
 
 
 class MLP(nn.Module):
@@ -244,7 +250,7 @@ class Decoder(nn.Module):
 
     def embed_tokens(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         """The blocks' input: token embeddings, plus learned position embeddings where the model has them."""
-        x = self.embed(input_ids)
+        x = self.embed(input_ids).to(self.norm.weight.dtype)  # (a widened model's embedding is half precision)
         if self.pos_embed is None:
             return x
         if int(position_ids.max()) >= self.config.max_positions:
@@ -330,7 +336,7 @@ class CausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   paged: bool = False) -> KVCache | PagedKVCache:
-        weight = self.model.embed.weight
+        weight = self.model.norm.weight  # the activations' dtype (the embedding's, unless the model is widened)
         kind = PagedKVCache if paged else KVCache
         return kind(self.config, batch_size, max_len, dtype or weight.dtype, weight.device)
 

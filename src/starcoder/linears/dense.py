@@ -53,12 +53,16 @@ class Linear(nn.Linear):
         return self.weight.is_mkldnn
 
     def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
-        if self.packed and torch.is_grad_enabled() and x.requires_grad:
-            raise StarCoderError("this model's weights are packed for CPU inference; load it without pack=True "
-                                 "to train it")
+        if self.packed:
+            refuse_training(x)
         # (a packed weight takes oneDNN whatever this says: matmul sees its layout)
         onednn = self.use_onednn and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         return matmul(x, self.weight, self.bias, activation, onednn)
+
+
+def refuse_training(x: Tensor) -> None:
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise StarCoderError("this model's weights are packed for CPU inference; load it without pack=True to train it")
 
 
 def matmul(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None,
@@ -98,4 +102,6 @@ def activation_function(name: str):
 
 
 def is_packed(model: nn.Module) -> bool:
-    return any(isinstance(m, Linear) and m.packed for m in model.modules())
+    """Whether some layer holds its weight in a layout for CPU inference only (a packed Linear, a widened layer:
+    `packed` True), which training and saving refuse."""
+    return any(getattr(m, "packed", None) is True for m in model.modules())

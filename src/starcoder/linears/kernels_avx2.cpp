@@ -1,6 +1,6 @@
-// int4 and int8 matrix-vector kernels for decoding on AVX2 CPUs (and any x86-64 CPU of the last ten years with
-// FMA): the CPUs without AVX512-BF16, where models compute in float32. Also the kernels for group sizes the
-// AVX-512 ones do not take (llama.cpp's Q4_0 and Q8_0 blocks of 32) on every CPU.
+// int4, int8 and half-precision matrix-vector kernels for decoding on AVX2 CPUs (and any x86-64 CPU of the last ten
+// years with FMA): the CPUs without AVX512-BF16, where models compute in float32. Also the kernels for group sizes
+// the AVX-512 ones do not take (llama.cpp's Q4_0 and Q8_0 blocks of 32), and for float16 weights, on every CPU.
 //
 // The activations are quantized to int8 per block of 32 inputs, as llama.cpp's q8_0 (scale max|x| / 127, x
 // times its inverse rounded half to even), and meet the weights in vpmaddubsw (u8 x s8 -> pairs of products
@@ -150,6 +150,79 @@ void int8_rows_i8(const Int8Acts& a, const int8_t* q8, const float* scales, cons
                                   n + r, activation);
 }
 
+// Half-precision weights for float32 activations: 16 weights per 32-byte load, widened to two vectors of 8 floats.
+// bfloat16 is the top half of a float32, so the widening is one shift (even weights: the low halves of the 32-bit
+// lanes) and one mask (odd weights: the high halves), no shuffle; the activations are deinterleaved the same way
+// once per call. float16 takes F16C's conversion, in order.
+struct Bf16Weights {
+  static constexpr bool deinterleaved = true;
+  static void widen(const uint16_t* p, __m256& first, __m256& second) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    first = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    second = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+};
+
+struct F16Weights {
+  static constexpr bool deinterleaved = false;
+  static void widen(const uint16_t* p, __m256& first, __m256& second) {
+    first = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    second = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  }
+};
+
+// Two accumulators per (row, input row) where few rows run (the FMA latency, not the loads, would bound one), one
+// where many do (registers run out).
+template <typename Weights, int M, int R>
+void half_rows(const float* x, const uint16_t* w, const float* bias, int64_t activation, float* y, int64_t K,
+               int64_t N, int64_t n) {
+  constexpr int A = M <= 2 ? 2 : 1;
+  const uint16_t* rows[R];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = w + (n + r) * K;
+    prefetch_ahead(rows[r], K * 2, n + r, N);
+  }
+  __m256 acc[R][M][A];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < A; ++a) acc[r][m][a] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 16)
+    for (int r = 0; r < R; ++r) {
+      __m256 first, second;
+      Weights::widen(rows[r] + k0, first, second);
+      for (int m = 0; m < M; ++m) {
+        acc[r][m][0] = _mm256_fmadd_ps(first, _mm256_loadu_ps(x + m * K + k0), acc[r][m][0]);
+        acc[r][m][A - 1] = _mm256_fmadd_ps(second, _mm256_loadu_ps(x + m * K + k0 + 8), acc[r][m][A - 1]);
+      }
+    }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      __m256 sum = acc[r][m][0];
+      if constexpr (A == 2) sum = _mm256_add_ps(sum, acc[r][m][1]);
+      y[m * N + n + r] = epilogue(horizontal_sum(sum), bias, n + r, activation);
+    }
+}
+
+template <typename Weights>
+torch::Tensor widened_matvec(const torch::Tensor& x, const torch::Tensor& w, const float* bias, int64_t activation) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  std::vector<float> order(M * K);  // x as the widened weights come: within each 16, even inputs then odd ones
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < M * K; ++i)
+    order[i] = Weights::deinterleaved ? xp[i - i % 16 + (i % 16 < 8 ? 2 * (i % 16) : 2 * (i % 16 - 8) + 1)] : xp[i];
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    with_rows(M, [&](auto m) {
+      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
+        half_rows<Weights, decltype(m)::value, decltype(r)::value>(order.data(), wp, bias, activation, yp, K, N, n);
+      });
+    });
+  });
+  return y;
+}
+
 void check_decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, const torch::Tensor& offsets,
                          int64_t N, int64_t group) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous f32 [M, K]");
@@ -252,9 +325,22 @@ torch::Tensor int8_dequantize(torch::Tensor q8, torch::Tensor scales, torch::Ten
   return fill(w, scales, offsets, N, K, group, [&](int64_t n, int64_t k) { return qp[n * K + k]; });
 }
 
+// x [M, K] float32 (M <= 8), w [N, K] bfloat16 or float16, bias [N] float32 or None -> activation(x W^T + bias)
+// as float32 [M, N]; K % 16 == 0. The products and sums are float32, as a float32 matmul of the widened weights.
+torch::Tensor half_matvec(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t activation) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous f32 [M, K]");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "the decode kernels take 1 to 8 rows");
+  TORCH_CHECK((w.dtype() == torch::kBFloat16 || w.dtype() == torch::kFloat16) && w.is_contiguous() && w.dim() == 2 &&
+              w.size(1) == x.size(1) && x.size(1) % 16 == 0, "w: contiguous bf16 or f16 [N, K], K % 16 == 0");
+  const float* bp = optional_bias(bias, w.size(0));
+  return w.dtype() == torch::kBFloat16 ? widened_matvec<Bf16Weights>(x, w, bp, activation)
+                                       : widened_matvec<F16Weights>(x, w, bp, activation);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matvec", &int4_matvec, "int4 weights, int8 activations (decode)");
   m.def("int8_matvec", &int8_matvec, "int8 weights in groups, int8 activations (decode)");
+  m.def("half_matvec", &half_matvec, "bfloat16 or float16 weights, float32 activations (decode)");
   m.def("int4_dequantize", &int4_dequantize, "int4 weights to float32 or bfloat16");
   m.def("int8_dequantize", &int8_dequantize, "int8 weights to float32 or bfloat16");
   m.def("int8_rows", &int8_rows, "symmetric per-row int8 of a matrix");

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import native
-from .dense import activation_function, matmul
+from .dense import activation_function, matmul, onednn_supports, refuse_training
 from .gptq_layout import QuantizedWeight
 
 DECODE_ROWS = 8  # up to this many input rows, the decode kernels; beyond, dequantize and run one matmul
@@ -141,17 +141,16 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {kind}"
 
 
-class _NativeLinear(QuantLinear):
-    """Our kernels: decoding in one call that also adds the bias and applies the activation; long inputs
-    dequantized into the model's scratch buffer and one oneDNN matmul."""
+class _KernelProduct:
+    """Our kernels' way to compute a layer: decoding in one call that also adds the bias and applies the
+    activation; long inputs widen the weight into the model's scratch buffer for one oneDNN matmul."""
 
-    isa = "avx512"  # which build of the kernels (native.BUILDS)
-
-    def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype, scratch: Scratch):
-        super().__init__(weight, bias, dtype)
-        self.native, self.scratch = native.kernels(self.isa), scratch
-        if bias is not None:
-            self.register_buffer("native_bias", bias.float().contiguous())
+    in_features: int
+    out_features: int
+    dtype: torch.dtype
+    bias: Tensor | None
+    native_bias: Tensor | None  # the bias as float32, for the kernels
+    scratch: Scratch
 
     def product(self, x: Tensor, activation: str | None) -> Tensor:
         if x.shape[0] <= DECODE_ROWS and activation in _NATIVE_ACTIVATIONS:
@@ -160,6 +159,24 @@ class _NativeLinear(QuantLinear):
         w = self.scratch.matrix(self.out_features, self.in_features, self.dtype)
         self._dequantize_into(w)
         return matmul(x, w, self.bias, activation)
+
+    def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
+        raise NotImplementedError
+
+    def _dequantize_into(self, w: Tensor) -> None:
+        raise NotImplementedError
+
+
+class _NativeLinear(_KernelProduct, QuantLinear):
+    """Our kernels over integer weights."""
+
+    isa = "avx512"  # which build of the kernels (native.BUILDS)
+
+    def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype, scratch: Scratch):
+        super().__init__(weight, bias, dtype)
+        self.native, self.scratch = native.kernels(self.isa), scratch
+        if bias is not None:
+            self.register_buffer("native_bias", bias.float().contiguous())
 
 
 class NativeInt4Linear(_NativeLinear):
@@ -274,6 +291,48 @@ class Avx2Int8Linear(_Avx2Kernels, _NativeLinear):
         self.native.int8_dequantize(self.int8_weight, self.native_scales, self.native_offsets, self.kernel_group, w)
 
 
+class WidenedLinear(_KernelProduct, nn.Module):
+    """Half-precision weights (bfloat16, float16) for float32 activations, on CPUs that do not compute in the
+    weights' dtype natively (bfloat16 without AVX512-BF16: emulated, prefill 5x slower than float32; float16 on
+    any CPU): decoding reads the 2-byte weights at memory bandwidth and widens them in registers (the AVX2
+    kernels' half_matvec); long inputs widen the layer into the scratch buffer for one float32 matmul. The sums
+    are float32's, as a float32 model holding the same weights computes them."""
+
+    mode, packed = "widened", True  # q, k and v fused, float32 biases: an inference-only layout (is_packed)
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, scratch: Scratch):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype, self.native, self.scratch = torch.float32, native.kernels("avx2"), scratch
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
+
+    @classmethod
+    def accepts(cls, weight: Tensor) -> bool:
+        """Whether this machine runs a layer of this weight better widened than in its own dtype."""
+        emulated = weight.dtype == torch.float16 or (weight.dtype == torch.bfloat16
+                                                     and not onednn_supports(torch.bfloat16))
+        return emulated and weight.is_cpu and weight.shape[1] % 16 == 0 and native.kernels("avx2") is not None
+
+    @property
+    def native_bias(self) -> Tensor | None:
+        return self.bias
+
+    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
+        refuse_training(x)
+        y = self.product(x.reshape(-1, self.in_features).float(), activation)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
+        return self.native.half_matvec(x, self.weight, bias, activation)
+
+    def _dequantize_into(self, w: Tensor) -> None:
+        w.copy_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype} weights"
+
+
 class Int4Linear(QuantLinear):
     """PyTorch's int4 kernel for decoding; long inputs dequantize its layout block by block."""
 
@@ -371,16 +430,18 @@ def quantized_linear(weight: QuantizedWeight, bias: Tensor | None, dtype: torch.
 
 
 class DecodeHead(nn.Module):
-    """The (unquantized, usually tied) lm_head of a quantized model: decoding reads it with our kernels (`isa`, a
-    build in native.BUILDS). Where decoding uses int8 activations, it reads an int8 copy of the head (per row,
-    symmetric; a quarter of float32's bytes, half of bfloat16's: the float head is a large part of what a 4-bit
-    model reads per token), as llama.cpp keeps its output matrix quantized; else (AVX-512 without VNNI, or
-    STARCODER_INT8_ACTIVATIONS=0) the bfloat16 matrix in place. Long inputs use the float matrix."""
+    """The lm_head (usually tied to the embedding) of a model whose linears run on our kernels: decoding reads it
+    with them too (`isa`, a build in native.BUILDS). A quantized model (quantized=True) whose decoding uses int8
+    activations reads an int8 copy of the head (per row, symmetric; a quarter of float32's bytes, half of
+    bfloat16's: the float head is a large part of what a 4-bit model reads per token), as llama.cpp keeps its
+    output matrix quantized; else the matrix in place: bfloat16 under bfloat16 activations (AVX-512), or half
+    precision widened for float32 ones (AVX2, the widened models). Long inputs use the float matrix."""
 
-    def __init__(self, weight: nn.Parameter, isa: str):
+    def __init__(self, weight: nn.Parameter, isa: str, quantized: bool = True):
         super().__init__()
         self.weight, self.isa, self.kernels = weight, isa, native.kernels(isa)
-        self.int8_activations = (isa == "avx2" or native.int8_activations()) and weight.shape[1] % 64 == 0
+        self.int8_activations = (quantized and (isa == "avx2" or native.int8_activations())
+                                 and weight.shape[1] % 64 == 0)
         if self.int8_activations:
             q8, scale = self.kernels.int8_rows(weight.contiguous())
             # derived from the weight: not part of the model's state (saving, exporting)
@@ -390,18 +451,22 @@ class DecodeHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        decode = x2.shape[0] <= DECODE_ROWS and x2.dtype == self.weight.dtype
-        if decode and self.int8_activations and self.isa == "avx2":
+        half = self.weight.dtype in (torch.bfloat16, torch.float16)
+        if x2.shape[0] > DECODE_ROWS:
+            y = matmul(x2, self.weight.to(x2.dtype))
+        elif self.int8_activations and self.isa == "avx2":
             y = self.kernels.int8_matvec(x2.float().contiguous(), self.q8, self.q8_scale, self.q8_offset,
-                                         x2.shape[1], None, 0).to(x.dtype)
-        elif decode and self.int8_activations:
+                                         x2.shape[1], None, 0)
+        elif self.int8_activations:
             y = self.kernels.int8_matvec_i8(x2.contiguous(), self.q8, self.q8_scale, self.q8_offset, None, 0,
-                                            float_out=True).to(x.dtype)
-        elif decode and self.isa == "avx512" and x2.dtype == torch.bfloat16:
-            y = self.kernels.bf16_matvec(x2.contiguous(), self.weight).to(x.dtype)
+                                            float_out=True)
+        elif self.isa == "avx512" and x2.dtype == self.weight.dtype == torch.bfloat16:
+            y = self.kernels.bf16_matvec(x2.contiguous(), self.weight)
+        elif self.isa == "avx2" and half and x2.dtype == torch.float32 and x2.shape[1] % 16 == 0:
+            y = self.kernels.half_matvec(x2.contiguous(), self.weight, None, 0)
         else:
             y = matmul(x2, self.weight.to(x2.dtype))
-        return y.view(*x.shape[:-1], -1)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
 def head_kernels(dtype: torch.dtype) -> str | None:
