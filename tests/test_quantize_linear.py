@@ -240,26 +240,39 @@ def int8_blocks_of_32(x):
     return ReferenceKernels._int8_activations(x, block=32)
 
 
+def avx2_int4_layout(layer):
+    """An AVX2 int4 layer's stored integers (N, K) and its scales and offsets (N, G), read from the documented
+    layout (kernels_avx2.cpp): 8 rows interleaved, in 4 steps of 32 bytes per block of 32 inputs, byte 4r + i of
+    step s holding inputs 8s + i (low nibble) and 8s + 4 + i (high)."""
+    N, K = layer.out_features, layer.in_features
+    steps = layer.native_packed.reshape(N // 8, K // 32, 4, 8, 4)  # (row group, block, step, row, input)
+    q = torch.stack((steps & 15, steps >> 4), dim=-1)  # (..., row, input, nibble)
+    q = q.permute(0, 3, 1, 2, 5, 4).reshape(N, K)  # (row group, row, block, step, nibble, input)
+    by_rows = lambda t: t.transpose(1, 2).reshape(N, -1)  # noqa: E731  (N / 8, G, 8) -> (N, G)
+    return q, by_rows(layer.native_scales), by_rows(layer.native_offsets)
+
+
 def avx2_contract(layer, x, activation):
     """What an AVX2 layer's decode kernel computes, in float64 from the layer's stored integers (inputs sorted by
     group): the integer part on int8 activations, the offsets on the exact group sums."""
-    K, G = layer.in_features, layer.native_scales.shape[1]
+    K = layer.in_features
     x = x.float() if layer.perm is None else x.float()[:, layer.perm]
     if layer.bits == 4:
-        q = ReferenceKernels._int4_weight(layer.native_packed, torch.ones(layer.out_features, 1),
-                                          torch.zeros(layer.out_features, 1), K)
+        q, scales, offsets = avx2_int4_layout(layer)
     else:
-        q = layer.int8_weight.float()
+        q, scales, offsets = layer.int8_weight.float(), layer.native_scales, layer.native_offsets
+    G = scales.shape[1]
     groups = torch.arange(K) // (K // G)
-    y = int8_blocks_of_32(x) @ (q.double() * layer.native_scales.double()[:, groups]).T
-    y += x.double().view(x.shape[0], G, -1).sum(-1) @ layer.native_offsets.double().T
+    y = int8_blocks_of_32(x) @ (q.double() * scales.double()[:, groups]).T
+    y += x.double().view(x.shape[0], G, -1).sum(-1) @ offsets.double().T
     return ReferenceKernels._epilogue(y, None if layer.bias is None else layer.bias.double(), activation)
 
 
 @needs_avx2
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits, group_size, N, K", [(4, 32, 128, 256), (4, -1, 128, 512), (4, 128, 192, 256),
-                                                    (8, 32, 64, 256), (8, -1, 96, 192), (8, 64, 48, 128)])
+                                                    (4, 32, 40, 96), (8, 32, 64, 256), (8, -1, 96, 192),
+                                                    (8, 64, 48, 128)])
 def test_avx2_kernels_equal_their_contract_and_stay_close_to_exact(bits, group_size, N, K, dtype, monkeypatch):
     """The AVX2 layers (float32 models, groups of 32 on every CPU): the decode kernels equal their contract up to
     float32 sums; against the exact product the error is what int8 activations cost; the long-input path

@@ -8,9 +8,10 @@
 // block's int32 sums are scaled once by the weight's and the block's scales. The weights' offsets (q * scale +
 // offset) meet the exact float32 sums of each group. Inputs are float32 [M, K]; outputs float32 [M, N].
 //
-// int4 layout: the AVX-512 kernels' (kernels_avx512.cpp), so one packing serves both: 64 inputs per 32 bytes,
-// byte j holding input k0 + j in its low nibble and k0 + 32 + j in its high nibble; the nibbles (0..15) are the
-// unsigned side of vpmaddubsw. Scales and offsets float32 [N, G], groups of 32 inputs or a multiple.
+// int4 layout: 8 output rows interleaved. For rows 8j..8j+7 and the block of 32 inputs from k0, four 32-byte
+// steps; in step s, byte 4r + i holds row 8j + r's input k0 + 8s + i in its low nibble and k0 + 8s + 4 + i in its
+// high one. The nibbles (0..15) are the unsigned side of vpmaddubsw, 4 activations broadcast the signed one.
+// Scales and offsets float32 [N / 8, G, 8] (a group's 8 rows side by side), groups of 32 inputs or a multiple.
 // int8 layout: q8[n, k] signed, weight = q8 * scale[n, g] + offset[n, g]; vpmaddubsw needs one unsigned side,
 // so it gets |q8| and the activations take q8's signs (vpsignb), as in llama.cpp.
 
@@ -85,40 +86,48 @@ inline __m256 dot_u8_s8(__m256i u, __m256i s) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 
-// Rows (output channels) are taken R at a time, for M input rows: independent accumulators and R memory streams.
-// A 64-input chunk is one 32-byte load: its low nibbles are the first block of 32, its high nibbles the second.
-template <int M, int R>
-void int4_rows(const Int8Acts& a, const uint8_t* packed, const float* scales, const float* offsets,
-               const float* bias, int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t n) {
-  const int64_t G = K / group, B = K / 32;
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  const uint8_t* rows[R];
-  for (int r = 0; r < R; ++r) {
-    rows[r] = packed + (n + r) * (K / 2);
-    prefetch_ahead(rows[r], K / 2, n + r, N);
-  }
-  __m256 acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-  for (int64_t k0 = 0; k0 < K; k0 += 64)
-    for (int r = 0; r < R; ++r) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k0 / 2));
-      const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
-      const float* row_scales = scales + (n + r) * G;
-      const float s_lo = row_scales[a.group_of[k0 / 32]], s_hi = row_scales[a.group_of[k0 / 32 + 1]];
-      for (int m = 0; m < M; ++m) {
-        const int8_t* xq = a.q.data() + m * K + k0;
-        const float* xs = a.scale.data() + m * B + k0 / 32;
-        const __m256 d_lo = dot_u8_s8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-        const __m256 d_hi = dot_u8_s8(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
-        acc[r][m] = _mm256_fmadd_ps(d_lo, _mm256_set1_ps(s_lo * xs[0]), acc[r][m]);
-        acc[r][m] = _mm256_fmadd_ps(d_hi, _mm256_set1_ps(s_hi * xs[1]), acc[r][m]);
+// int4: 8 output rows at a time, interleaved in the layout so that one vector holds the 8 rows' sums: no row needs
+// a horizontal sum or a scale broadcast of its own, and the products of a block of 32 inputs add up in int16 (8
+// vpmaddubsw results of at most 2 x 15 x 127 each stay below 2^15) before one vpmaddwd widens them.
+template <int M>
+void int4_rows8(const Int8Acts& a, const uint8_t* packed, const float* scales, const float* offsets,
+                const float* bias, int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t j) {
+  const int64_t G = K / group, B = K / 32, blocks_per_group = group / 32;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const uint8_t* p = packed + j * 4 * K;  // 8 rows of K / 2 bytes
+  prefetch_ahead(p, 4 * K, j, N / 8);
+  const float *row_scales = scales + j * G * 8, *row_offsets = offsets + j * G * 8;
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 s = _mm256_loadu_ps(row_scales + g * 8);
+    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
+      __m256i sum[M];
+      for (int m = 0; m < M; ++m) sum[m] = _mm256_setzero_si256();
+      for (int step = 0; step < 4; ++step) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (b * 4 + step) * 32));
+        const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xq = a.q.data() + m * K + b * 32 + step * 8;
+          int32_t x_lo, x_hi;  // 4 activations each, the same for every row
+          std::memcpy(&x_lo, xq, 4);
+          std::memcpy(&x_hi, xq + 4, 4);
+          sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x_lo)));
+          sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x_hi)));
+        }
       }
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum[m], ones)),
+                                 _mm256_mul_ps(s, _mm256_set1_ps(a.scale[m * B + b])), acc[m]);
     }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m)
-      y[m * N + n + r] = epilogue(horizontal_sum(acc[r][m]) + dot(offsets + (n + r) * G, &a.sums[m * G], G), bias,
-                                  n + r, activation);
+    const __m256 o = _mm256_loadu_ps(row_offsets + g * 8);
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(o, _mm256_set1_ps(a.sums[m * G + g]), acc[m]);
+  }
+  for (int m = 0; m < M; ++m) {
+    float sums[8];
+    _mm256_storeu_ps(sums, acc[m]);
+    for (int r = 0; r < 8; ++r) y[m * N + j * 8 + r] = epilogue(sums[r], bias, j * 8 + r, activation);
+  }
 }
 
 template <int M, int R>
@@ -234,11 +243,12 @@ void check_decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, co
                 "scales/offsets: f32 [N, K / group]");
 }
 
-// Writes w [N, K] (float32 or bfloat16) = level(n, k) * scale[n, g] + offset[n, g], g the group of k: group by
-// group, so no division runs per weight (prefill dequantizes every layer on each call).
-template <typename Level>
+// Writes w [N, K] (float32 or bfloat16) = level(n, k) * scale[n, g] + offset[n, g], g the group of k and (n, g)
+// at index(n, g) of the scales and offsets: group by group, so no division runs per weight (prefill dequantizes
+// every layer on each call).
+template <typename Level, typename Index>
 torch::Tensor fill(torch::Tensor w, const torch::Tensor& scales, const torch::Tensor& offsets, int64_t N, int64_t K,
-                   int64_t group, Level level) {
+                   int64_t group, Level level, Index index) {
   TORCH_CHECK(w.is_contiguous() && w.numel() == N * K, "w: contiguous [N, K]");
   TORCH_CHECK(w.dtype() == torch::kFloat32 || w.dtype() == torch::kBFloat16, "w: f32 or bf16");
   TORCH_CHECK(group > 0 && K % group == 0, "groups that divide K");
@@ -252,7 +262,7 @@ torch::Tensor fill(torch::Tensor w, const torch::Tensor& scales, const torch::Te
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t g = 0; g < G; ++g) {
-        const float s = sp[n * G + g], o = op[n * G + g];
+        const float s = sp[index(n, g)], o = op[index(n, g)];
         for (int64_t k = g * group; k < (g + 1) * group; ++k) {
           const float v = static_cast<float>(level(n, k)) * s + o;
           if (as_float != nullptr) as_float[n * K + k] = v; else as_bf16[n * K + k] = at::BFloat16(v);
@@ -280,18 +290,25 @@ torch::Tensor decode(const torch::Tensor& x, int64_t N, int64_t group, Rows rows
 
 }  // namespace
 
-// x [M, K] float32 (M <= 8), packed [N, K/2] uint8, scales/offsets [N, G] float32, bias [N] float32 or None
-// -> activation(x W^T + bias) as float32 [M, N]; K % 64 == 0.
+// x [M, K] float32 (M <= 8), packed uint8 [N / 8, K / 32, 4, 32] as int4_rows8 reads it, scales/offsets
+// [N / 8, G, 8] float32, bias [N] float32 or None -> activation(x W^T + bias) as float32 [M, N]; N % 8 == 0.
 torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t activation) {
-  const int64_t K = x.size(1), N = packed.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = packed.numel() * 2 / K;
   check_decode_inputs(x, scales, offsets, N, group);
-  TORCH_CHECK(K % 64 == 0 && packed.size(1) * 2 == K && packed.is_contiguous(), "packed: uint8 [N, K / 2]");
+  TORCH_CHECK(N % 8 == 0 && packed.numel() * 2 == N * K && packed.is_contiguous(), "packed: uint8, N * K / 2, N % 8 == 0");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
-  return decode(x, N, group, [&](const Int8Acts& acts, float* yp, auto m, auto r, int64_t n) {
-    int4_rows<decltype(m)::value, decltype(r)::value>(acts, pp, sp, op, bp, activation, yp, K, N, group, n);
+  const Int8Acts acts = quantize_activations(x.data_ptr<float>(), M, K, group);
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N / 8, 2, [&](int64_t j0, int64_t j1) {
+    with_rows(M, [&](auto m) {
+      for (int64_t j = j0; j < j1; ++j)
+        int4_rows8<decltype(m)::value>(acts, pp, sp, op, bp, activation, yp, K, N, group, j);
+    });
   });
+  return y;
 }
 
 // x [M, K] float32 (M <= 8), q8 [N, K] int8, scales/offsets [N, G] float32 -> float32 [M, N]; K % 32 == 0.
@@ -310,19 +327,23 @@ torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scale
 // The weights into w [N, K] (float32 or bfloat16), for long inputs: a matmul reads them once per prompt.
 torch::Tensor int4_dequantize(torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets, int64_t group,
                               torch::Tensor w) {
-  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  const int64_t N = w.size(0), K = w.size(1), G = K / group;
+  TORCH_CHECK(packed.numel() * 2 == N * K && N % 8 == 0 && K % 32 == 0, "packed: uint8, N * K / 2");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  return fill(w, scales, offsets, N, K, group, [&](int64_t n, int64_t k) {
-    const uint8_t byte = pp[n * (K / 2) + (k / 64) * 32 + k % 32];
-    return k % 64 < 32 ? byte & 15 : byte >> 4;
-  });
+  const auto level = [&](int64_t n, int64_t k) {
+    const int64_t within = k % 32, step = within / 8;
+    const uint8_t byte = pp[n / 8 * 4 * K + ((k / 32) * 4 + step) * 32 + n % 8 * 4 + within % 4];
+    return within % 8 < 4 ? byte & 15 : byte >> 4;
+  };
+  return fill(w, scales, offsets, N, K, group, level, [&](int64_t n, int64_t g) { return (n / 8 * G + g) * 8 + n % 8; });
 }
 
 torch::Tensor int8_dequantize(torch::Tensor q8, torch::Tensor scales, torch::Tensor offsets, int64_t group,
                               torch::Tensor w) {
   const int64_t N = q8.size(0), K = q8.size(1);
   const int8_t* qp = q8.data_ptr<int8_t>();
-  return fill(w, scales, offsets, N, K, group, [&](int64_t n, int64_t k) { return qp[n * K + k]; });
+  return fill(w, scales, offsets, N, K, group, [&](int64_t n, int64_t k) { return qp[n * K + k]; },
+              [&](int64_t n, int64_t g) { return n * (K / group) + g; });
 }
 
 // x [M, K] float32 (M <= 8), w [N, K] bfloat16 or float16, bias [N] float32 or None -> activation(x W^T + bias)

@@ -258,13 +258,29 @@ class _Avx2Kernels:
 
 
 class Avx2Int4Linear(_Avx2Kernels, NativeInt4Linear):
-    """The AVX2 kernels on the AVX-512 kernels' packing, with int8 activations."""
+    """The AVX2 kernels, with int8 activations, on their own packing: 8 output rows interleaved
+    (kernels_avx2.cpp)."""
 
-    mode, bits, inputs_multiple = "avx2-int4", 4, 64
+    mode, bits, inputs_multiple = "avx2-int4", 4, 32
+
+    @classmethod
+    def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+        return super().accepts(weight, dtype) and weight.shape[0] % 8 == 0
 
     def _store(self, weight: QuantizedWeight) -> None:
-        super()._store(weight)
-        self.int8_activations = True
+        N, K = weight.shape
+        size = self.kernel_group = self.group_size(weight)
+        # (row group, row, block, step, nibble, input) -> (row group, block, step, row, input, nibble)
+        q = weight.q.to(torch.uint8).view(N // 8, 8, K // 32, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+        self.register_buffer("native_packed", (q[..., 0] | (q[..., 1] << 4)).contiguous().view(N, K // 2))
+        chunk_group = weight.g_idx[::size]
+        scales = weight.scales.float()[chunk_group]  # (G, N)
+
+        def by_row_groups(t: Tensor) -> Tensor:  # (G, N) -> (N / 8, G, 8)
+            return t.view(t.shape[0], N // 8, 8).transpose(0, 1).contiguous()
+
+        self.register_buffer("native_scales", by_row_groups(scales))
+        self.register_buffer("native_offsets", by_row_groups(-weight.zeros.float()[chunk_group] * scales))
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
         return self.native.int4_matvec(x.float(), self.native_packed, self.native_scales, self.native_offsets,
