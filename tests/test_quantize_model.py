@@ -215,3 +215,26 @@ def test_rtn_rounds_each_weight_alone_without_calibration(tiny, tmp_path, monkey
         want = rtn(original.model.layers[1].get_submodule(name).weight.detach(), settings).dequantize(torch.float32)
         got = quantized.model.layers[1].get_submodule(name).dequantize().float()
         torch.testing.assert_close(got, want, rtol=2**-10, atol=1e-7)  # the file keeps the scales in float16
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (8, -1)])
+def test_packed_quantized_models_read_q_k_v_as_one_layer(tiny, tmp_path, bits, group_size):
+    """Loaded for inference (pack=True, as starcoder.load does), q, k and v stored alike become one quantized layer
+    (one kernel call per token instead of three), with the logits of the three apart, decoding and prompt alike;
+    loaded for saving or exporting (pack=False) they stay three."""
+    out = tmp_path / "q"
+    quantize_model(str(tiny), out, QuantSettings(bits=bits, group_size=group_size), method="rtn", progress=False)
+    apart, together = load_model(out, dtype="float32"), load_model(out, dtype="float32", pack=True)
+    attention = together.model.layers[0].attn
+    assert isinstance(attention.qkv, QuantLinear) and not hasattr(attention, "q")
+    assert attention.qkv.out_features == sum(attention.widths)
+    assert apart.model.layers[0].attn.qkv is None and isinstance(apart.model.layers[0].attn.q, QuantLinear)
+    ids = torch.randint(0, 1000, (1, 24))
+    torch.testing.assert_close(logits(together, ids), logits(apart, ids), rtol=1e-4, atol=1e-4)
+    caches = [model.new_cache(1, 32) for model in (apart, together)]
+    with torch.inference_mode():
+        for model, cache in zip((apart, together), caches, strict=True):
+            model(ids[:, :20], cache=cache)
+        steps = [model(ids[:, 20:21], cache=cache).logits for model, cache in zip((apart, together), caches,
+                                                                                   strict=True)]
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-5, atol=1e-5)

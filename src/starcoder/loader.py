@@ -30,6 +30,7 @@ from .linears.gptq_layout import (
     hf_module,
     read_quant_config,
     split_qkv,
+    stack_outputs,
 )
 from .linears.quantized import (
     DecodeHead,
@@ -45,6 +46,7 @@ from .model import build_model
 from .paths import resolve_model
 
 log = logging.getLogger(__name__)
+QKV = ("attn.q", "attn.k", "attn.v")
 
 
 def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
@@ -89,9 +91,13 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
         dtype = _quantized_dtype(dtype, reader)
     with torch.device("meta"):
         model = build_model(config)
-    quantized, claimed = _quantized_linears(config, quant, reader, dtype) if quant is not None else ({}, set())
+    quantized, claimed = _quantized_linears(config, quant, reader, dtype, pack) if quant is not None else ({}, set())
     for name, module in quantized.items():
-        model.set_submodule(name, module)
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attribute, module)
+        if attribute == "qkv":  # q, k and v fused (Attention.fuse_qkv's quantized counterpart): the three go
+            del parent.q, parent.k, parent.v
     inside = tuple(f"{name}." for name in quantized)
     expected = expected_hf_shapes(config, [(n, p.shape) for n, p in model.state_dict(keep_vars=True).items()
                                            if not n.startswith(inside)])
@@ -130,7 +136,7 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
         _widen(model)
     elif pack:
         for block in model.model.layers:
-            if isinstance(block.attn.q, Linear) and can_pack(block.attn.q.weight):
+            if block.attn.qkv is None and isinstance(block.attn.q, Linear) and can_pack(block.attn.q.weight):
                 block.attn.fuse_qkv()
     if quant is not None:
         if head_isa is not None and hasattr(model, "lm_head") and not model.lm_head.weight.is_mkldnn:
@@ -195,24 +201,27 @@ class GPTQLinears:
         return weight, tensors.get("bias"), list(used.values())
 
 
-def _quantized_linears(config: Config, source: QuantizedLinears, reader: CheckpointReader,
-                       dtype: torch.dtype) -> tuple[dict[str, QuantLinear], set[str]]:
+def _quantized_linears(config: Config, source: QuantizedLinears, reader: CheckpointReader, dtype: torch.dtype,
+                       fuse_qkv: bool = False) -> tuple[dict[str, QuantLinear], set[str]]:
     """Every block linear the source holds quantized, as a layer (our module name -> layer), and the file tensors
-    they took. Linears the source holds as floats are left to the dense path."""
+    they took. Linears the source holds as floats are left to the dense path. fuse_qkv: q, k and v stored alike
+    become one layer, attn.qkv (one kernel call per token instead of three, as packed dense models do)."""
     scratch = Scratch()  # one for the model: its layers run one at a time
     layers: dict[str, QuantLinear] = {}
     claimed: set[str] = set()
     for layer in range(config.n_layer):
+        weights: dict[str, tuple[QuantizedWeight, torch.Tensor | None]] = {}
+        used: list[StoredTensor] = []
         fused = None
         for linear in LINEARS:
             module = hf_module(config, layer, linear)
-            shared = config.model_type == "gpt_bigcode" and linear in ("attn.q", "attn.k", "attn.v")
+            shared = config.model_type == "gpt_bigcode" and linear in QKV
             if not shared or fused is None:
                 found = source.linear(config, module)
                 if found is None:
                     continue
-                weight, bias, used = found
-                claimed.update(t.name for t in used)
+                weight, bias, tensors = found
+                used += tensors
                 if shared:  # the fused c_attn, split once into q, k and v
                     fused = list(zip(split_qkv(config, weight),
                                      split_c_attn(config, bias) if bias is not None else [None] * 3, strict=True))
@@ -222,15 +231,35 @@ def _quantized_linears(config: Config, source: QuantizedLinears, reader: Checkpo
             if weight.shape != expected:
                 raise CheckpointError(f"{module}: quantized weight is {list(weight.shape)} but the config "
                                       f"describes {list(expected)}")
+            weights[linear] = weight, bias
+        if fuse_qkv:
+            weights = _fused_qkv(weights)
+        for linear, (weight, bias) in weights.items():
             layers[f"model.layers.{layer}.{linear}"] = quantized_linear(weight, bias, dtype, scratch)
-            for t in used:  # the layer holds its own copies: the file pages can go (a view still pointing
-                reader.release(t)  # there reads them back from the file)
+        claimed.update(t.name for t in used)
+        for t in used:  # the layers hold their own copies: the file pages can go (a view still pointing
+            reader.release(t)  # there reads them back from the file)
     dequantized = [layer for layer in layers.values() if isinstance(layer, DequantizedLinear)]
     if dequantized:
         log.warning("%d of %d quantized linears are kept as %s matrices: no integer kernel of this machine takes "
                     "their shape (%d-bit, %d inputs); they take %.0f MB", len(dequantized), len(layers), dtype,
                     dequantized[0].bits, dequantized[0].in_features, sum(x.nbytes for x in dequantized) / 1e6)
     return layers, claimed
+
+
+def _fused_qkv(weights: dict[str, tuple[QuantizedWeight, torch.Tensor | None]]
+               ) -> dict[str, tuple[QuantizedWeight, torch.Tensor | None]]:
+    """A block's quantized weights with q, k and v as one "attn.qkv" where all three are there and stored alike."""
+    if not all(linear in weights for linear in QKV):
+        return weights
+    parts, biases = zip(*(weights[linear] for linear in QKV), strict=True)
+    if any(b is None for b in biases) != all(b is None for b in biases):
+        return weights
+    stacked = stack_outputs(list(parts))
+    if stacked is None:
+        return weights
+    bias = None if biases[0] is None else torch.cat(biases)
+    return {"attn.qkv": (stacked, bias), **{k: v for k, v in weights.items() if k not in QKV}}
 
 
 def _linear_shape(config: Config, linear: str) -> tuple[int, int]:

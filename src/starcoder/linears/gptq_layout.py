@@ -51,6 +51,17 @@ class QuantizedWeight:
         return (scales * (self.q.float() - zeros)).to(dtype)
 
 
+def stack_outputs(weights: list[QuantizedWeight]) -> QuantizedWeight | None:
+    """Several layers' weights over the same inputs as one (their outputs one after another), or None where they
+    are not stored alike (bits, groups, input order)."""
+    first = weights[0]
+    if any(w.bits != first.bits or w.group_size != first.group_size or not torch.equal(w.g_idx, first.g_idx)
+           for w in weights[1:]):
+        return None
+    return QuantizedWeight(torch.cat([w.q for w in weights]), torch.cat([w.scales for w in weights], 1),
+                           torch.cat([w.zeros for w in weights], 1), first.g_idx, first.bits, first.group_size)
+
+
 def _per_word(bits: int) -> int:
     if bits not in SUPPORTED_BITS:
         raise CheckpointError(f"{bits}-bit weights are not supported; supported: {SUPPORTED_BITS}")

@@ -106,10 +106,14 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.dtype)
+        # (conversions only where needed: a no-op .to() costs microseconds, and decoding calls every layer per token)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self.dtype:
+            x2 = x2.to(self.dtype)
         if self.perm is not None:
             x2 = x2[:, self.perm]  # (faster than index_select along the last dimension)
-        return self.product(x2, activation).view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = self.product(x2, activation).view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _finish(self, y: Tensor, activation: str | None) -> Tensor:
         if self.bias is not None:
@@ -155,7 +159,7 @@ class _KernelProduct:
     def product(self, x: Tensor, activation: str | None) -> Tensor:
         if x.shape[0] <= DECODE_ROWS and activation in _NATIVE_ACTIVATIONS:
             bias = None if self.bias is None else self.native_bias
-            return self._matvec(x.contiguous(), bias, _NATIVE_ACTIVATIONS[activation])
+            return self._matvec(x if x.is_contiguous() else x.contiguous(), bias, _NATIVE_ACTIVATIONS[activation])
         w = self.scratch.matrix(self.out_features, self.in_features, self.dtype)
         self._dequantize_into(w)
         return matmul(x, w, self.bias, activation)
@@ -241,6 +245,10 @@ class NativeInt8Linear(_NativeLinear):
         self.native.int8_dequantize(self.int8_weight, self.native_scales, self.native_offsets, w)
 
 
+def as_float32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
 class _Avx2Kernels:
     """What the AVX2 kernels take: float32 or bfloat16 models (they compute in float32), groups of 32 inputs or a
     multiple, a number of inputs that their blocks divide."""
@@ -283,7 +291,7 @@ class Avx2Int4Linear(_Avx2Kernels, NativeInt4Linear):
         self.register_buffer("native_offsets", by_row_groups(-weight.zeros.float()[chunk_group] * scales))
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
-        return self.native.int4_matvec(x.float(), self.native_packed, self.native_scales, self.native_offsets,
+        return self.native.int4_matvec(as_float32(x), self.native_packed, self.native_scales, self.native_offsets,
                                        self.kernel_group, bias, activation)
 
 
@@ -300,7 +308,7 @@ class Avx2Int8Linear(_Avx2Kernels, _NativeLinear):
         self.register_buffer("native_offsets", offsets)
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
-        return self.native.int8_matvec(x.float(), self.int8_weight, self.native_scales, self.native_offsets,
+        return self.native.int8_matvec(as_float32(x), self.int8_weight, self.native_scales, self.native_offsets,
                                        self.kernel_group, bias, activation)
 
     def _dequantize_into(self, w: Tensor) -> None:
@@ -336,7 +344,7 @@ class WidenedLinear(_KernelProduct, nn.Module):
 
     def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
         refuse_training(x)
-        y = self.product(x.reshape(-1, self.in_features).float(), activation)
+        y = self.product(as_float32(x.reshape(-1, self.in_features)), activation)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
