@@ -132,7 +132,7 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
             parameter.requires_grad_(False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    if pack and quant is None and hasattr(model, "lm_head") and WidenedLinear.accepts(model.lm_head.weight):
+    if pack and quant is None and _widens(model):
         _widen(model)
     elif pack:
         for block in model.model.layers:
@@ -143,6 +143,14 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
             model.lm_head = DecodeHead(model.lm_head.weight, head_isa)
         return_freed_memory()
     return model.eval()
+
+
+def _widens(model: nn.Module) -> bool:
+    """Whether a causal LM's head and every linear of its blocks take WidenedLinear on this machine."""
+    if not hasattr(model, "lm_head"):
+        return False
+    linears = [m for m in model.model.layers[0].modules() if isinstance(m, Linear)]
+    return all(WidenedLinear.accepts(m.weight) for m in [model.lm_head, *linears])
 
 
 def _widen(model: nn.Module) -> None:
