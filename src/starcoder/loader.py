@@ -95,9 +95,10 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
     for name, module in quantized.items():
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attribute, module)
-        if attribute == "qkv":  # q, k and v fused (Attention.fuse_qkv's quantized counterpart): the three go
-            del parent.q, parent.k, parent.v
+        if attribute == "qkv":
+            parent.use_qkv(module)
+        else:
+            setattr(parent, attribute, module)
     inside = tuple(f"{name}." for name in quantized)
     expected = expected_hf_shapes(config, [(n, p.shape) for n, p in model.state_dict(keep_vars=True).items()
                                            if not n.startswith(inside)])

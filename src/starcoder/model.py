@@ -165,7 +165,11 @@ class Attention(nn.Module):
         parts = (self.q, self.k, self.v)
         weight = torch.cat([part.weight.detach() for part in parts])
         bias = torch.cat([part.bias.detach() for part in parts]) if self.q.bias is not None else None
-        self.qkv = (make_layer or _packed_linear)(weight, bias)
+        self.use_qkv((make_layer or _packed_linear)(weight, bias))
+
+    def use_qkv(self, layer: nn.Module) -> None:
+        """q, k and v replaced by one layer computing all three (their outputs one after another)."""
+        self.qkv = layer
         del self.q, self.k, self.v
 
     def forward(self, x: Tensor, spans: list[Span], layer: int) -> Tensor:
