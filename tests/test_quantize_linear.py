@@ -294,7 +294,7 @@ def test_avx2_kernels_equal_their_contract_and_stay_close_to_exact(bits, group_s
         if name:
             exact = torch.nn.functional.gelu(exact, approximate="tanh" if activation == 1 else "none")
         assert float((layer(x, name).double() - exact).abs().max() / exact.abs().max()) < 2e-2
-    x = torch.randn(20, K).to(dtype)  # long inputs: the weight dequantized into the scratch buffer, one matmul
+    x = torch.randn(37, K).to(dtype)  # long inputs: the weight dequantized panel by panel inside the kernel
     expected = reference(weight, bias, x.float())
     torch.testing.assert_close(layer(x).double(), expected, rtol=2**-7 if dtype == torch.bfloat16 else 1e-5,
                                atol=(2e-2 if dtype == torch.bfloat16 else 1e-5) * float(expected.abs().max()))
@@ -322,20 +322,20 @@ def test_avx2_decode_head_reads_an_int8_copy():
 
 @needs_avx2
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N, K, bias", [(96, 256, True), (50, 48, False)])
+@pytest.mark.parametrize("N, K, bias", [(96, 256, True), (50, 48, False), (40, 528, True)])
 def test_widened_layers_compute_in_float32_from_half_precision_weights(dtype, N, K, bias):
     """A half-precision weight under float32 activations (CPUs that emulate its dtype): decoding rows (1-8, with
     the fused bias and activations) and long inputs equal float32 arithmetic on the widened weight; the head of
     such a model reads its half-precision matrix in place (no int8 copy)."""
-    from starcoder.linears.quantized import Scratch, WidenedLinear
+    from starcoder.linears.quantized import WidenedLinear
 
     weight = torch.randn(N, K).to(dtype)
     b = torch.randn(N) if bias else None
-    layer = WidenedLinear(weight, b, Scratch())
+    layer = WidenedLinear(weight, b)
     assert layer.weight.dtype == dtype and layer.weight.data_ptr() == weight.data_ptr()  # held as stored
     wide = weight.double()
     for rows, activation in ((1, None), (2, "gelu_pytorch_tanh"), (5, "gelu"), (8, None), (20, None),
-                             (20, "gelu_pytorch_tanh")):
+                             (37, "gelu_pytorch_tanh")):
         x = torch.randn(1, rows, K)
         want = x.double() @ wide.T + (0 if b is None else b.double())
         if activation:

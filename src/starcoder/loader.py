@@ -159,17 +159,12 @@ def _widen(model: nn.Module) -> None:
     float32 with its weights as stored: the block linears and the head read their 2-byte weights with our
     kernels; the norms, biases and position embeddings (a small share of the bytes) become float32. The token
     embedding stays as stored: it is the tied head, and its rows are widened as they are looked up."""
-    scratch = Scratch()  # one for the model: its layers run one at a time
-
-    def widened(weight: torch.Tensor, bias: torch.Tensor | None) -> WidenedLinear:
-        return WidenedLinear(weight, bias, scratch)
-
     for block in model.model.layers:
-        block.attn.fuse_qkv(widened)
+        block.attn.fuse_qkv(WidenedLinear)
         for parent, name in ((block.attn, "o"), (block.mlp, "fc"), (block.mlp, "proj")):
             linear = getattr(parent, name)
             bias = None if linear.bias is None else linear.bias.detach()
-            setattr(parent, name, widened(linear.weight.detach(), bias))
+            setattr(parent, name, WidenedLinear(linear.weight.detach(), bias))
     model.lm_head = DecodeHead(model.lm_head.weight, "avx2", quantized=False)
     stay = {id(model.model.embed.weight), id(model.lm_head.weight)}
     for module in model.modules():

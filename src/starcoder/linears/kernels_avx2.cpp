@@ -232,44 +232,215 @@ torch::Tensor widened_matvec(const torch::Tensor& x, const torch::Tensor& w, con
   return y;
 }
 
-void check_decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, const torch::Tensor& offsets,
-                         int64_t N, int64_t group) {
+// Long inputs (prompts, prompt chunks): a float32 matrix product that widens the weights panel by panel, so each
+// weight is read from memory once per call and widened once, in the cache, instead of the whole layer being
+// widened into a float32 copy first (a pass over 6 bytes per weight, whatever the input's length). A panel is 16
+// output rows by up to kDepth inputs, widened and transposed to [k][16] floats (16 KB: it stays in L1) by the
+// weight's Panel type; a 6 x 16 tile of the output then takes 12 accumulators, and per input 2 panel loads and 6
+// broadcasts feed 12 FMAs. Every output row's sums run over k in order, block by block, as float32.
+constexpr int64_t kPanelRows = 16, kDepth = 256, kTileRows = 6;
+
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m256 u[8];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      u[4 * i + 2 * j] = _mm256_shuffle_ps(t[4 * i + j], t[4 * i + j + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * i + 2 * j + 1] = _mm256_shuffle_ps(t[4 * i + j], t[4 * i + j + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// A panel of a row-major [N, K] weight: 8 rows x 8 inputs at a time, each row's 8 inputs as floats by
+// widen(n, k), then transposed so that each vector holds one input's 8 rows (rows past N are 0).
+template <typename Widen>
+void transposed_panel(int64_t N, int64_t n0, int64_t k0, int64_t depth, float* panel, Widen widen) {
+  for (int64_t half = 0; half < kPanelRows; half += 8)
+    for (int64_t k = 0; k < depth; k += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = n0 + half + i < N ? widen(n0 + half + i, k0 + k) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k + i) * kPanelRows + half, r[i]);
+    }
+}
+
+// Half-precision weights: bfloat16 zero-extended and shifted, float16 through F16C.
+template <bool Bf16>
+struct HalfPanel {
+  const uint16_t* w;
+  int64_t N, K;
+  void operator()(int64_t n0, int64_t k0, int64_t depth, float* panel) const {
+    transposed_panel(N, n0, k0, depth, panel, [&](int64_t n, int64_t k) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * K + k));
+      return Bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+    });
+  }
+};
+
+// int8 weights with a scale and offset per (row, group).
+struct Int8Panel {
+  const int8_t* q8;
+  const float *scales, *offsets;
+  int64_t N, K, group;
+  void operator()(int64_t n0, int64_t k0, int64_t depth, float* panel) const {
+    transposed_panel(N, n0, k0, depth, panel, [&](int64_t n, int64_t k) {
+      const int64_t i = n * (K / group) + k / group;
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q8 + n * K + k));
+      return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(scales[i]),
+                             _mm256_set1_ps(offsets[i]));
+    });
+  }
+};
+
+// int4 weights, 8 rows interleaved (the layout of int4_rows8): a 32-byte step holds 8 inputs of 8 rows. Gathering
+// the bytes of one input's rows (vpshufb within each 128-bit lane, then the lanes' dwords interleaved) leaves each
+// input's 8 rows in one 64-bit lane, already in the panel's order: no transpose.
+struct Int4Panel {
+  const uint8_t* packed;
+  const float *scales, *offsets;
+  int64_t N, K, group;
+  void operator()(int64_t n0, int64_t k0, int64_t depth, float* panel) const {
+    const int64_t G = K / group;
+    const __m256i low = _mm256_set1_epi8(0x0F), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i by_input = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                              0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int64_t half = 0; half < kPanelRows && n0 + half < N; half += 8) {
+      const int64_t j = (n0 + half) / 8;
+      const uint8_t* rows = packed + j * 4 * K;
+      for (int64_t k = 0; k < depth; k += 32) {
+        const int64_t b = (k0 + k) / 32, g = (k0 + k) / group;
+        const __m256 s = _mm256_loadu_ps(scales + (j * G + g) * 8), o = _mm256_loadu_ps(offsets + (j * G + g) * 8);
+        for (int step = 0; step < 4; ++step) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + (b * 4 + step) * 32));
+          const __m256i nibbles[2] = {_mm256_and_si256(w, low), _mm256_and_si256(_mm256_srli_epi16(w, 4), low)};
+          for (int h = 0; h < 2; ++h) {  // low nibbles: inputs 8 step + 0..3; high ones: 8 step + 4..7
+            const __m256i grouped = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(nibbles[h], by_input), order);
+            const __m128i pair[2] = {_mm256_castsi256_si128(grouped), _mm256_extracti128_si256(grouped, 1)};
+            for (int i = 0; i < 4; ++i) {
+              const __m128i levels = i % 2 ? _mm_srli_si128(pair[i / 2], 8) : pair[i / 2];
+              const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(levels)), s, o);
+              _mm256_storeu_ps(panel + (k + 8 * step + 4 * h + i) * kPanelRows + half, v);
+            }
+          }
+        }
+      }
+    }
+    if (n0 + 8 >= N)  // a last panel of 8 rows: the other half is zero
+      for (int64_t k = 0; k < depth; ++k) _mm256_storeu_ps(panel + k * kPanelRows + 8, _mm256_setzero_ps());
+  }
+};
+
+// out[m, 0:16] (+)= x[m, 0:depth] . panel[0:depth][0:16] for MR rows of out (row stride ldo); x packed as
+// [depth][kTileRows] (pack_rows), so that its loads run along memory as the panel's do.
+template <int MR>
+void tile(const float* x, const float* panel, int64_t depth, float* out, int64_t ldo, bool accumulate) {
+  // (Named accumulators, not an array: GCC 12 keeps an array of them in memory and stores every FMA's result.)
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
+         a10 = a0, a11 = a0;
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* xk = x + k * kTileRows;
+    const __m256 b0 = _mm256_loadu_ps(panel + k * kPanelRows), b1 = _mm256_loadu_ps(panel + k * kPanelRows + 8);
+    __m256 a = _mm256_broadcast_ss(xk);
+    a0 = _mm256_fmadd_ps(a, b0, a0), a1 = _mm256_fmadd_ps(a, b1, a1);
+    if constexpr (MR > 1) a = _mm256_broadcast_ss(xk + 1), a2 = _mm256_fmadd_ps(a, b0, a2), a3 = _mm256_fmadd_ps(a, b1, a3);
+    if constexpr (MR > 2) a = _mm256_broadcast_ss(xk + 2), a4 = _mm256_fmadd_ps(a, b0, a4), a5 = _mm256_fmadd_ps(a, b1, a5);
+    if constexpr (MR > 3) a = _mm256_broadcast_ss(xk + 3), a6 = _mm256_fmadd_ps(a, b0, a6), a7 = _mm256_fmadd_ps(a, b1, a7);
+    if constexpr (MR > 4) a = _mm256_broadcast_ss(xk + 4), a8 = _mm256_fmadd_ps(a, b0, a8), a9 = _mm256_fmadd_ps(a, b1, a9);
+    if constexpr (MR > 5) {
+      a = _mm256_broadcast_ss(xk + 5), a10 = _mm256_fmadd_ps(a, b0, a10), a11 = _mm256_fmadd_ps(a, b1, a11);
+    }
+  }
+  const __m256 sums[2 * kTileRows] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};
+  for (int m = 0; m < MR; ++m)
+    for (int h = 0; h < 2; ++h) {
+      float* o = out + m * ldo + 8 * h;
+      _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), sums[2 * m + h]) : sums[2 * m + h]);
+    }
+}
+
+// x [M, K] as the tiles read it: per block of kDepth inputs (from k0), per tile of kTileRows rows, [depth][row]:
+// element (m, k) at k0 * Mt + (m / 6) * 6 * depth + (k - k0) * 6 + m % 6, Mt = M rounded up to 6 (rows past M 0).
+std::vector<float> pack_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows, Mt = tiles * kTileRows;
+  std::vector<float> packed(Mt * K, 0.f);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+        const int64_t depth = std::min(kDepth, K - k0);
+        float* dst = packed.data() + k0 * Mt + t * kTileRows * depth;
+        for (int64_t r = 0; r < kTileRows && t * kTileRows + r < M; ++r) {
+          const float* src = x + (t * kTileRows + r) * K + k0;
+          for (int64_t k = 0; k < depth; ++k) dst[k * kTileRows + r] = src[k];
+        }
+      }
+  });
+  return packed;
+}
+
+template <typename Body>
+void with_tile_rows(int64_t rows, Body body) {
+  switch (rows) {
+    case 1: return body(std::integral_constant<int, 1>());
+    case 2: return body(std::integral_constant<int, 2>());
+    case 3: return body(std::integral_constant<int, 3>());
+    case 4: return body(std::integral_constant<int, 4>());
+    case 5: return body(std::integral_constant<int, 5>());
+    default: return body(std::integral_constant<int, kTileRows>());
+  }
+}
+
+// y [M, N] = x [M, K] W^T + bias, W given panel by panel; the output rows' panels split among the threads.
+template <typename Panel>
+torch::Tensor panel_matmul(const torch::Tensor& x, int64_t N, const Panel& fill_panel, const float* bias) {
+  const int64_t M = x.size(0), K = x.size(1), panels = (N + kPanelRows - 1) / kPanelRows;
+  const int64_t Mt = (M + kTileRows - 1) / kTileRows * kTileRows;
+  const std::vector<float> packed_x = pack_rows(x.data_ptr<float>(), M, K);
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> panel(kDepth * kPanelRows), partial;  // partial: the last panel's out, when N % 16 != 0
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanelRows, rows = std::min(kPanelRows, N - n0);
+      if (rows < kPanelRows) partial.assign(M * kPanelRows, 0.f);
+      float* out = rows < kPanelRows ? partial.data() : yp + n0;
+      const int64_t ldo = rows < kPanelRows ? kPanelRows : N;
+      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+        const int64_t depth = std::min(kDepth, K - k0);
+        fill_panel(n0, k0, depth, panel.data());
+        for (int64_t m0 = 0; m0 < M; m0 += kTileRows)
+          with_tile_rows(std::min(kTileRows, M - m0), [&](auto mr) {
+            tile<decltype(mr)::value>(packed_x.data() + k0 * Mt + m0 * depth, panel.data(), depth, out + m0 * ldo, ldo,
+                                      k0 > 0);
+          });
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = out[m * ldo + r] + (bias ? bias[n0 + r] : 0.f);
+    }
+  });
+  return y;
+}
+
+void check_long_inputs(const torch::Tensor& x, const torch::Tensor& scales, const torch::Tensor& offsets,
+                       int64_t N, int64_t group) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous f32 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M >= 1 && M <= 8, "the decode kernels take 1 to 8 rows");
+  const int64_t K = x.size(1);
   TORCH_CHECK(group % 32 == 0 && K % group == 0, "groups of a multiple of 32 inputs that divide K");
   for (const auto* t : {&scales, &offsets})
     TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous() && t->numel() == N * (K / group),
                 "scales/offsets: f32 [N, K / group]");
 }
 
-// Writes w [N, K] (float32 or bfloat16) = level(n, k) * scale[n, g] + offset[n, g], g the group of k and (n, g)
-// at index(n, g) of the scales and offsets: group by group, so no division runs per weight (prefill dequantizes
-// every layer on each call).
-template <typename Level, typename Index>
-torch::Tensor fill(torch::Tensor w, const torch::Tensor& scales, const torch::Tensor& offsets, int64_t N, int64_t K,
-                   int64_t group, Level level, Index index) {
-  TORCH_CHECK(w.is_contiguous() && w.numel() == N * K, "w: contiguous [N, K]");
-  TORCH_CHECK(w.dtype() == torch::kFloat32 || w.dtype() == torch::kBFloat16, "w: f32 or bf16");
-  TORCH_CHECK(group > 0 && K % group == 0, "groups that divide K");
-  const int64_t G = K / group;
-  for (const auto* t : {&scales, &offsets})
-    TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous() && t->numel() == N * G,
-                "scales/offsets: f32 [N, K / group]");
-  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
-  float* as_float = w.dtype() == torch::kFloat32 ? w.data_ptr<float>() : nullptr;
-  at::BFloat16* as_bf16 = as_float == nullptr ? w.data_ptr<at::BFloat16>() : nullptr;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t g = 0; g < G; ++g) {
-        const float s = sp[index(n, g)], o = op[index(n, g)];
-        for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-          const float v = static_cast<float>(level(n, k)) * s + o;
-          if (as_float != nullptr) as_float[n * K + k] = v; else as_bf16[n * K + k] = at::BFloat16(v);
-        }
-      }
-  });
-  return w;
+void check_decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, const torch::Tensor& offsets,
+                         int64_t N, int64_t group) {
+  check_long_inputs(x, scales, offsets, N, group);
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "the decode kernels take 1 to 8 rows");
 }
 
 // Quantizes x's rows once, then runs rows(acts, y, m, r, n) over the output channels in parallel: m (input rows)
@@ -324,26 +495,25 @@ torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scale
   });
 }
 
-// The weights into w [N, K] (float32 or bfloat16), for long inputs: a matmul reads them once per prompt.
-torch::Tensor int4_dequantize(torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets, int64_t group,
-                              torch::Tensor w) {
-  const int64_t N = w.size(0), K = w.size(1), G = K / group;
-  TORCH_CHECK(packed.numel() * 2 == N * K && N % 8 == 0 && K % 32 == 0, "packed: uint8, N * K / 2");
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const auto level = [&](int64_t n, int64_t k) {
-    const int64_t within = k % 32, step = within / 8;
-    const uint8_t byte = pp[n / 8 * 4 * K + ((k / 32) * 4 + step) * 32 + n % 8 * 4 + within % 4];
-    return within % 8 < 4 ? byte & 15 : byte >> 4;
-  };
-  return fill(w, scales, offsets, N, K, group, level, [&](int64_t n, int64_t g) { return (n / 8 * G + g) * 8 + n % 8; });
+// x [M, K] float32 (any M), the weights of int4_matvec -> x W^T + bias as float32 [M, N], for long inputs: the
+// weights dequantize panel by panel in the cache (panel_matmul).
+torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
+                          int64_t group, c10::optional<torch::Tensor> bias) {
+  const int64_t K = x.size(1), N = packed.numel() * 2 / K;
+  check_long_inputs(x, scales, offsets, N, group);
+  TORCH_CHECK(N % 8 == 0 && packed.numel() * 2 == N * K && packed.is_contiguous(), "packed: uint8, N * K / 2, N % 8 == 0");
+  const Int4Panel panel{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(), N, K, group};
+  return panel_matmul(x, N, panel, optional_bias(bias, N));
 }
 
-torch::Tensor int8_dequantize(torch::Tensor q8, torch::Tensor scales, torch::Tensor offsets, int64_t group,
-                              torch::Tensor w) {
-  const int64_t N = q8.size(0), K = q8.size(1);
-  const int8_t* qp = q8.data_ptr<int8_t>();
-  return fill(w, scales, offsets, N, K, group, [&](int64_t n, int64_t k) { return qp[n * K + k]; },
-              [&](int64_t n, int64_t g) { return n * (K / group) + g; });
+// x [M, K] float32 (any M), the weights of int8_matvec -> x W^T + bias as float32 [M, N], for long inputs.
+torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q8, torch::Tensor scales, torch::Tensor offsets,
+                          int64_t group, c10::optional<torch::Tensor> bias) {
+  const int64_t K = x.size(1), N = q8.size(0);
+  check_long_inputs(x, scales, offsets, N, group);
+  TORCH_CHECK(q8.dtype() == torch::kInt8 && q8.size(1) == K && q8.is_contiguous(), "q8: int8 [N, K]");
+  const Int8Panel panel{q8.data_ptr<int8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(), N, K, group};
+  return panel_matmul(x, N, panel, optional_bias(bias, N));
 }
 
 // x [M, K] float32 (M <= 8), w [N, K] bfloat16 or float16, bias [N] float32 or None -> activation(x W^T + bias)
@@ -358,11 +528,25 @@ torch::Tensor half_matvec(torch::Tensor x, torch::Tensor w, c10::optional<torch:
                                        : widened_matvec<F16Weights>(x, w, bp, activation);
 }
 
+// x [M, K] float32 (any M), w [N, K] bfloat16 or float16, bias [N] float32 or None -> x W^T + bias as float32
+// [M, N]; K % 8 == 0. For long inputs: the weights widen panel by panel in the cache (panel_matmul).
+torch::Tensor half_matmul(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous f32 [M, K]");
+  TORCH_CHECK((w.dtype() == torch::kBFloat16 || w.dtype() == torch::kFloat16) && w.is_contiguous() && w.dim() == 2 &&
+              w.size(1) == x.size(1) && x.size(1) % 8 == 0, "w: contiguous bf16 or f16 [N, K], K % 8 == 0");
+  const int64_t N = w.size(0), K = w.size(1);
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const float* bp = optional_bias(bias, N);
+  return w.dtype() == torch::kBFloat16 ? panel_matmul(x, N, HalfPanel<true>{wp, N, K}, bp)
+                                       : panel_matmul(x, N, HalfPanel<false>{wp, N, K}, bp);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matvec", &int4_matvec, "int4 weights, int8 activations (decode)");
   m.def("int8_matvec", &int8_matvec, "int8 weights in groups, int8 activations (decode)");
   m.def("half_matvec", &half_matvec, "bfloat16 or float16 weights, float32 activations (decode)");
-  m.def("int4_dequantize", &int4_dequantize, "int4 weights to float32 or bfloat16");
-  m.def("int8_dequantize", &int8_dequantize, "int8 weights to float32 or bfloat16");
+  m.def("half_matmul", &half_matmul, "bfloat16 or float16 weights widened panel by panel (long inputs)");
+  m.def("int4_matmul", &int4_matmul, "int4 weights dequantized panel by panel (long inputs)");
+  m.def("int8_matmul", &int8_matmul, "int8 weights dequantized panel by panel (long inputs)");
   m.def("int8_rows", &int8_rows, "symmetric per-row int8 of a matrix");
 }

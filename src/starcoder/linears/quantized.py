@@ -125,15 +125,18 @@ class QuantLinear(nn.Module):
         vectors, a block of them at a time (a whole K x K identity would be gigabytes for a large layer)."""
         K, block = self.in_features, 1024
         w = torch.empty(self.out_features, K, dtype=self.dtype)
-        bias, self.bias = self.bias, None
+        biases = {name: getattr(self, name) for name in ("bias", "native_bias") if hasattr(self, name)}
         try:
+            for name in biases:  # (the kernels read their float32 copy of the bias)
+                setattr(self, name, None)
             for start in range(0, K, block):
                 rows = min(block, K - start)
                 units = torch.zeros(rows, K, dtype=self.dtype)
                 units[torch.arange(rows), torch.arange(start, start + rows)] = 1
                 w[:, start : start + rows] = self(units).T
         finally:
-            self.bias = bias
+            for name, value in biases.items():
+                setattr(self, name, value)
         return w
 
     @property
@@ -147,40 +150,49 @@ class QuantLinear(nn.Module):
 
 class _KernelProduct:
     """Our kernels' way to compute a layer: decoding in one call that also adds the bias and applies the
-    activation; long inputs widen the weight into the model's scratch buffer for one oneDNN matmul."""
+    activation; long inputs through _matmul."""
 
     in_features: int
     out_features: int
     dtype: torch.dtype
     bias: Tensor | None
     native_bias: Tensor | None  # the bias as float32, for the kernels
-    scratch: Scratch
 
     def product(self, x: Tensor, activation: str | None) -> Tensor:
         if x.shape[0] <= DECODE_ROWS and activation in _NATIVE_ACTIVATIONS:
-            bias = None if self.bias is None else self.native_bias
-            return self._matvec(x if x.is_contiguous() else x.contiguous(), bias, _NATIVE_ACTIVATIONS[activation])
-        w = self.scratch.matrix(self.out_features, self.in_features, self.dtype)
-        self._dequantize_into(w)
-        return matmul(x, w, self.bias, activation)
+            return self._matvec(x if x.is_contiguous() else x.contiguous(), self.native_bias,
+                                _NATIVE_ACTIVATIONS[activation])
+        return self._matmul(x, activation)
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
         raise NotImplementedError
 
-    def _dequantize_into(self, w: Tensor) -> None:
+    def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
         raise NotImplementedError
 
 
+def _activated(y: Tensor, activation: str | None) -> Tensor:
+    return y if activation is None else activation_function(activation)(y)
+
+
 class _NativeLinear(_KernelProduct, QuantLinear):
-    """Our kernels over integer weights."""
+    """Our kernels over integer weights. The AVX-512 kinds compute long inputs by dequantizing the layer into the
+    model's scratch buffer (bfloat16) for one oneDNN matmul, which runs bfloat16 natively on those CPUs."""
 
     isa = "avx512"  # which build of the kernels (native.BUILDS)
 
     def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype, scratch: Scratch):
         super().__init__(weight, bias, dtype)
         self.native, self.scratch = native.kernels(self.isa), scratch
-        if bias is not None:
-            self.register_buffer("native_bias", bias.float().contiguous())
+        self.register_buffer("native_bias", None if bias is None else bias.float().contiguous())
+
+    def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
+        w = self.scratch.matrix(self.out_features, self.in_features, self.dtype)
+        self._dequantize_into(w)
+        return matmul(x, w, self.bias, activation)
+
+    def _dequantize_into(self, w: Tensor) -> None:
+        raise NotImplementedError
 
 
 class NativeInt4Linear(_NativeLinear):
@@ -251,7 +263,8 @@ def as_float32(x: Tensor) -> Tensor:
 
 class _Avx2Kernels:
     """What the AVX2 kernels take: float32 or bfloat16 models (they compute in float32), groups of 32 inputs or a
-    multiple, a number of inputs that their blocks divide."""
+    multiple, a number of inputs that their blocks divide. Long inputs dequantize the weights panel by panel inside
+    the kernel (no float copy of the layer)."""
 
     isa, int8_activations = "avx2", True
     bits: int
@@ -294,6 +307,10 @@ class Avx2Int4Linear(_Avx2Kernels, NativeInt4Linear):
         return self.native.int4_matvec(as_float32(x), self.native_packed, self.native_scales, self.native_offsets,
                                        self.kernel_group, bias, activation)
 
+    def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
+        return _activated(self.native.int4_matmul(as_float32(x).contiguous(), self.native_packed, self.native_scales,
+                                                  self.native_offsets, self.kernel_group, self.native_bias), activation)
+
 
 class Avx2Int8Linear(_Avx2Kernels, _NativeLinear):
     """8-bit weights with a scale and offset per group of 32 inputs or a multiple (Q8_0's blocks, GPTQ's groups)
@@ -311,23 +328,24 @@ class Avx2Int8Linear(_Avx2Kernels, _NativeLinear):
         return self.native.int8_matvec(as_float32(x), self.int8_weight, self.native_scales, self.native_offsets,
                                        self.kernel_group, bias, activation)
 
-    def _dequantize_into(self, w: Tensor) -> None:
-        self.native.int8_dequantize(self.int8_weight, self.native_scales, self.native_offsets, self.kernel_group, w)
+    def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
+        return _activated(self.native.int8_matmul(as_float32(x).contiguous(), self.int8_weight, self.native_scales,
+                                                  self.native_offsets, self.kernel_group, self.native_bias), activation)
 
 
 class WidenedLinear(_KernelProduct, nn.Module):
     """Half-precision weights (bfloat16, float16) for float32 activations, on CPUs that do not compute in the
     weights' dtype natively (bfloat16 without AVX512-BF16: emulated, prefill 5x slower than float32; float16 on
     any CPU): decoding reads the 2-byte weights at memory bandwidth and widens them in registers (the AVX2
-    kernels' half_matvec); long inputs widen the layer into the scratch buffer for one float32 matmul. The sums
-    are float32's, as a float32 model holding the same weights computes them."""
+    kernels' half_matvec); long inputs widen them panel by panel inside the kernel's matmul (half_matmul). The
+    sums are float32's, as a float32 model holding the same weights computes them."""
 
     mode, packed = "widened", True  # q, k and v fused, float32 biases: an inference-only layout (is_packed)
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, scratch: Scratch):
+    def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.dtype, self.native, self.scratch = torch.float32, native.kernels("avx2"), scratch
+        self.dtype, self.native = torch.float32, native.kernels("avx2")
         self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
 
@@ -350,8 +368,8 @@ class WidenedLinear(_KernelProduct, nn.Module):
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
         return self.native.half_matvec(x, self.weight, bias, activation)
 
-    def _dequantize_into(self, w: Tensor) -> None:
-        w.copy_(self.weight)
+    def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
+        return _activated(self.native.half_matmul(x.contiguous(), self.weight, self.bias), activation)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype} weights"
@@ -476,7 +494,10 @@ class DecodeHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         half = self.weight.dtype in (torch.bfloat16, torch.float16)
-        if x2.shape[0] > DECODE_ROWS:
+        widened = self.isa == "avx2" and half and x2.dtype == torch.float32 and x2.shape[1] % 16 == 0
+        if x2.shape[0] > DECODE_ROWS and widened:
+            y = self.kernels.half_matmul(x2.contiguous(), self.weight, None)
+        elif x2.shape[0] > DECODE_ROWS:
             y = matmul(x2, self.weight.to(x2.dtype))
         elif self.int8_activations and self.isa == "avx2":
             y = self.kernels.int8_matvec(x2.float().contiguous(), self.q8, self.q8_scale, self.q8_offset,
@@ -486,7 +507,7 @@ class DecodeHead(nn.Module):
                                             float_out=True)
         elif self.isa == "avx512" and x2.dtype == self.weight.dtype == torch.bfloat16:
             y = self.kernels.bf16_matvec(x2.contiguous(), self.weight)
-        elif self.isa == "avx2" and half and x2.dtype == torch.float32 and x2.shape[1] % 16 == 0:
+        elif widened:
             y = self.kernels.half_matvec(x2.contiguous(), self.weight, None, 0)
         else:
             y = matmul(x2, self.weight.to(x2.dtype))
