@@ -86,6 +86,15 @@ inline __m256 dot_u8_s8(__m256i u, __m256i s) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 
+// Each thread reads its weights as one stream, and asks for the line kStreamAhead bytes further on while it uses
+// one: 93-95% of the machine's read bandwidth on two cores of an AVX2 EPYC, against 65-70% when the next rows were
+// prefetched whole or two rows were read side by side.
+constexpr int64_t kStreamAhead = 1024;
+
+inline void prefetch_stream(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + kStreamAhead, _MM_HINT_T0);
+}
+
 // int4: 8 output rows at a time, interleaved in the layout so that one vector holds the 8 rows' sums: no row needs
 // a horizontal sum or a scale broadcast of its own, and the products of a block of 32 inputs add up in int16 (8
 // vpmaddubsw results of at most 2 x 15 x 127 each stay below 2^15) before one vpmaddwd widens them.
@@ -95,7 +104,6 @@ void int4_rows8(const Int8Acts& a, const uint8_t* packed, const float* scales, c
   const int64_t G = K / group, B = K / 32, blocks_per_group = group / 32;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const uint8_t* p = packed + j * 4 * K;  // 8 rows of K / 2 bytes
-  prefetch_ahead(p, 4 * K, j, N / 8);
   const float *row_scales = scales + j * G * 8, *row_offsets = offsets + j * G * 8;
   __m256 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
@@ -105,6 +113,7 @@ void int4_rows8(const Int8Acts& a, const uint8_t* packed, const float* scales, c
       __m256i sum[M];
       for (int m = 0; m < M; ++m) sum[m] = _mm256_setzero_si256();
       for (int step = 0; step < 4; ++step) {
+        if (step % 2 == 0) prefetch_stream(p + (b * 4 + step) * 32);
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (b * 4 + step) * 32));
         const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
         for (int m = 0; m < M; ++m) {
@@ -130,33 +139,26 @@ void int4_rows8(const Int8Acts& a, const uint8_t* packed, const float* scales, c
   }
 }
 
-template <int M, int R>
-void int8_rows_i8(const Int8Acts& a, const int8_t* q8, const float* scales, const float* offsets,
-                  const float* bias, int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t n) {
+template <int M>
+void int8_row(const Int8Acts& a, const int8_t* q8, const float* scales, const float* offsets, const float* bias,
+              int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t n) {
   const int64_t G = K / group, B = K / 32;
-  const int8_t* rows[R];
-  for (int r = 0; r < R; ++r) {
-    rows[r] = q8 + (n + r) * K;
-    prefetch_ahead(rows[r], K, n + r, N);
-  }
-  __m256 acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-  for (int64_t k0 = 0; k0 < K; k0 += 32)
-    for (int r = 0; r < R; ++r) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k0));
-      const __m256i magnitude = _mm256_sign_epi8(w, w);
-      const float s = scales[(n + r) * G + a.group_of[k0 / 32]];
-      for (int m = 0; m < M; ++m) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + k0));
-        acc[r][m] = _mm256_fmadd_ps(dot_u8_s8(magnitude, _mm256_sign_epi8(x, w)),
-                                    _mm256_set1_ps(s * a.scale[m * B + k0 / 32]), acc[r][m]);
-      }
+  const int8_t* row = q8 + n * K;
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    prefetch_stream(row + k0);
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k0));
+    const __m256i magnitude = _mm256_sign_epi8(w, w);
+    const float s = scales[n * G + a.group_of[k0 / 32]];
+    for (int m = 0; m < M; ++m) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + k0));
+      acc[m] = _mm256_fmadd_ps(dot_u8_s8(magnitude, _mm256_sign_epi8(x, w)),
+                               _mm256_set1_ps(s * a.scale[m * B + k0 / 32]), acc[m]);
     }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m)
-      y[m * N + n + r] = epilogue(horizontal_sum(acc[r][m]) + dot(offsets + (n + r) * G, &a.sums[m * G], G), bias,
-                                  n + r, activation);
+  }
+  for (int m = 0; m < M; ++m)
+    y[m * N + n] = epilogue(horizontal_sum(acc[m]) + dot(offsets + n * G, &a.sums[m * G], G), bias, n, activation);
 }
 
 // Half-precision weights for float32 activations: 16 weights per 32-byte load, widened to two vectors of 8 floats.
@@ -180,36 +182,32 @@ struct F16Weights {
   }
 };
 
-// Two accumulators per (row, input row) where few rows run (the FMA latency, not the loads, would bound one), one
-// where many do (registers run out).
-template <typename Weights, int M, int R>
-void half_rows(const float* x, const uint16_t* w, const float* bias, int64_t activation, float* y, int64_t K,
-               int64_t N, int64_t n) {
+// One output row at a time, so that each thread reads one stream of weights (see kStreamAhead). Two accumulators
+// per input row where few input rows run (the FMA latency, not the loads, would bound one), one where many do
+// (registers run out).
+
+template <typename Weights, int M>
+void half_row(const float* x, const uint16_t* w, const float* bias, int64_t activation, float* y, int64_t K,
+              int64_t N, int64_t n) {
   constexpr int A = M <= 2 ? 2 : 1;
-  const uint16_t* rows[R];
-  for (int r = 0; r < R; ++r) {
-    rows[r] = w + (n + r) * K;
-    prefetch_ahead(rows[r], K * 2, n + r, N);
-  }
-  __m256 acc[R][M][A];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m)
-      for (int a = 0; a < A; ++a) acc[r][m][a] = _mm256_setzero_ps();
-  for (int64_t k0 = 0; k0 < K; k0 += 16)
-    for (int r = 0; r < R; ++r) {
-      __m256 first, second;
-      Weights::widen(rows[r] + k0, first, second);
-      for (int m = 0; m < M; ++m) {
-        acc[r][m][0] = _mm256_fmadd_ps(first, _mm256_loadu_ps(x + m * K + k0), acc[r][m][0]);
-        acc[r][m][A - 1] = _mm256_fmadd_ps(second, _mm256_loadu_ps(x + m * K + k0 + 8), acc[r][m][A - 1]);
-      }
-    }
-  for (int r = 0; r < R; ++r)
+  const uint16_t* row = w + n * K;
+  __m256 acc[M][A];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + k0) + kStreamAhead, _MM_HINT_T0);
+    __m256 first, second;
+    Weights::widen(row + k0, first, second);
     for (int m = 0; m < M; ++m) {
-      __m256 sum = acc[r][m][0];
-      if constexpr (A == 2) sum = _mm256_add_ps(sum, acc[r][m][1]);
-      y[m * N + n + r] = epilogue(horizontal_sum(sum), bias, n + r, activation);
+      acc[m][0] = _mm256_fmadd_ps(first, _mm256_loadu_ps(x + m * K + k0), acc[m][0]);
+      acc[m][A - 1] = _mm256_fmadd_ps(second, _mm256_loadu_ps(x + m * K + k0 + 8), acc[m][A - 1]);
     }
+  }
+  for (int m = 0; m < M; ++m) {
+    __m256 sum = acc[m][0];
+    if constexpr (A == 2) sum = _mm256_add_ps(sum, acc[m][1]);
+    y[m * N + n] = epilogue(horizontal_sum(sum), bias, n, activation);
+  }
 }
 
 template <typename Weights>
@@ -224,9 +222,8 @@ torch::Tensor widened_matvec(const torch::Tensor& x, const torch::Tensor& w, con
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     with_rows(M, [&](auto m) {
-      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
-        half_rows<Weights, decltype(m)::value, decltype(r)::value>(order.data(), wp, bias, activation, yp, K, N, n);
-      });
+      for (int64_t n = n0; n < n1; ++n)
+        half_row<Weights, decltype(m)::value>(order.data(), wp, bias, activation, yp, K, N, n);
     });
   });
   return y;
@@ -443,17 +440,17 @@ void check_decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, co
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "the decode kernels take 1 to 8 rows");
 }
 
-// Quantizes x's rows once, then runs rows(acts, y, m, r, n) over the output channels in parallel: m (input rows)
-// and r (output rows at a time) as integral constants, for the row kernels' template arguments.
-template <typename Rows>
-torch::Tensor decode(const torch::Tensor& x, int64_t N, int64_t group, Rows rows) {
+// Quantizes x's rows once, then runs row(acts, y, m, n) over the output channels in parallel: m (input rows) as an
+// integral constant, for the row kernels' template argument.
+template <typename Row>
+torch::Tensor decode(const torch::Tensor& x, int64_t N, int64_t group, Row row) {
   const int64_t M = x.size(0), K = x.size(1);
   const Int8Acts acts = quantize_activations(x.data_ptr<float>(), M, K, group);
   auto y = torch::empty({M, N}, torch::kFloat32);
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     with_rows(M, [&](auto m) {
-      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) { rows(acts, yp, m, r, n); });
+      for (int64_t n = n0; n < n1; ++n) row(acts, yp, m, n);
     });
   });
   return y;
@@ -490,8 +487,8 @@ torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scale
   TORCH_CHECK(q8.dtype() == torch::kInt8 && q8.size(1) == K && q8.is_contiguous(), "q8: int8 [N, K]");
   const int8_t* qp = q8.data_ptr<int8_t>();
   const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
-  return decode(x, N, group, [&](const Int8Acts& acts, float* yp, auto m, auto r, int64_t n) {
-    int8_rows_i8<decltype(m)::value, decltype(r)::value>(acts, qp, sp, op, bp, activation, yp, K, N, group, n);
+  return decode(x, N, group, [&](const Int8Acts& acts, float* yp, auto m, int64_t n) {
+    int8_row<decltype(m)::value>(acts, qp, sp, op, bp, activation, yp, K, N, group, n);
   });
 }
 

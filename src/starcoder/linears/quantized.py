@@ -184,7 +184,8 @@ class _NativeLinear(_KernelProduct, QuantLinear):
     def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype, scratch: Scratch):
         super().__init__(weight, bias, dtype)
         self.native, self.scratch = native.kernels(self.isa), scratch
-        self.register_buffer("native_bias", None if bias is None else bias.float().contiguous())
+        # (from the bias as the layer holds it, in its dtype: every path adds the same bias)
+        self.register_buffer("native_bias", None if self.bias is None else self.bias.float().contiguous())
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
         w = self.scratch.matrix(self.out_features, self.in_features, self.dtype)
