@@ -15,7 +15,8 @@ process's RSS after loading minus before (the model's own memory).
 
 activations: the embedded model quantized (GPTQ int4 g128 act-order, round-to-nearest int8), scored one token
 at a time through the decode kernels (256-token windows of the held-out code), with int8 activations and with
-bfloat16 ones (STARCODER_INT8_ACTIVATIONS=0), each in a fresh process; bfloat16 weights as the baseline.
+exact ones (STARCODER_INT8_ACTIVATIONS=0: bfloat16 on AVX512-BF16 CPUs, float32 on AVX2 ones), each in a fresh
+process; bfloat16 weights as the baseline.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def activations() -> None:
             quantize_model(str(EMBEDDED), out, settings, [calibration], n_samples=128, seq_len=512, method=method,
                            progress=False)
             rows += [(f"{name}, int8 activations", str(out), {"STARCODER_INT8_ACTIVATIONS": "1"}),
-                     (f"{name}, bf16 activations", str(out), {"STARCODER_INT8_ACTIVATIONS": "0"})]
+                     (f"{name}, exact activations", str(out), {"STARCODER_INT8_ACTIVATIONS": "0"})]
         results = [(name, run_child(__file__, "decode-perplexity", ["--path", path], env)) for name, path, env in rows]
     base = results[0][1]["perplexity"]
     print(f"embedded model, held-out CPython code, {results[0][1]['tokens']} tokens scored one at a time through the "

@@ -8,8 +8,8 @@ llama-cpp-python sdist with the native CPU flags, see llamacpp.py) converts it w
 to bf16 and q8_0, and llama-quantize makes q4_0 and q4_k_m from the bf16 file. Ours: the same checkpoint loaded
 as `starcoder.load` does, and round-to-nearest int8 (per channel) and int4 (group 128) made by `starcoder
 quantize --method rtn` (both timed, as llama-quantize is). Our int8/int4 rows run twice: with int8 activations and
-integer dot products (the default on AVX512-VNNI CPUs) and with bfloat16 activations (STARCODER_INT8_ACTIVATIONS=0,
-the exact path).
+integer dot products (the default) and with exact activations (STARCODER_INT8_ACTIVATIONS=0: bfloat16 on
+AVX512-BF16 CPUs, float32 on AVX2 ones).
 
 Every measurement is a fresh process (llama-bench with -r 1; ours through bench/quantization.py's child), sides
 alternating, best of --rounds. Decode bandwidth is the weights' file size times tokens/s, against this machine's
@@ -33,9 +33,9 @@ from generation import build_membw, memory_bandwidth
 ROWS = [
     ("bf16", "bf16", {}, "bf16"),
     ("int8 / q8_0", "int8", {}, "q8_0"),
-    ("int8 (bf16 activations) / q8_0", "int8", {"STARCODER_INT8_ACTIVATIONS": "0"}, "q8_0"),
+    ("int8 (exact activations) / q8_0", "int8", {"STARCODER_INT8_ACTIVATIONS": "0"}, "q8_0"),
     ("int4 g128 / q4_0", "int4", {}, "q4_0"),
-    ("int4 g128 (bf16 activations) / q4_0", "int4", {"STARCODER_INT8_ACTIVATIONS": "0"}, "q4_0"),
+    ("int4 g128 (exact activations) / q4_0", "int4", {"STARCODER_INT8_ACTIVATIONS": "0"}, "q4_0"),
     ("int4 g128 / q4_k_m", "int4", {}, "q4_k_m"),
 ]
 

@@ -20,10 +20,10 @@ def reference(weight, bias, x):
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("bits, group_size, N, K", SHAPES)
 def test_float32_paths_equal_the_reference(bits, group_size, N, K, act_order, monkeypatch):
-    """Without int8 activations, float32 models take PyTorch's kernels (or keep the dequantized weight): tight
-    agreement with and without act-order (a g_idx that spreads the groups over the inputs in a random order) and
-    groups."""
-    monkeypatch.setenv("STARCODER_INT8_ACTIVATIONS", "0")
+    """Without our kernels (no compiler, STARCODER_NATIVE_KERNELS=0), float32 models take PyTorch's kernels (or
+    keep the dequantized weight): tight agreement with and without act-order (a g_idx that spreads the groups over
+    the inputs in a random order) and groups."""
+    monkeypatch.setattr(native, "avx2_kernels", lambda: None)
     weight, bias = random_weight(N, K, bits, group_size, act_order=act_order), torch.randn(N)
     layer = quantized_linear(weight, bias, torch.float32)
     expected_mode = {(4, 48): "dequantized"}.get((bits, N), "int4" if bits == 4 else "int8")
@@ -276,7 +276,7 @@ def avx2_contract(layer, x, activation):
 def test_avx2_kernels_equal_their_contract_and_stay_close_to_exact(bits, group_size, N, K, dtype, monkeypatch):
     """The AVX2 layers (float32 models, groups of 32 on every CPU): the decode kernels equal their contract up to
     float32 sums; against the exact product the error is what int8 activations cost; the long-input path
-    dequantizes exactly; STARCODER_INT8_ACTIVATIONS=0 turns them off."""
+    dequantizes exactly; STARCODER_INT8_ACTIVATIONS=0 decodes with the exact float32 products."""
     weight, bias = random_weight(N, K, bits, group_size), torch.randn(N)
     layer = quantized_linear(weight, bias, dtype)
     assert layer.mode == f"avx2-int{bits}" and layer.int8_activations
@@ -301,8 +301,16 @@ def test_avx2_kernels_equal_their_contract_and_stay_close_to_exact(bits, group_s
     torch.testing.assert_close(layer.dequantize().double(), weight.dequantize().to(dtype).double(),
                                rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
     assert layer.nbytes < N * K * (bits / 8 + 0.3) + 16 * N
-    monkeypatch.setenv("STARCODER_INT8_ACTIVATIONS", "0")
-    assert not quantized_linear(weight, bias, dtype).mode.startswith("avx2")
+    monkeypatch.setenv("STARCODER_INT8_ACTIVATIONS", "0")  # the exact path: float32 products, decoding too
+    exact = quantized_linear(weight, bias, dtype)
+    assert exact.mode == f"avx2-int{bits}" and not exact.int8_activations
+    for rows, activation in ((1, None), (3, "gelu_pytorch_tanh"), (8, "gelu")):
+        x = torch.randn(rows, K).to(dtype)
+        want = reference(weight, bias.to(dtype).float(), x.float())  # (the bias as the layer holds it)
+        if activation:
+            want = torch.nn.functional.gelu(want, approximate="tanh" if activation.endswith("tanh") else "none")
+        torch.testing.assert_close(exact(x, activation).double(), want.to(dtype).double(),
+                                   rtol=2**-7 if dtype == torch.bfloat16 else 1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 @needs_avx2

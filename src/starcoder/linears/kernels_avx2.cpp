@@ -2,7 +2,8 @@
 // years with FMA): the CPUs without AVX512-BF16, where models compute in float32. Also the kernels for group sizes
 // the AVX-512 ones do not take (llama.cpp's Q4_0 and Q8_0 blocks of 32), and for float16 weights, on every CPU.
 //
-// The activations are quantized to int8 per block of 32 inputs, as llama.cpp's q8_0 (scale max|x| / 127, x
+// Decoding quantizes the activations to int8 per block of 32 inputs (unless asked for the exact float32 products,
+// int4_rows8_exact and int8_row_exact), as llama.cpp's q8_0 (scale max|x| / 127, x
 // times its inverse rounded half to even), and meet the weights in vpmaddubsw (u8 x s8 -> pairs of products
 // summed into int16) and vpmaddwd (pairs of int16 summed into int32): 32 products per two instructions. Each
 // block's int32 sums are scaled once by the weight's and the block's scales. The weights' offsets (q * scale +
@@ -95,6 +96,13 @@ inline void prefetch_stream(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kStreamAhead, _MM_HINT_T0);
 }
 
+// y[8j .. 8j + 7] = the epilogue of the 8 rows' sums.
+inline void store_rows8(__m256 acc, const float* bias, int64_t activation, float* y, int64_t j) {
+  float sums[8];
+  _mm256_storeu_ps(sums, acc);
+  for (int r = 0; r < 8; ++r) y[j * 8 + r] = epilogue(sums[r], bias, j * 8 + r, activation);
+}
+
 // int4: 8 output rows at a time, interleaved in the layout so that one vector holds the 8 rows' sums: no row needs
 // a horizontal sum or a scale broadcast of its own, and the products of a block of 32 inputs add up in int16 (8
 // vpmaddubsw results of at most 2 x 15 x 127 each stay below 2^15) before one vpmaddwd widens them.
@@ -132,11 +140,7 @@ void int4_rows8(const Int8Acts& a, const uint8_t* packed, const float* scales, c
     const __m256 o = _mm256_loadu_ps(row_offsets + g * 8);
     for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(o, _mm256_set1_ps(a.sums[m * G + g]), acc[m]);
   }
-  for (int m = 0; m < M; ++m) {
-    float sums[8];
-    _mm256_storeu_ps(sums, acc[m]);
-    for (int r = 0; r < 8; ++r) y[m * N + j * 8 + r] = epilogue(sums[r], bias, j * 8 + r, activation);
-  }
+  for (int m = 0; m < M; ++m) store_rows8(acc[m], bias, activation, y + m * N, j);
 }
 
 template <int M>
@@ -296,43 +300,91 @@ struct Int8Panel {
   }
 };
 
-// int4 weights, 8 rows interleaved (the layout of int4_rows8): a 32-byte step holds 8 inputs of 8 rows. Gathering
-// the bytes of one input's rows (vpshufb within each 128-bit lane, then the lanes' dwords interleaved) leaves each
-// input's 8 rows in one 64-bit lane, already in the panel's order: no transpose.
+// The 32 inputs of one block of int4 weights, 8 rows interleaved (the layout of int4_rows8), as floats: calls
+// column(i, v) for i = 0..31 with v the 8 rows' weights of input i (level * s + o). A 32-byte step holds 8 inputs
+// of 8 rows; gathering the bytes of one input's rows (vpshufb within each 128-bit lane, then the lanes' dwords
+// interleaved) leaves each input's 8 rows in one 64-bit lane, already in row order: no transpose.
+template <typename Column>
+inline void int4_block_columns(const uint8_t* block, __m256 s, __m256 o, Column column) {
+  const __m256i low = _mm256_set1_epi8(0x0F), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i by_input = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                            0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (int step = 0; step < 4; ++step) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + step * 32));
+    const __m256i nibbles[2] = {_mm256_and_si256(w, low), _mm256_and_si256(_mm256_srli_epi16(w, 4), low)};
+    for (int h = 0; h < 2; ++h) {  // low nibbles: inputs 8 step + 0..3; high ones: 8 step + 4..7
+      const __m256i grouped = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(nibbles[h], by_input), order);
+      const __m128i pair[2] = {_mm256_castsi256_si128(grouped), _mm256_extracti128_si256(grouped, 1)};
+      for (int i = 0; i < 4; ++i) {
+        const __m128i levels = i % 2 ? _mm_srli_si128(pair[i / 2], 8) : pair[i / 2];
+        column(8 * step + 4 * h + i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(levels)), s, o));
+      }
+    }
+  }
+}
+
 struct Int4Panel {
   const uint8_t* packed;
   const float *scales, *offsets;
   int64_t N, K, group;
   void operator()(int64_t n0, int64_t k0, int64_t depth, float* panel) const {
     const int64_t G = K / group;
-    const __m256i low = _mm256_set1_epi8(0x0F), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    const __m256i by_input = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                              0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     for (int64_t half = 0; half < kPanelRows && n0 + half < N; half += 8) {
       const int64_t j = (n0 + half) / 8;
-      const uint8_t* rows = packed + j * 4 * K;
       for (int64_t k = 0; k < depth; k += 32) {
         const int64_t b = (k0 + k) / 32, g = (k0 + k) / group;
         const __m256 s = _mm256_loadu_ps(scales + (j * G + g) * 8), o = _mm256_loadu_ps(offsets + (j * G + g) * 8);
-        for (int step = 0; step < 4; ++step) {
-          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + (b * 4 + step) * 32));
-          const __m256i nibbles[2] = {_mm256_and_si256(w, low), _mm256_and_si256(_mm256_srli_epi16(w, 4), low)};
-          for (int h = 0; h < 2; ++h) {  // low nibbles: inputs 8 step + 0..3; high ones: 8 step + 4..7
-            const __m256i grouped = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(nibbles[h], by_input), order);
-            const __m128i pair[2] = {_mm256_castsi256_si128(grouped), _mm256_extracti128_si256(grouped, 1)};
-            for (int i = 0; i < 4; ++i) {
-              const __m128i levels = i % 2 ? _mm_srli_si128(pair[i / 2], 8) : pair[i / 2];
-              const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(levels)), s, o);
-              _mm256_storeu_ps(panel + (k + 8 * step + 4 * h + i) * kPanelRows + half, v);
-            }
-          }
-        }
+        int4_block_columns(packed + j * 4 * K + b * 128, s, o, [&](int i, __m256 v) {
+          _mm256_storeu_ps(panel + (k + i) * kPanelRows + half, v);
+        });
       }
     }
     if (n0 + 8 >= N)  // a last panel of 8 rows: the other half is zero
       for (int64_t k = 0; k < depth; ++k) _mm256_storeu_ps(panel + k * kPanelRows + 8, _mm256_setzero_ps());
   }
 };
+
+// Exact decoding (STARCODER_INT8_ACTIVATIONS=0): float32 activations times the weights dequantized in registers,
+// the arithmetic of the long-input path. More instructions per weight than the integer dot products, but still
+// near memory speed, where PyTorch's int4/int8 kernels take float32 activations at about 1 token/s (1B shape).
+template <int M>
+void int4_rows8_exact(const float* x, const uint8_t* packed, const float* scales, const float* offsets,
+                      const float* bias, int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t j) {
+  const int64_t G = K / group;
+  const uint8_t* p = packed + j * 4 * K;
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 s = _mm256_loadu_ps(scales + (j * G + g) * 8), o = _mm256_loadu_ps(offsets + (j * G + g) * 8);
+    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 32) {
+      prefetch_stream(p + k0 * 4);
+      prefetch_stream(p + k0 * 4 + 64);
+      int4_block_columns(p + k0 * 4, s, o, [&](int i, __m256 v) {
+        for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(v, _mm256_set1_ps(x[m * K + k0 + i]), acc[m]);
+      });
+    }
+  }
+  for (int m = 0; m < M; ++m) store_rows8(acc[m], bias, activation, y + m * N, j);
+}
+
+template <int M>
+void int8_row_exact(const float* x, const int8_t* q8, const float* scales, const float* offsets, const float* bias,
+                    int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t n) {
+  const int64_t G = K / group;
+  const int8_t* row = q8 + n * K;
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 s = _mm256_set1_ps(scales[n * G + g]), o = _mm256_set1_ps(offsets[n * G + g]);
+    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+      if (k % 64 == 0) prefetch_stream(row + k);
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
+      const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s, o);
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * K + k), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) y[m * N + n] = epilogue(horizontal_sum(acc[m]), bias, n, activation);
+}
 
 // out[m, 0:16] (+)= x[m, 0:depth] . panel[0:depth][0:16] for MR rows of out (row stride ldo); x packed as
 // [depth][kTileRows] (pack_rows), so that its loads run along memory as the panel's do.
@@ -440,40 +492,27 @@ void check_decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, co
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "the decode kernels take 1 to 8 rows");
 }
 
-// Quantizes x's rows once, then runs row(acts, y, m, n) over the output channels in parallel: m (input rows) as an
-// integral constant, for the row kernels' template argument.
-template <typename Row>
-torch::Tensor decode(const torch::Tensor& x, int64_t N, int64_t group, Row row) {
-  const int64_t M = x.size(0), K = x.size(1);
-  const Int8Acts acts = quantize_activations(x.data_ptr<float>(), M, K, group);
-  auto y = torch::empty({M, N}, torch::kFloat32);
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    with_rows(M, [&](auto m) {
-      for (int64_t n = n0; n < n1; ++n) row(acts, yp, m, n);
-    });
-  });
-  return y;
-}
-
 }  // namespace
 
 // x [M, K] float32 (M <= 8), packed uint8 [N / 8, K / 32, 4, 32] as int4_rows8 reads it, scales/offsets
 // [N / 8, G, 8] float32, bias [N] float32 or None -> activation(x W^T + bias) as float32 [M, N]; N % 8 == 0.
+// int8_activations: x quantized per block of 32 for integer dot products; else exact float32 products.
 torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
-                          int64_t group, c10::optional<torch::Tensor> bias, int64_t activation) {
+                          int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
   const int64_t M = x.size(0), K = x.size(1), N = packed.numel() * 2 / K;
   check_decode_inputs(x, scales, offsets, N, group);
   TORCH_CHECK(N % 8 == 0 && packed.numel() * 2 == N * K && packed.is_contiguous(), "packed: uint8, N * K / 2, N % 8 == 0");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
-  const Int8Acts acts = quantize_activations(x.data_ptr<float>(), M, K, group);
+  const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
+  const float* bp = optional_bias(bias, N);
+  const Int8Acts acts = int8_activations ? quantize_activations(xp, M, K, group) : Int8Acts{};
   auto y = torch::empty({M, N}, torch::kFloat32);
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N / 8, 2, [&](int64_t j0, int64_t j1) {
     with_rows(M, [&](auto m) {
       for (int64_t j = j0; j < j1; ++j)
-        int4_rows8<decltype(m)::value>(acts, pp, sp, op, bp, activation, yp, K, N, group, j);
+        if (int8_activations) int4_rows8<decltype(m)::value>(acts, pp, sp, op, bp, activation, yp, K, N, group, j);
+        else int4_rows8_exact<decltype(m)::value>(xp, pp, sp, op, bp, activation, yp, K, N, group, j);
     });
   });
   return y;
@@ -481,15 +520,24 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor s
 
 // x [M, K] float32 (M <= 8), q8 [N, K] int8, scales/offsets [N, G] float32 -> float32 [M, N]; K % 32 == 0.
 torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scales, torch::Tensor offsets,
-                          int64_t group, c10::optional<torch::Tensor> bias, int64_t activation) {
-  const int64_t K = x.size(1), N = q8.size(0);
+                          int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
+  const int64_t M = x.size(0), K = x.size(1), N = q8.size(0);
   check_decode_inputs(x, scales, offsets, N, group);
   TORCH_CHECK(q8.dtype() == torch::kInt8 && q8.size(1) == K && q8.is_contiguous(), "q8: int8 [N, K]");
   const int8_t* qp = q8.data_ptr<int8_t>();
-  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
-  return decode(x, N, group, [&](const Int8Acts& acts, float* yp, auto m, int64_t n) {
-    int8_row<decltype(m)::value>(acts, qp, sp, op, bp, activation, yp, K, N, group, n);
+  const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
+  const float* bp = optional_bias(bias, N);
+  const Int8Acts acts = int8_activations ? quantize_activations(xp, M, K, group) : Int8Acts{};
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    with_rows(M, [&](auto m) {
+      for (int64_t n = n0; n < n1; ++n)
+        if (int8_activations) int8_row<decltype(m)::value>(acts, qp, sp, op, bp, activation, yp, K, N, group, n);
+        else int8_row_exact<decltype(m)::value>(xp, qp, sp, op, bp, activation, yp, K, N, group, n);
+    });
   });
+  return y;
 }
 
 // x [M, K] float32 (any M), the weights of int4_matvec -> x W^T + bias as float32 [M, N], for long inputs: the
@@ -539,8 +587,8 @@ torch::Tensor half_matmul(torch::Tensor x, torch::Tensor w, c10::optional<torch:
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_matvec", &int4_matvec, "int4 weights, int8 activations (decode)");
-  m.def("int8_matvec", &int8_matvec, "int8 weights in groups, int8 activations (decode)");
+  m.def("int4_matvec", &int4_matvec, "int4 weights, int8 or float32 activations (decode)");
+  m.def("int8_matvec", &int8_matvec, "int8 weights in groups, int8 or float32 activations (decode)");
   m.def("half_matvec", &half_matvec, "bfloat16 or float16 weights, float32 activations (decode)");
   m.def("half_matmul", &half_matmul, "bfloat16 or float16 weights widened panel by panel (long inputs)");
   m.def("int4_matmul", &int4_matmul, "int4 weights dequantized panel by panel (long inputs)");

@@ -4,12 +4,12 @@
   later). Activations stay bfloat16 (the exact path), or are quantized to int8 for integer dot products where the
   CPU has AVX512-VNNI (every CPU with AVX512-BF16 so far).
 - "avx2" (kernels_avx2.cpp): every x86-64 CPU with AVX2 and FMA, where models compute in float32 (no native
-  bfloat16), and the group size of llama.cpp's Q4_0 / Q8_0 blocks (32) on every CPU. Activations are always
-  quantized to int8 per block of 32, as llama.cpp does.
+  bfloat16), and the group size of llama.cpp's Q4_0 / Q8_0 blocks (32) on every CPU. Decoding quantizes the
+  activations to int8 per block of 32, as llama.cpp does, or keeps them float32 (the exact path).
 
 A build needs a C++ compiler; it is cached (torch's extension directory, ~/.cache/torch_extensions) and takes about
-a minute once. STARCODER_NATIVE_KERNELS=0 turns both off, STARCODER_INT8_ACTIVATIONS=0 every int8-activation path
-(then the AVX2 kernels are not used): the layers fall back to PyTorch's own int4/int8 kernels (quantized.py).
+a minute once. STARCODER_NATIVE_KERNELS=0 turns both off: the layers fall back to PyTorch's own int4/int8 kernels
+(quantized.py). STARCODER_INT8_ACTIVATIONS=0 turns every int8-activation path off: the exact products instead.
 """
 
 from __future__ import annotations
@@ -77,5 +77,5 @@ def kernels(isa: str = "avx512"):
 
 
 def avx2_kernels():
-    """The AVX2 module where int8 activations are allowed (its only kind), else None."""
-    return kernels("avx2") if int8_activations_allowed() else None
+    """The AVX2 module, or None where this machine cannot build or run it."""
+    return kernels("avx2")

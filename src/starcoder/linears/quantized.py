@@ -264,12 +264,17 @@ def as_float32(x: Tensor) -> Tensor:
 
 class _Avx2Kernels:
     """What the AVX2 kernels take: float32 or bfloat16 models (they compute in float32), groups of 32 inputs or a
-    multiple, a number of inputs that their blocks divide. Long inputs dequantize the weights panel by panel inside
-    the kernel (no float copy of the layer)."""
+    multiple, a number of inputs that their blocks divide. Decoding quantizes the activations to int8 unless
+    STARCODER_INT8_ACTIVATIONS=0 (then float32 products, exact); long inputs dequantize the weights panel by panel
+    inside the kernel (no float copy of the layer)."""
 
-    isa, int8_activations = "avx2", True
+    isa = "avx2"
     bits: int
     inputs_multiple: int
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.int8_activations = native.int8_activations_allowed()
 
     @classmethod
     def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
@@ -306,7 +311,7 @@ class Avx2Int4Linear(_Avx2Kernels, NativeInt4Linear):
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
         return self.native.int4_matvec(as_float32(x), self.native_packed, self.native_scales, self.native_offsets,
-                                       self.kernel_group, bias, activation)
+                                       self.kernel_group, bias, activation, self.int8_activations)
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
         return _activated(self.native.int4_matmul(as_float32(x).contiguous(), self.native_packed, self.native_scales,
@@ -327,7 +332,7 @@ class Avx2Int8Linear(_Avx2Kernels, _NativeLinear):
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
         return self.native.int8_matvec(as_float32(x), self.int8_weight, self.native_scales, self.native_offsets,
-                                       self.kernel_group, bias, activation)
+                                       self.kernel_group, bias, activation, self.int8_activations)
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
         return _activated(self.native.int8_matmul(as_float32(x).contiguous(), self.int8_weight, self.native_scales,
@@ -483,8 +488,8 @@ class DecodeHead(nn.Module):
     def __init__(self, weight: nn.Parameter, isa: str, quantized: bool = True):
         super().__init__()
         self.weight, self.isa, self.kernels = weight, isa, native.kernels(isa)
-        self.int8_activations = (quantized and (isa == "avx2" or native.int8_activations())
-                                 and weight.shape[1] % 64 == 0)
+        allowed = native.int8_activations_allowed() if isa == "avx2" else native.int8_activations()
+        self.int8_activations = quantized and allowed and weight.shape[1] % 64 == 0
         if self.int8_activations:
             q8, scale = self.kernels.int8_rows(weight.contiguous())
             # derived from the weight: not part of the model's state (saving, exporting)
@@ -502,7 +507,7 @@ class DecodeHead(nn.Module):
             y = matmul(x2, self.weight.to(x2.dtype))
         elif self.int8_activations and self.isa == "avx2":
             y = self.kernels.int8_matvec(x2.float().contiguous(), self.q8, self.q8_scale, self.q8_offset,
-                                         x2.shape[1], None, 0)
+                                         x2.shape[1], None, 0, True)
         elif self.int8_activations:
             y = self.kernels.int8_matvec_i8(x2.contiguous(), self.q8, self.q8_scale, self.q8_offset, None, 0,
                                             float_out=True)
