@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import json.decoder
+import json.encoder
 import shutil
+import textwrap
 
 import pytest
 import torch
@@ -162,18 +165,22 @@ def test_damaged_or_inconsistent_quantized_checkpoints(tiny, tmp_path):
 
 def test_bad_settings_fail_before_any_work(tiny, tmp_path, capsys):
     out = tmp_path / "out"
+    code = tmp_path / "code"  # a small calibration set: reading the whole standard library is not the point here
+    code.mkdir()
+    for module in (textwrap, json.decoder, json.encoder):
+        shutil.copy(module.__file__, code)
     cases = [
         (["--group-size", "100"], "group size must be one of"),
         (["--group-size", "256"], "group size 256 does not divide"),
         (["--bits", "8", "--group-size", "32"], "use --group-size -1"),
-        (["--n-samples", "100000", "--seq-len", "64"], "lower --n-samples"),
+        (["--n-samples", "100000", "--seq-len", "64", "--calibration", str(code)], "lower --n-samples"),
         (["--damp", "2"], "damp must be in (0, 1)"),
     ]
     for extra, message in cases:
         assert main(["quantize", "--model", str(tiny), "--out", str(out), *extra]) == 2
         assert message in capsys.readouterr().err, extra
         assert not out.exists()
-    quantize_model(str(tiny), out, QuantSettings(), n_samples=4, seq_len=64, progress=False)
+    quantize_model(str(tiny), out, QuantSettings(), [code], n_samples=4, seq_len=64, progress=False)
     with pytest.raises(StarCoderError, match="already quantized"):
         quantize_model(str(out), tmp_path / "again", QuantSettings(), n_samples=4, seq_len=64)
     assert main(["quantize", "--model", str(tiny), "--out", str(out)]) == 2
