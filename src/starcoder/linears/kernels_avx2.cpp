@@ -492,6 +492,23 @@ void check_decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, co
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "the decode kernels take 1 to 8 rows");
 }
 
+// Quantizes x's rows (if int8_activations), then runs row(acts, y, m, i) for i in [0, units) in parallel: m (input
+// rows) as an integral constant, for the row kernels' template argument.
+template <typename Row>
+torch::Tensor decode(const torch::Tensor& x, int64_t N, int64_t units, int64_t grain, int64_t group,
+                     bool int8_activations, Row row) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const Int8Acts acts = int8_activations ? quantize_activations(x.data_ptr<float>(), M, K, group) : Int8Acts{};
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, units, grain, [&](int64_t i0, int64_t i1) {
+    with_rows(M, [&](auto m) {
+      for (int64_t i = i0; i < i1; ++i) row(acts, yp, m, i);
+    });
+  });
+  return y;
+}
+
 }  // namespace
 
 // x [M, K] float32 (M <= 8), packed uint8 [N / 8, K / 32, 4, 32] as int4_rows8 reads it, scales/offsets
@@ -499,45 +516,33 @@ void check_decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, co
 // int8_activations: x quantized per block of 32 for integer dot products; else exact float32 products.
 torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
-  const int64_t M = x.size(0), K = x.size(1), N = packed.numel() * 2 / K;
+  const int64_t K = x.size(1), N = packed.numel() * 2 / K;
   check_decode_inputs(x, scales, offsets, N, group);
   TORCH_CHECK(N % 8 == 0 && packed.numel() * 2 == N * K && packed.is_contiguous(), "packed: uint8, N * K / 2, N % 8 == 0");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
   const float* bp = optional_bias(bias, N);
-  const Int8Acts acts = int8_activations ? quantize_activations(xp, M, K, group) : Int8Acts{};
-  auto y = torch::empty({M, N}, torch::kFloat32);
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N / 8, 2, [&](int64_t j0, int64_t j1) {
-    with_rows(M, [&](auto m) {
-      for (int64_t j = j0; j < j1; ++j)
-        if (int8_activations) int4_rows8<decltype(m)::value>(acts, pp, sp, op, bp, activation, yp, K, N, group, j);
-        else int4_rows8_exact<decltype(m)::value>(xp, pp, sp, op, bp, activation, yp, K, N, group, j);
-    });
+  return decode(x, N, N / 8, 2, group, int8_activations, [&](const Int8Acts& acts, float* yp, auto m, int64_t j) {
+    constexpr int rows = decltype(m)::value;
+    if (int8_activations) int4_rows8<rows>(acts, pp, sp, op, bp, activation, yp, K, N, group, j);
+    else int4_rows8_exact<rows>(xp, pp, sp, op, bp, activation, yp, K, N, group, j);
   });
-  return y;
 }
 
 // x [M, K] float32 (M <= 8), q8 [N, K] int8, scales/offsets [N, G] float32 -> float32 [M, N]; K % 32 == 0.
 torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scales, torch::Tensor offsets,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
-  const int64_t M = x.size(0), K = x.size(1), N = q8.size(0);
+  const int64_t K = x.size(1), N = q8.size(0);
   check_decode_inputs(x, scales, offsets, N, group);
   TORCH_CHECK(q8.dtype() == torch::kInt8 && q8.size(1) == K && q8.is_contiguous(), "q8: int8 [N, K]");
   const int8_t* qp = q8.data_ptr<int8_t>();
   const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
   const float* bp = optional_bias(bias, N);
-  const Int8Acts acts = int8_activations ? quantize_activations(xp, M, K, group) : Int8Acts{};
-  auto y = torch::empty({M, N}, torch::kFloat32);
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    with_rows(M, [&](auto m) {
-      for (int64_t n = n0; n < n1; ++n)
-        if (int8_activations) int8_row<decltype(m)::value>(acts, qp, sp, op, bp, activation, yp, K, N, group, n);
-        else int8_row_exact<decltype(m)::value>(xp, qp, sp, op, bp, activation, yp, K, N, group, n);
-    });
+  return decode(x, N, N, 16, group, int8_activations, [&](const Int8Acts& acts, float* yp, auto m, int64_t n) {
+    constexpr int rows = decltype(m)::value;
+    if (int8_activations) int8_row<rows>(acts, qp, sp, op, bp, activation, yp, K, N, group, n);
+    else int8_row_exact<rows>(xp, qp, sp, op, bp, activation, yp, K, N, group, n);
   });
-  return y;
 }
 
 // x [M, K] float32 (any M), the weights of int4_matvec -> x W^T + bias as float32 [M, N], for long inputs: the
