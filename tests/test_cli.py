@@ -39,6 +39,7 @@ def test_bench(tiny, capsys):
     assert main(["bench", "--model", str(tiny), "--prompt-tokens", "16", "--new-tokens", "4", "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["prefill_tokens_per_second"] > 0 and m["decode_tokens_per_second"] > 0
+    assert m["dtype"] == m["compute_dtype"] == "float32"  # (a bfloat16 model widened on AVX2: float32 computing)
 
 
 @pytest.mark.parametrize("damage, message", [

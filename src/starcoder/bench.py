@@ -37,9 +37,9 @@ def measure(path_or_id: str | os.PathLike, prompt_tokens: int = 512, new_tokens:
     for _ in range(new_tokens):
         token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
     decode_seconds = time.perf_counter() - start
-    weight = model.model.embed.weight
     return {
-        "dtype": dtype_name(weight.dtype),
+        "dtype": dtype_name(model.model.embed.weight.dtype),  # the weights as stored
+        "compute_dtype": dtype_name(model.model.norm.weight.dtype),  # float32 where the CPU lacks the weights' dtype
         "threads": torch.get_num_threads(),
         "load_seconds": load_seconds,
         "prompt_tokens": prompt_tokens,
@@ -51,7 +51,8 @@ def measure(path_or_id: str | os.PathLike, prompt_tokens: int = 512, new_tokens:
 
 
 def format_measurement(m: dict[str, Any]) -> str:
-    return (f"dtype {m['dtype']}, {m['threads']} threads\n"
+    computing = "" if m["compute_dtype"] == m["dtype"] else f" (computing in {m['compute_dtype']})"
+    return (f"dtype {m['dtype']}{computing}, {m['threads']} threads\n"
             f"load      {m['load_seconds']:.2f} s\n"
             f"prefill   {m['prefill_tokens_per_second']:.1f} tokens/s ({m['prompt_tokens']} tokens)\n"
             f"decode    {m['decode_tokens_per_second']:.1f} tokens/s ({m['new_tokens']} tokens, KV cache "
