@@ -189,7 +189,6 @@ struct F16Weights {
 // One output row at a time, so that each thread reads one stream of weights (see kStreamAhead). Two accumulators
 // per input row where few input rows run (the FMA latency, not the loads, would bound one), one where many do
 // (registers run out).
-
 template <typename Weights, int M>
 void half_row(const float* x, const uint16_t* w, const float* bias, int64_t activation, float* y, int64_t K,
               int64_t N, int64_t n) {
@@ -199,7 +198,7 @@ void half_row(const float* x, const uint16_t* w, const float* bias, int64_t acti
   for (int m = 0; m < M; ++m)
     for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
   for (int64_t k0 = 0; k0 < K; k0 += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(row + k0) + kStreamAhead, _MM_HINT_T0);
+    prefetch_stream(row + k0);
     __m256 first, second;
     Weights::widen(row + k0, first, second);
     for (int m = 0; m < M; ++m) {
@@ -433,18 +432,6 @@ std::vector<float> pack_rows(const float* x, int64_t M, int64_t K) {
   return packed;
 }
 
-template <typename Body>
-void with_tile_rows(int64_t rows, Body body) {
-  switch (rows) {
-    case 1: return body(std::integral_constant<int, 1>());
-    case 2: return body(std::integral_constant<int, 2>());
-    case 3: return body(std::integral_constant<int, 3>());
-    case 4: return body(std::integral_constant<int, 4>());
-    case 5: return body(std::integral_constant<int, 5>());
-    default: return body(std::integral_constant<int, kTileRows>());
-  }
-}
-
 // y [M, N] = x [M, K] W^T + bias, W given panel by panel; the output rows' panels split among the threads.
 template <typename Panel>
 torch::Tensor panel_matmul(const torch::Tensor& x, int64_t N, const Panel& fill_panel, const float* bias) {
@@ -464,7 +451,7 @@ torch::Tensor panel_matmul(const torch::Tensor& x, int64_t N, const Panel& fill_
         const int64_t depth = std::min(kDepth, K - k0);
         fill_panel(n0, k0, depth, panel.data());
         for (int64_t m0 = 0; m0 < M; m0 += kTileRows)
-          with_tile_rows(std::min(kTileRows, M - m0), [&](auto mr) {
+          with_rows<kTileRows>(M - m0, [&](auto mr) {
             tile<decltype(mr)::value>(packed_x.data() + k0 * Mt + m0 * depth, panel.data(), depth, out + m0 * ldo, ldo,
                                       k0 > 0);
           });

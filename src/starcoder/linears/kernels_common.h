@@ -47,20 +47,13 @@ void by_row_pairs(int64_t n0, int64_t n1, Rows rows) {
   for (; n < n1; ++n) rows(std::integral_constant<int, 1>(), n);
 }
 
-// Calls body(std::integral_constant<int, M>) for the number of input rows, 1 to 8: the kernels' M is a template
-// argument so that their accumulators live in registers.
-template <typename Body>
+// Calls body(std::integral_constant<int, m>) with m = min(M, Max) for M >= 1: the kernels' row counts are template
+// arguments so that their accumulators live in registers (input rows of the decode kernels, up to 8 by default).
+template <int Max = 8, typename Body>
 void with_rows(int64_t M, Body body) {
-  switch (M) {
-    case 1: return body(std::integral_constant<int, 1>());
-    case 2: return body(std::integral_constant<int, 2>());
-    case 3: return body(std::integral_constant<int, 3>());
-    case 4: return body(std::integral_constant<int, 4>());
-    case 5: return body(std::integral_constant<int, 5>());
-    case 6: return body(std::integral_constant<int, 6>());
-    case 7: return body(std::integral_constant<int, 7>());
-    default: return body(std::integral_constant<int, 8>());
-  }
+  if constexpr (Max > 1)
+    if (M < Max) return with_rows<Max - 1>(M, body);
+  body(std::integral_constant<int, Max>());
 }
 
 }  // namespace

@@ -284,7 +284,7 @@ class _Avx2Kernels:
                 and size is not None and size % 32 == 0)
 
 
-class Avx2Int4Linear(_Avx2Kernels, NativeInt4Linear):
+class Avx2Int4Linear(_Avx2Kernels, _NativeLinear):
     """The AVX2 kernels, with int8 activations, on their own packing: 8 output rows interleaved
     (kernels_avx2.cpp)."""
 
