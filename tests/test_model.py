@@ -7,7 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from conftest import HF_MODELS, hf_gpt_bigcode, hf_starcoder2, ours_from_hf, random_ids, transformers
-from starcoder import KVCache, load_model
+from starcoder import KVCache, load_model, model
+from starcoder.linears import native
 
 
 @torch.no_grad()
@@ -99,6 +100,28 @@ def test_batches_computed_together_equal_each_alone(name, tmp_path):
     more = torch.tensor([[5], [6]])
     assert_close(ours(more, cache=rows_together).logits, ours(more, cache=rows).logits)
     assert_close(ours(more[:1], cache=prompt_together).logits, ours(more[:1], cache=prompt).logits)
+
+
+@pytest.mark.skipif(native.avx2_kernels() is None, reason="the AVX2 kernels need an AVX2 CPU and a compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, KV, G, T, S, hd", [(1, 1, 16, 1, 700, 128), (2, 2, 3, 4, 37, 64), (3, 1, 1, 2, 130, 8),
+                                               (1, 4, 2, 1, 1000, 24)])
+@torch.no_grad()
+def test_decoding_attention_kernel_equals_exact_attention(B, KV, G, T, S, hd, dtype):
+    """Decoding's attention by our kernel (keys split among the threads, merged) equals attention computed in
+    float64 (PyTorch's, which our kernel does not take) up to the rounding of its output, on a cache view with rows
+    apart, with and without a mask; a NaN query gives NaN, as PyTorch's does."""
+    q = torch.randn(B, T, KV * G, hd).to(dtype)
+    k, v = (torch.randn(B, KV, S + 5, hd).to(dtype)[:, :, :S] for _ in range(2))  # rows apart, like a cache
+    mask = torch.rand(B, 1, T, S) > 0.4
+    mask[..., -1] = True  # a query always sees itself
+    for pattern in (model.ALL_KEYS, mask):
+        got = model.attend(q, k, v, pattern, 0.3)
+        want = model.attend(q.double(), k.double(), v.double(), pattern, 0.3)
+        assert got.dtype == dtype
+        assert_close(got.double(), want, rtol=2**-8 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+    q[0, 0, 0, 0] = float("nan")
+    assert torch.isnan(model.attend(q, k, v, model.ALL_KEYS, 0.3)[0, 0, :hd]).all()
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .cache import KVCache, PagedKVCache
 from .config import Config
 from .errors import StarCoderError
+from .linears import native
 from .linears.dense import Linear, pack_weight
 
 
@@ -126,8 +127,24 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Tensor | str, scale: float)
         mask = pattern.unsqueeze(2).expand(pattern.shape[0], 1, G, T, S).reshape(pattern.shape[0], 1, G * T, S)
     elif pattern == CAUSAL and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T).repeat(G, 1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, KV, G*T, hd)
+    y = _native_attention(q, k, v, mask, scale)
+    if y is None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, KV, G*T, hd)
     return y.view(B, KV, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+
+
+def _native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor | None:
+    """Decoding's attention by our CPU kernel (attention_avx2.h: the keys split among the threads), or None where
+    it does not apply; PyTorch's kernel spent 200-350 us per layer on it, alone on one core."""
+    if (q.device.type != "cpu" or q.requires_grad or q.shape[-1] % 8 or k.dtype not in (torch.float32, torch.bfloat16)
+            or v.dtype != k.dtype or k.stride(-1) != 1 or v.stride(-1) != 1):
+        return None
+    kernels = native.avx2_kernels()
+    if kernels is None:
+        return None
+    if mask is not None:
+        mask = mask.reshape(-1, q.shape[2], k.shape[2]).contiguous()  # (B or 1, G*T, S)
+    return kernels.decode_attention(q.float().contiguous(), k, v, mask, scale).to(q.dtype)
 
 
 @dataclass

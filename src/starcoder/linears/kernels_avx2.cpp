@@ -578,6 +578,8 @@ torch::Tensor half_matmul(torch::Tensor x, torch::Tensor w, c10::optional<torch:
                                        : panel_matmul(x, N, HalfPanel<false>{wp, N, K}, bp);
 }
 
+#include "attention_avx2.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matvec", &int4_matvec, "int4 weights, int8 or float32 activations (decode)");
   m.def("int8_matvec", &int8_matvec, "int8 weights in groups, int8 or float32 activations (decode)");
@@ -586,4 +588,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matmul", &int4_matmul, "int4 weights dequantized panel by panel (long inputs)");
   m.def("int8_matmul", &int8_matmul, "int8 weights dequantized panel by panel (long inputs)");
   m.def("int8_rows", &int8_rows, "symmetric per-row int8 of a matrix");
+  m.def("decode_attention", &decode_attention, "attention of a few query rows over cached keys (decode)");
 }

@@ -5,7 +5,8 @@
   CPU has AVX512-VNNI (every CPU with AVX512-BF16 so far).
 - "avx2" (kernels_avx2.cpp): every x86-64 CPU with AVX2 and FMA, where models compute in float32 (no native
   bfloat16), and the group size of llama.cpp's Q4_0 / Q8_0 blocks (32) on every CPU. Decoding quantizes the
-  activations to int8 per block of 32, as llama.cpp does, or keeps them float32 (the exact path).
+  activations to int8 per block of 32, as llama.cpp does, or keeps them float32 (the exact path). Also decoding's
+  attention over a float32 or bfloat16 cache (attention_avx2.h), on every CPU.
 
 A build needs a C++ compiler; it is cached (torch's extension directory, ~/.cache/torch_extensions) and takes about
 a minute once. STARCODER_NATIVE_KERNELS=0 turns both off: the layers fall back to PyTorch's own int4/int8 kernels
@@ -23,7 +24,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-HEADER = HERE / "kernels_common.h"
 # instruction set -> (the CPU flags it needs, its source, the compiler's target flags)
 BUILDS = {
     "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_bf16"), HERE / "kernels_avx512.cpp",
@@ -64,7 +64,7 @@ def kernels(isa: str = "avx512"):
         from torch.utils.cpp_extension import load
 
         # The name carries a hash of the sources, so an edited kernel is rebuilt rather than a stale one loaded.
-        digest = hashlib.sha256(source.read_bytes() + HEADER.read_bytes()).hexdigest()[:12]
+        digest = hashlib.sha256(b"".join(f.read_bytes() for f in [source, *sorted(HERE.glob("*.h"))])).hexdigest()[:12]
         return load(name=f"starcoder_{isa}_{digest}", sources=[str(source)], extra_include_paths=[str(HERE)],
                     extra_cflags=["-O3", "-fopenmp", *target],
                     extra_ldflags=["-fopenmp"], verbose=False)  # at::parallel_for is OpenMP: serial without it

@@ -1,0 +1,224 @@
+// Attention for decoding (a few new tokens over a cached sequence), on AVX2 with FMA: included by kernels_avx2.cpp.
+//
+// A decode step's attention is small (16 query rows over ~1,000 keys per layer for a 1B model), and PyTorch's
+// scaled_dot_product_attention spent 200-350 us per layer on it, alone on one core: 5-8 ms of a 45 ms int4 step.
+// Here the keys are split into chunks that the threads share (flash-decoding): each chunk's scores, their
+// softmax and its share of the output, then one merge of the chunks by their maxima and sums.
+//
+// q [B, KV, R, hd] float32: the R query rows that share KV head kv (query heads folded with tokens, see attend in
+// model.py); k, v [B, KV, S, hd] float32 or bfloat16, rows contiguous; mask [B or 1, R, S] bool or none (true:
+// visible). Output float32 [B, KV, R, hd]. hd % 8 == 0.
+
+namespace {
+
+// e^x for 8 floats (Cephes' expf: range reduction by ln 2 in two parts, a degree-5 polynomial, then 2^n in the
+// exponent bits); relative error about 1e-7. Below -87.3 (and -inf, a masked key) it gives 0; NaN stays NaN.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);  // NaN is the second operand: it passes through
+  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+// The larger of a and b, or NaN if either is: a NaN score must reach the output, as in PyTorch's attention.
+inline float max_or_nan(float a, float b) { return b > a || std::isnan(b) ? b : a; }
+
+// The 8 lane sums of a0..a7, in order.
+inline __m256 horizontal_sums8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
+                               __m256 a7) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Keys or values [S, hd] of one head as float32 rows: the cache's own memory, or a chunk widened from bfloat16.
+struct HeadRows {
+  const void* data;
+  int64_t stride;  // elements between rows
+  bool bf16;
+
+  const float* chunk(int64_t j0, int64_t n, int64_t hd, std::vector<float>& widened) const {
+    if (!bf16) return static_cast<const float*>(data) + j0 * stride;
+    widened.resize(n * hd);
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t* row = static_cast<const uint16_t*>(data) + (j0 + j) * stride;
+      for (int64_t c = 0; c < hd; c += 8) {
+        const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c)));
+        _mm256_storeu_ps(widened.data() + j * hd + c, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+      }
+    }
+    return widened.data();
+  }
+};
+
+// scores [R, n] = q [R, hd] k^T * scale for n keys (rows `stride` apart), 8 keys at a time.
+void chunk_scores(const float* q, int64_t R, const float* k, int64_t stride, int64_t n, int64_t hd, float scale,
+                  float* scores) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const float* kj = k + j * stride;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* qr = q + r * hd;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+      for (int64_t c = 0; c < hd; c += 8) {
+        const __m256 x = _mm256_loadu_ps(qr + c);
+        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kj + c), a0);
+        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kj + stride + c), a1);
+        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kj + 2 * stride + c), a2);
+        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kj + 3 * stride + c), a3);
+        a4 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kj + 4 * stride + c), a4);
+        a5 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kj + 5 * stride + c), a5);
+        a6 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kj + 6 * stride + c), a6);
+        a7 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kj + 7 * stride + c), a7);
+      }
+      _mm256_storeu_ps(scores + r * n + j,
+                       _mm256_mul_ps(horizontal_sums8(a0, a1, a2, a3, a4, a5, a6, a7), _mm256_set1_ps(scale)));
+    }
+  }
+  for (; j < n; ++j)
+    for (int64_t r = 0; r < R; ++r) scores[r * n + j] = dot(q + r * hd, k + j * stride, hd) * scale;
+}
+
+// out [Rows, 16 columns from c] = p [Rows, n] v[:, c .. c + 16]: a register tile of Rows x 2 vectors (more
+// would not leave registers for the values and the broadcast weight).
+template <int Rows>
+void weighted_values(const float* p, int64_t n, const float* v, int64_t stride, int64_t c, float* out, int64_t hd) {
+  __m256 acc[Rows][2];
+  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 v0 = _mm256_loadu_ps(v + j * stride + c), v1 = _mm256_loadu_ps(v + j * stride + c + 8);
+    for (int r = 0; r < Rows; ++r) {
+      const __m256 w = _mm256_broadcast_ss(p + r * n + j);
+      acc[r][0] = _mm256_fmadd_ps(w, v0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w, v1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    _mm256_storeu_ps(out + r * hd + c, acc[r][0]);
+    _mm256_storeu_ps(out + r * hd + c + 8, acc[r][1]);
+  }
+}
+
+// One chunk of keys for the R rows of one KV head: the rows' maxima m [R], sums of e^(s - m) l [R] and weighted
+// values o [R, hd], for the merge.
+void attend_chunk(const float* q, int64_t R, const float* k, const float* v, int64_t k_stride, int64_t v_stride,
+                  int64_t n, int64_t hd, float scale, const bool* mask, int64_t mask_stride, float* m, float* l,
+                  float* o, std::vector<float>& scores) {
+  scores.resize(R * n);
+  float* s = scores.data();
+  chunk_scores(q, R, k, k_stride, n, hd, scale, s);
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * n;
+    if (mask != nullptr)
+      for (int64_t j = 0; j < n; ++j)
+        if (!mask[r * mask_stride + j]) sr[j] = -INFINITY;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) top = max_or_nan(top, sr[j]);
+    m[r] = top;
+    const __m256 shift = _mm256_set1_ps(std::isinf(top) && top < 0 ? 0.f : top);  // all masked: every p is 0
+    __m256 sum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), shift));
+      _mm256_storeu_ps(sr + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    float total = horizontal_sum(sum);
+    for (; j < n; ++j) total += (sr[j] = std::exp(sr[j] - (std::isinf(top) && top < 0 ? 0.f : top)));
+    l[r] = total;
+  }
+  for (int64_t c = 0; c < hd; c += 16) {
+    if (c + 16 > hd) {  // hd % 16 == 8: the last 8 columns one vector at a time
+      for (int64_t r = 0; r < R; ++r) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; ++j)
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(s[r * n + j]), _mm256_loadu_ps(v + j * v_stride + c), acc);
+        _mm256_storeu_ps(o + r * hd + c, acc);
+      }
+      break;
+    }
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) weighted_values<4>(s + r * n, n, v, v_stride, c, o + r * hd, hd);
+    with_rows<3>(R - r, [&](auto rows) {
+      if (r < R) weighted_values<decltype(rows)::value>(s + r * n, n, v, v_stride, c, o + r * hd, hd);
+    });
+  }
+}
+
+}  // namespace
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                               double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous() && q.dim() == 4, "q: contiguous f32 [B, KV, R, hd]");
+  const int64_t B = q.size(0), KV = q.size(1), R = q.size(2), hd = q.size(3), S = k.size(2);
+  TORCH_CHECK(hd % 8 == 0, "head size: a multiple of 8");
+  for (const auto* t : {&k, &v})
+    TORCH_CHECK((t->dtype() == torch::kFloat32 || t->dtype() == torch::kBFloat16) && t->dtype() == k.dtype() &&
+                t->dim() == 4 && t->size(0) == B && t->size(1) == KV && t->size(2) == S && t->size(3) == hd &&
+                t->stride(3) == 1, "k, v: f32 or bf16 [B, KV, S, hd], rows contiguous");
+  const bool* mp = nullptr;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->dtype() == torch::kBool && mask->is_contiguous() && mask->dim() == 3 &&
+                (mask->size(0) == 1 || mask->size(0) == B) && mask->size(1) == R && mask->size(2) == S,
+                "mask: contiguous bool [B or 1, R, S]");
+    mp = mask->data_ptr<bool>();
+  }
+  const bool bf16 = k.dtype() == torch::kBFloat16;
+  // Up to 4 chunks per thread, so that one long sequence keeps every thread busy, and no fewer than 128 keys per
+  // chunk, where the merge and the per-chunk work would start to show.
+  const int64_t heads = B * KV, element = bf16 ? 2 : 4, threads = at::get_num_threads();
+  const int64_t chunks = std::clamp<int64_t>(S / 128, 1, (4 * threads + heads - 1) / heads);
+  const int64_t keys_per_chunk = (S + chunks - 1) / chunks;
+  // Each chunk's o [R, hd], m [R] and l [R], for the merge.
+  auto partial = torch::empty({heads, chunks, R, hd + 2}, torch::kFloat32);
+  float* pp = partial.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  at::parallel_for(0, heads * chunks, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> scores, keys, values;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t head = u / chunks, chunk = u % chunks, b = head / KV, kv = head % KV;
+      const int64_t j0 = chunk * keys_per_chunk, n = std::min(keys_per_chunk, S - j0);
+      auto rows = [&](const torch::Tensor& t) {
+        return HeadRows{static_cast<const char*>(t.data_ptr()) + (b * t.stride(0) + kv * t.stride(1)) * element,
+                        t.stride(2), bf16};
+      };
+      const float* kc = rows(k).chunk(j0, n, hd, keys);
+      const float* vc = rows(v).chunk(j0, n, hd, values);
+      const int64_t k_stride = bf16 ? hd : k.stride(2), v_stride = bf16 ? hd : v.stride(2);
+      const bool* mc = mp == nullptr ? nullptr : mp + (mask->size(0) == 1 ? 0 : b) * R * S + j0;
+      float* out = pp + u * R * (hd + 2);
+      attend_chunk(qp + head * R * hd, R, kc, vc, k_stride, v_stride, n, hd, static_cast<float>(scale), mc, S,
+                   out + R * hd, out + R * hd + R, out, scores);
+    }
+  });
+  // The merge, here in the calling thread (a second parallel region would cost more than it saves): each chunk's
+  // share weighted by e^(its maximum - the row's), over the sum of the weighted sums.
+  auto y = torch::zeros({B, KV, R, hd}, torch::kFloat32);
+  float* yp = y.data_ptr<float>();
+  for (int64_t head = 0; head < heads; ++head)
+    for (int64_t r = 0; r < R; ++r) {
+      auto part = [&](int64_t chunk) { return pp + (head * chunks + chunk) * R * (hd + 2); };
+      float top = -INFINITY;
+      for (int64_t c = 0; c < chunks; ++c) top = max_or_nan(top, part(c)[R * hd + r]);
+      float total = 0.f;
+      float* yr = yp + (head * R + r) * hd;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float m = part(c)[R * hd + r];
+        if (std::isinf(m) && m < 0) continue;  // a chunk whose keys this row cannot see
+        const float weight = chunks == 1 ? 1.f : std::exp(m - top);
+        total += weight * part(c)[R * hd + R + r];
+        const float* o = part(c) + r * hd;
+        for (int64_t d = 0; d < hd; ++d) yr[d] += weight * o[d];
+      }
+      const float inverse = total > 0.f ? 1.f / total : 0.f;
+      for (int64_t d = 0; d < hd; ++d) yr[d] *= inverse;
+    }
+  return y;
+}
