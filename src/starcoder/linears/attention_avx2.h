@@ -5,9 +5,10 @@
 // Here the keys are split into chunks that the threads share (flash-decoding): each chunk's scores, their
 // softmax and its share of the output, then one merge of the chunks by their maxima and sums.
 //
-// q [B, KV, R, hd] float32: the R query rows that share KV head kv (query heads folded with tokens, see attend in
-// model.py); k, v [B, KV, S, hd] float32 or bfloat16, rows contiguous; mask [B or 1, R, S] bool or none (true:
-// visible). Output float32 [B, KV, R, hd]. hd % 8 == 0.
+// q [B, T, H, hd] float32 or bfloat16 (as the q/k/v layer leaves it: rows contiguous, any other strides); k, v
+// [B, KV, S, hd] float32 or bfloat16, rows contiguous; mask [B or 1, T, S] bool or none (true: visible). Output
+// float32 [B, T, H * hd]. hd % 8 == 0. The G = H / KV query heads that share a KV head, for all T tokens, are the
+// R = G * T rows that meet that head's keys together (each key read once for all of them).
 
 namespace {
 
@@ -107,10 +108,10 @@ void weighted_values(const float* p, int64_t n, const float* v, int64_t stride, 
 }
 
 // One chunk of keys for the R rows of one KV head: the rows' maxima m [R], sums of e^(s - m) l [R] and weighted
-// values o [R, hd], for the merge.
+// values o [R, hd], for the merge. Row r's mask is row r / group of `mask`.
 void attend_chunk(const float* q, int64_t R, const float* k, const float* v, int64_t k_stride, int64_t v_stride,
-                  int64_t n, int64_t hd, float scale, const bool* mask, int64_t mask_stride, float* m, float* l,
-                  float* o, std::vector<float>& scores) {
+                  int64_t n, int64_t hd, float scale, const bool* mask, int64_t mask_stride, int64_t group, float* m,
+                  float* l, float* o, std::vector<float>& scores) {
   scores.resize(R * n);
   float* s = scores.data();
   chunk_scores(q, R, k, k_stride, n, hd, scale, s);
@@ -118,7 +119,7 @@ void attend_chunk(const float* q, int64_t R, const float* k, const float* v, int
     float* sr = s + r * n;
     if (mask != nullptr)
       for (int64_t j = 0; j < n; ++j)
-        if (!mask[r * mask_stride + j]) sr[j] = -INFINITY;
+        if (!mask[r / group * mask_stride + j]) sr[j] = -INFINITY;  // (row r is token r / group's)
     float top = -INFINITY;
     for (int64_t j = 0; j < n; ++j) top = max_or_nan(top, sr[j]);
     m[r] = top;
@@ -156,9 +157,10 @@ void attend_chunk(const float* q, int64_t R, const float* k, const float* v, int
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
                                double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous() && q.dim() == 4, "q: contiguous f32 [B, KV, R, hd]");
-  const int64_t B = q.size(0), KV = q.size(1), R = q.size(2), hd = q.size(3), S = k.size(2);
-  TORCH_CHECK(hd % 8 == 0, "head size: a multiple of 8");
+  TORCH_CHECK((q.dtype() == torch::kFloat32 || q.dtype() == torch::kBFloat16) && q.dim() == 4 && q.stride(3) == 1,
+              "q: f32 or bf16 [B, T, H, hd], rows contiguous");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), hd = q.size(3), KV = k.size(1), S = k.size(2);
+  TORCH_CHECK(hd % 8 == 0 && KV > 0 && H % KV == 0, "head size: a multiple of 8; query heads: a multiple of KV's");
   for (const auto* t : {&k, &v})
     TORCH_CHECK((t->dtype() == torch::kFloat32 || t->dtype() == torch::kBFloat16) && t->dtype() == k.dtype() &&
                 t->dim() == 4 && t->size(0) == B && t->size(1) == KV && t->size(2) == S && t->size(3) == hd &&
@@ -166,20 +168,32 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const bool* mp = nullptr;
   if (mask.has_value()) {
     TORCH_CHECK(mask->dtype() == torch::kBool && mask->is_contiguous() && mask->dim() == 3 &&
-                (mask->size(0) == 1 || mask->size(0) == B) && mask->size(1) == R && mask->size(2) == S,
-                "mask: contiguous bool [B or 1, R, S]");
+                (mask->size(0) == 1 || mask->size(0) == B) && mask->size(1) == T && mask->size(2) == S,
+                "mask: contiguous bool [B or 1, T, S]");
     mp = mask->data_ptr<bool>();
   }
+  const int64_t G = H / KV, R = G * T, heads = B * KV;
+  // The query rows of each KV head side by side, as float32: row t * G + g is token t's query head kv * G + g.
+  std::vector<float> queries(heads * R * hd);
+  const bool q_bf16 = q.dtype() == torch::kBFloat16;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t offset = b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
+        float* row = queries.data() + ((b * KV + h / G) * R + t * G + h % G) * hd;
+        for (int64_t d = 0; d < hd; ++d)
+          row[d] = q_bf16 ? bf16_to_float(reinterpret_cast<const uint16_t*>(q.data_ptr())[offset + d])
+                          : q.data_ptr<float>()[offset + d];
+      }
   const bool bf16 = k.dtype() == torch::kBFloat16;
   // Up to 4 chunks per thread, so that one long sequence keeps every thread busy, and no fewer than 128 keys per
   // chunk, where the merge and the per-chunk work would start to show.
-  const int64_t heads = B * KV, element = bf16 ? 2 : 4, threads = at::get_num_threads();
+  const int64_t element = bf16 ? 2 : 4, threads = at::get_num_threads();
   const int64_t chunks = std::clamp<int64_t>(S / 128, 1, (4 * threads + heads - 1) / heads);
   const int64_t keys_per_chunk = (S + chunks - 1) / chunks;
   // Each chunk's o [R, hd], m [R] and l [R], for the merge.
-  auto partial = torch::empty({heads, chunks, R, hd + 2}, torch::kFloat32);
-  float* pp = partial.data_ptr<float>();
-  const float* qp = q.data_ptr<float>();
+  std::vector<float> partial(heads * chunks * R * (hd + 2));
+  float* pp = partial.data();
   at::parallel_for(0, heads * chunks, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> scores, keys, values;
     for (int64_t u = u0; u < u1; ++u) {
@@ -192,15 +206,15 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       const float* kc = rows(k).chunk(j0, n, hd, keys);
       const float* vc = rows(v).chunk(j0, n, hd, values);
       const int64_t k_stride = bf16 ? hd : k.stride(2), v_stride = bf16 ? hd : v.stride(2);
-      const bool* mc = mp == nullptr ? nullptr : mp + (mask->size(0) == 1 ? 0 : b) * R * S + j0;
+      const bool* mc = mp == nullptr ? nullptr : mp + (mask->size(0) == 1 ? 0 : b) * T * S + j0;
       float* out = pp + u * R * (hd + 2);
-      attend_chunk(qp + head * R * hd, R, kc, vc, k_stride, v_stride, n, hd, static_cast<float>(scale), mc, S,
-                   out + R * hd, out + R * hd + R, out, scores);
+      attend_chunk(queries.data() + head * R * hd, R, kc, vc, k_stride, v_stride, n, hd, static_cast<float>(scale),
+                   mc, S, G, out + R * hd, out + R * hd + R, out, scores);
     }
   });
   // The merge, here in the calling thread (a second parallel region would cost more than it saves): each chunk's
   // share weighted by e^(its maximum - the row's), over the sum of the weighted sums.
-  auto y = torch::zeros({B, KV, R, hd}, torch::kFloat32);
+  auto y = torch::zeros({B, T, H * hd}, torch::kFloat32);
   float* yp = y.data_ptr<float>();
   for (int64_t head = 0; head < heads; ++head)
     for (int64_t r = 0; r < R; ++r) {
@@ -208,7 +222,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       float top = -INFINITY;
       for (int64_t c = 0; c < chunks; ++c) top = max_or_nan(top, part(c)[R * hd + r]);
       float total = 0.f;
-      float* yr = yp + (head * R + r) * hd;
+      const int64_t b = head / KV, kv = head % KV, t = r / G, g = r % G;
+      float* yr = yp + ((b * T + t) * H + kv * G + g) * hd;
       for (int64_t c = 0; c < chunks; ++c) {
         const float m = part(c)[R * hd + r];
         if (std::isinf(m) && m < 0) continue;  // a chunk whose keys this row cannot see
