@@ -249,7 +249,8 @@ def avx2_int4_layout(layer):
     q = torch.stack((steps & 15, steps >> 4), dim=-1)  # (..., row, input, nibble)
     q = q.permute(0, 3, 1, 2, 5, 4).reshape(N, K)  # (row group, row, block, step, nibble, input)
     by_rows = lambda t: t.transpose(1, 2).reshape(N, -1)  # noqa: E731  (N / 8, G, 8) -> (N, G)
-    return q, by_rows(layer.native_scales), by_rows(layer.native_offsets)
+    scales = by_rows(layer.native_scales).float()
+    return q, scales, -by_rows(layer.native_zeros).float() * scales
 
 
 def avx2_contract(layer, x, activation):
@@ -260,7 +261,8 @@ def avx2_contract(layer, x, activation):
     if layer.bits == 4:
         q, scales, offsets = avx2_int4_layout(layer)
     else:
-        q, scales, offsets = layer.int8_weight.float(), layer.native_scales, layer.native_offsets
+        scales = layer.native_scales.float()  # (the stored scales and zeros: float16 and uint8)
+        q, offsets = layer.int8_weight.float(), (128 - layer.native_zeros.float()) * scales
     G = scales.shape[1]
     groups = torch.arange(K) // (K // G)
     y = int8_blocks_of_32(x) @ (q.double() * scales.double()[:, groups]).T
@@ -315,12 +317,13 @@ def test_avx2_kernels_equal_their_contract_and_stay_close_to_exact(bits, group_s
 
 @needs_avx2
 def test_avx2_decode_head_reads_an_int8_copy():
-    """A quantized float32 model's head on AVX2: an int8 copy of the embedding (per row, symmetric) for decoding,
-    float32 logits; long inputs use the embedding."""
+    """A quantized float32 model's head on AVX2: an int8 copy of the embedding (per row, symmetric, the scale
+    stored as float16) for decoding, float32 logits; long inputs use the embedding."""
     embedding = torch.nn.Parameter(torch.randn(320, 128), requires_grad=False)
     head = DecodeHead(embedding, "avx2")
     q8, scale = ReferenceKernels().int8_rows(embedding)
-    assert head.int8_activations and torch.equal(head.q8, q8) and torch.equal(head.q8_scale, scale)
+    scale = scale.half().float()
+    assert head.int8_activations and torch.equal(head.q8, q8) and torch.equal(head.q8_scale.float(), scale)
     x = torch.randn(1, 3, 128)
     contract = int8_blocks_of_32(x[0]) @ (q8.double() * scale.double()[:, None]).T
     torch.testing.assert_close(head(x)[0].double(), contract, rtol=1e-5, atol=1e-5 * float(contract.abs().max()))

@@ -12,8 +12,9 @@
 // int4 layout: 8 output rows interleaved. For rows 8j..8j+7 and the block of 32 inputs from k0, four 32-byte
 // steps; in step s, byte 4r + i holds row 8j + r's input k0 + 8s + i in its low nibble and k0 + 8s + 4 + i in its
 // high one. The nibbles (0..15) are the unsigned side of vpmaddubsw, 4 activations broadcast the signed one.
-// Scales and offsets float32 [N / 8, G, 8] (a group's 8 rows side by side), groups of 32 inputs or a multiple.
-// int8 layout: q8[n, k] signed, weight = q8 * scale[n, g] + offset[n, g]; vpmaddubsw needs one unsigned side,
+// Scales float16 and zeros uint8 [N / 8, G, 8] (a group's 8 rows side by side), groups of 32 inputs or a multiple.
+// int8 layout: q8[n, k] = q - 128 signed, weight = q8 * scale[n, g] + (128 - zero[n, g]) * scale[n, g], scales
+// float16 and zeros uint8 [N, G]; vpmaddubsw needs one unsigned side,
 // so it gets |q8| and the activations take q8's signs (vpsignb), as in llama.cpp.
 
 #include "kernels_common.h"
@@ -87,6 +88,36 @@ inline __m256 dot_u8_s8(__m256i u, __m256i s) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 
+// Each group's scale (float16) and zero (uint8), as checkpoints hold them (GPTQ's tensors, GGUF's Q4_0 / Q8_0
+// blocks): 3 bytes per group and row, where float32 scales and offsets took 8 (12% of an int4 layer's bytes at
+// groups of 128). The kernels form the offset (base - zero) * scale in float32, the rounding the layer's
+// dequantize() has: base is 0 for int4's levels q, 128 for int8's q - 128.
+struct Groups {
+  const uint16_t* scales;
+  const uint8_t* zeros;
+  float base;
+
+  float scale(int64_t i) const { return _cvtsh_ss(scales[i]); }
+  float offset(int64_t i) const { return (base - zeros[i]) * scale(i); }
+  __m256 scales8(int64_t i) const {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + i)));
+  }
+  __m256 offsets8(int64_t i, __m256 s) const {
+    const __m128i z = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + i));
+    return _mm256_mul_ps(_mm256_sub_ps(_mm256_set1_ps(base), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z))), s);
+  }
+  // Sum of offset(i0 + g) * x[g], g < G.
+  float offsets_dot(int64_t i0, const float* x, int64_t G) const {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8)
+      acc = _mm256_fmadd_ps(offsets8(i0 + g, scales8(i0 + g)), _mm256_loadu_ps(x + g), acc);
+    float sum = horizontal_sum(acc);
+    for (; g < G; ++g) sum += offset(i0 + g) * x[g];
+    return sum;
+  }
+};
+
 // Each thread reads its weights as one stream, and asks for the line kStreamAhead bytes further on while it uses
 // one: 93-95% of the machine's read bandwidth on two cores of an AVX2 EPYC, against 65-70% when the next rows were
 // prefetched whole or two rows were read side by side.
@@ -107,16 +138,15 @@ inline void store_rows8(__m256 acc, const float* bias, int64_t activation, float
 // a horizontal sum or a scale broadcast of its own, and the products of a block of 32 inputs add up in int16 (8
 // vpmaddubsw results of at most 2 x 15 x 127 each stay below 2^15) before one vpmaddwd widens them.
 template <int M>
-void int4_rows8(const Int8Acts& a, const uint8_t* packed, const float* scales, const float* offsets,
-                const float* bias, int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t j) {
+void int4_rows8(const Int8Acts& a, const uint8_t* packed, const Groups& groups, const float* bias,
+                int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t j) {
   const int64_t G = K / group, B = K / 32, blocks_per_group = group / 32;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const uint8_t* p = packed + j * 4 * K;  // 8 rows of K / 2 bytes
-  const float *row_scales = scales + j * G * 8, *row_offsets = offsets + j * G * 8;
   __m256 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    const __m256 s = _mm256_loadu_ps(row_scales + g * 8);
+    const __m256 s = groups.scales8((j * G + g) * 8);
     for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
       __m256i sum[M];
       for (int m = 0; m < M; ++m) sum[m] = _mm256_setzero_si256();
@@ -137,15 +167,15 @@ void int4_rows8(const Int8Acts& a, const uint8_t* packed, const float* scales, c
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum[m], ones)),
                                  _mm256_mul_ps(s, _mm256_set1_ps(a.scale[m * B + b])), acc[m]);
     }
-    const __m256 o = _mm256_loadu_ps(row_offsets + g * 8);
+    const __m256 o = groups.offsets8((j * G + g) * 8, s);
     for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(o, _mm256_set1_ps(a.sums[m * G + g]), acc[m]);
   }
   for (int m = 0; m < M; ++m) store_rows8(acc[m], bias, activation, y + m * N, j);
 }
 
 template <int M>
-void int8_row(const Int8Acts& a, const int8_t* q8, const float* scales, const float* offsets, const float* bias,
-              int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t n) {
+void int8_row(const Int8Acts& a, const int8_t* q8, const Groups& groups, const float* bias, int64_t activation,
+              float* y, int64_t K, int64_t N, int64_t group, int64_t n) {
   const int64_t G = K / group, B = K / 32;
   const int8_t* row = q8 + n * K;
   __m256 acc[M];
@@ -154,7 +184,7 @@ void int8_row(const Int8Acts& a, const int8_t* q8, const float* scales, const fl
     prefetch_stream(row + k0);
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k0));
     const __m256i magnitude = _mm256_sign_epi8(w, w);
-    const float s = scales[n * G + a.group_of[k0 / 32]];
+    const float s = groups.scale(n * G + a.group_of[k0 / 32]);
     for (int m = 0; m < M; ++m) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + k0));
       acc[m] = _mm256_fmadd_ps(dot_u8_s8(magnitude, _mm256_sign_epi8(x, w)),
@@ -162,7 +192,8 @@ void int8_row(const Int8Acts& a, const int8_t* q8, const float* scales, const fl
     }
   }
   for (int m = 0; m < M; ++m)
-    y[m * N + n] = epilogue(horizontal_sum(acc[m]) + dot(offsets + n * G, &a.sums[m * G], G), bias, n, activation);
+    y[m * N + n] = epilogue(horizontal_sum(acc[m]) + groups.offsets_dot(n * G, &a.sums[m * G], G), bias, n,
+                            activation);
 }
 
 // Half-precision weights for float32 activations: 16 weights per 32-byte load, widened to two vectors of 8 floats.
@@ -287,14 +318,14 @@ struct HalfPanel {
 // int8 weights with a scale and offset per (row, group).
 struct Int8Panel {
   const int8_t* q8;
-  const float *scales, *offsets;
+  Groups groups;
   int64_t N, K, group;
   void operator()(int64_t n0, int64_t k0, int64_t depth, float* panel) const {
     transposed_panel(N, n0, k0, depth, panel, [&](int64_t n, int64_t k) {
       const int64_t i = n * (K / group) + k / group;
       const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q8 + n * K + k));
-      return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(scales[i]),
-                             _mm256_set1_ps(offsets[i]));
+      return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(groups.scale(i)),
+                             _mm256_set1_ps(groups.offset(i)));
     });
   }
 };
@@ -324,7 +355,7 @@ inline void int4_block_columns(const uint8_t* block, __m256 s, __m256 o, Column 
 
 struct Int4Panel {
   const uint8_t* packed;
-  const float *scales, *offsets;
+  Groups groups;
   int64_t N, K, group;
   void operator()(int64_t n0, int64_t k0, int64_t depth, float* panel) const {
     const int64_t G = K / group;
@@ -332,7 +363,7 @@ struct Int4Panel {
       const int64_t j = (n0 + half) / 8;
       for (int64_t k = 0; k < depth; k += 32) {
         const int64_t b = (k0 + k) / 32, g = (k0 + k) / group;
-        const __m256 s = _mm256_loadu_ps(scales + (j * G + g) * 8), o = _mm256_loadu_ps(offsets + (j * G + g) * 8);
+        const __m256 s = groups.scales8((j * G + g) * 8), o = groups.offsets8((j * G + g) * 8, s);
         int4_block_columns(packed + j * 4 * K + b * 128, s, o, [&](int i, __m256 v) {
           _mm256_storeu_ps(panel + (k + i) * kPanelRows + half, v);
         });
@@ -347,14 +378,14 @@ struct Int4Panel {
 // the arithmetic of the long-input path. More instructions per weight than the integer dot products, but still
 // near memory speed, where PyTorch's int4/int8 kernels take float32 activations at about 1 token/s (1B shape).
 template <int M>
-void int4_rows8_exact(const float* x, const uint8_t* packed, const float* scales, const float* offsets,
-                      const float* bias, int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t j) {
+void int4_rows8_exact(const float* x, const uint8_t* packed, const Groups& groups, const float* bias,
+                      int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t j) {
   const int64_t G = K / group;
   const uint8_t* p = packed + j * 4 * K;
   __m256 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    const __m256 s = _mm256_loadu_ps(scales + (j * G + g) * 8), o = _mm256_loadu_ps(offsets + (j * G + g) * 8);
+    const __m256 s = groups.scales8((j * G + g) * 8), o = groups.offsets8((j * G + g) * 8, s);
     for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 32) {
       prefetch_stream(p + k0 * 4);
       prefetch_stream(p + k0 * 4 + 64);
@@ -367,14 +398,14 @@ void int4_rows8_exact(const float* x, const uint8_t* packed, const float* scales
 }
 
 template <int M>
-void int8_row_exact(const float* x, const int8_t* q8, const float* scales, const float* offsets, const float* bias,
-                    int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t n) {
+void int8_row_exact(const float* x, const int8_t* q8, const Groups& groups, const float* bias, int64_t activation,
+                    float* y, int64_t K, int64_t N, int64_t group, int64_t n) {
   const int64_t G = K / group;
   const int8_t* row = q8 + n * K;
   __m256 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    const __m256 s = _mm256_set1_ps(scales[n * G + g]), o = _mm256_set1_ps(offsets[n * G + g]);
+    const __m256 s = _mm256_set1_ps(groups.scale(n * G + g)), o = _mm256_set1_ps(groups.offset(n * G + g));
     for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
       if (k % 64 == 0) prefetch_stream(row + k);
       const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
@@ -463,20 +494,22 @@ torch::Tensor panel_matmul(const torch::Tensor& x, int64_t N, const Panel& fill_
   return y;
 }
 
-void check_long_inputs(const torch::Tensor& x, const torch::Tensor& scales, const torch::Tensor& offsets,
-                       int64_t N, int64_t group) {
+// Checks x and the groups' tensors (scales float16, zeros uint8, N * (K / group) of each, in the kernel's order).
+Groups long_inputs(const torch::Tensor& x, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t N,
+                   int64_t group, float base) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous f32 [M, K]");
   const int64_t K = x.size(1);
   TORCH_CHECK(group % 32 == 0 && K % group == 0, "groups of a multiple of 32 inputs that divide K");
-  for (const auto* t : {&scales, &offsets})
-    TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous() && t->numel() == N * (K / group),
-                "scales/offsets: f32 [N, K / group]");
+  TORCH_CHECK(scales.dtype() == torch::kFloat16 && zeros.dtype() == torch::kUInt8 && scales.is_contiguous() &&
+              zeros.is_contiguous() && scales.numel() == N * (K / group) && zeros.numel() == N * (K / group),
+              "scales f16 and zeros u8, N * K / group of each");
+  return Groups{reinterpret_cast<const uint16_t*>(scales.data_ptr()), zeros.data_ptr<uint8_t>(), base};
 }
 
-void check_decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, const torch::Tensor& offsets,
-                         int64_t N, int64_t group) {
-  check_long_inputs(x, scales, offsets, N, group);
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "the decode kernels take 1 to 8 rows");
+Groups decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t N,
+                     int64_t group, float base) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 8, "the decode kernels take 1 to 8 rows");
+  return long_inputs(x, scales, zeros, N, group, base);
 }
 
 // Quantizes x's rows (if int8_activations), then runs row(acts, y, m, i) for i in [0, units) in parallel: m (input
@@ -498,58 +531,59 @@ torch::Tensor decode(const torch::Tensor& x, int64_t N, int64_t units, int64_t g
 
 }  // namespace
 
-// x [M, K] float32 (M <= 8), packed uint8 [N / 8, K / 32, 4, 32] as int4_rows8 reads it, scales/offsets
-// [N / 8, G, 8] float32, bias [N] float32 or None -> activation(x W^T + bias) as float32 [M, N]; N % 8 == 0.
-// int8_activations: x quantized per block of 32 for integer dot products; else exact float32 products.
-torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
+// x [M, K] float32 (M <= 8), packed uint8 [N / 8, K / 32, 4, 32] as int4_rows8 reads it, the groups' scales
+// float16 and zeros uint8 [N / 8, G, 8], bias [N] float32 or None -> activation(x W^T + bias) as float32 [M, N];
+// N % 8 == 0. int8_activations: x quantized per block of 32 for integer dot products; else exact float32 products.
+torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
   const int64_t K = x.size(1), N = packed.numel() * 2 / K;
-  check_decode_inputs(x, scales, offsets, N, group);
+  const Groups groups = decode_inputs(x, scales, zeros, N, group, 0.f);
   TORCH_CHECK(N % 8 == 0 && packed.numel() * 2 == N * K && packed.is_contiguous(), "packed: uint8, N * K / 2, N % 8 == 0");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   const float* bp = optional_bias(bias, N);
   return decode(x, N, N / 8, 2, group, int8_activations, [&](const Int8Acts& acts, float* yp, auto m, int64_t j) {
     constexpr int rows = decltype(m)::value;
-    if (int8_activations) int4_rows8<rows>(acts, pp, sp, op, bp, activation, yp, K, N, group, j);
-    else int4_rows8_exact<rows>(xp, pp, sp, op, bp, activation, yp, K, N, group, j);
+    if (int8_activations) int4_rows8<rows>(acts, pp, groups, bp, activation, yp, K, N, group, j);
+    else int4_rows8_exact<rows>(xp, pp, groups, bp, activation, yp, K, N, group, j);
   });
 }
 
-// x [M, K] float32 (M <= 8), q8 [N, K] int8, scales/offsets [N, G] float32 -> float32 [M, N]; K % 32 == 0.
-torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scales, torch::Tensor offsets,
+// x [M, K] float32 (M <= 8), q8 [N, K] int8 (q - 128), the groups' scales float16 and zeros uint8 [N, G] ->
+// float32 [M, N]; K % 32 == 0.
+torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scales, torch::Tensor zeros,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
   const int64_t K = x.size(1), N = q8.size(0);
-  check_decode_inputs(x, scales, offsets, N, group);
+  const Groups groups = decode_inputs(x, scales, zeros, N, group, 128.f);
   TORCH_CHECK(q8.dtype() == torch::kInt8 && q8.size(1) == K && q8.is_contiguous(), "q8: int8 [N, K]");
   const int8_t* qp = q8.data_ptr<int8_t>();
-  const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   const float* bp = optional_bias(bias, N);
   return decode(x, N, N, 16, group, int8_activations, [&](const Int8Acts& acts, float* yp, auto m, int64_t n) {
     constexpr int rows = decltype(m)::value;
-    if (int8_activations) int8_row<rows>(acts, qp, sp, op, bp, activation, yp, K, N, group, n);
-    else int8_row_exact<rows>(xp, qp, sp, op, bp, activation, yp, K, N, group, n);
+    if (int8_activations) int8_row<rows>(acts, qp, groups, bp, activation, yp, K, N, group, n);
+    else int8_row_exact<rows>(xp, qp, groups, bp, activation, yp, K, N, group, n);
   });
 }
 
 // x [M, K] float32 (any M), the weights of int4_matvec -> x W^T + bias as float32 [M, N], for long inputs: the
 // weights dequantize panel by panel in the cache (panel_matmul).
-torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
+torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
                           int64_t group, c10::optional<torch::Tensor> bias) {
   const int64_t K = x.size(1), N = packed.numel() * 2 / K;
-  check_long_inputs(x, scales, offsets, N, group);
+  const Groups groups = long_inputs(x, scales, zeros, N, group, 0.f);
   TORCH_CHECK(N % 8 == 0 && packed.numel() * 2 == N * K && packed.is_contiguous(), "packed: uint8, N * K / 2, N % 8 == 0");
-  const Int4Panel panel{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(), N, K, group};
+  const Int4Panel panel{packed.data_ptr<uint8_t>(), groups, N, K, group};
   return panel_matmul(x, N, panel, optional_bias(bias, N));
 }
 
 // x [M, K] float32 (any M), the weights of int8_matvec -> x W^T + bias as float32 [M, N], for long inputs.
-torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q8, torch::Tensor scales, torch::Tensor offsets,
+torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q8, torch::Tensor scales, torch::Tensor zeros,
                           int64_t group, c10::optional<torch::Tensor> bias) {
   const int64_t K = x.size(1), N = q8.size(0);
-  check_long_inputs(x, scales, offsets, N, group);
+  const Groups groups = long_inputs(x, scales, zeros, N, group, 128.f);
   TORCH_CHECK(q8.dtype() == torch::kInt8 && q8.size(1) == K && q8.is_contiguous(), "q8: int8 [N, K]");
-  const Int8Panel panel{q8.data_ptr<int8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(), N, K, group};
+  const Int8Panel panel{q8.data_ptr<int8_t>(), groups, N, K, group};
   return panel_matmul(x, N, panel, optional_bias(bias, N));
 }
 

@@ -226,14 +226,25 @@ class NativeInt4Linear(_NativeLinear):
         self.native.int4_dequantize(self.native_packed, self.native_scales, self.native_offsets, self.kernel_group, w)
 
 
+def _signed_levels(weight: QuantizedWeight) -> Tensor:
+    """8-bit levels q as int8 q - 128: q with its top bit flipped, no wider temporary."""
+    return (weight.q.to(torch.uint8) ^ 0x80).view(torch.int8).contiguous()
+
+
 def _int8_storage(layer: QuantLinear, weight: QuantizedWeight, group: int) -> tuple[Tensor, Tensor]:
-    """8-bit weights (inputs sorted by group) as int8 q - 128 (q with its top bit flipped: no wider temporary), and
-    the scale and offset of each (output channel, group) as float32 [N, G];
-    (q - zero) * scale = (q - 128) * scale + (128 - zero) * scale."""
-    layer.register_buffer("int8_weight", (weight.q.to(torch.uint8) ^ 0x80).view(torch.int8).contiguous())
+    """8-bit weights (inputs sorted by group) as int8 q - 128, and the scale and offset of each (output channel,
+    group) as float32 [N, G]; (q - zero) * scale = (q - 128) * scale + (128 - zero) * scale."""
+    layer.register_buffer("int8_weight", _signed_levels(weight))
     chunk_group = weight.g_idx[::group]
     scale = weight.scales.float()[chunk_group]
     return scale.T.contiguous(), ((128 - weight.zeros.float()[chunk_group]) * scale).T.contiguous()
+
+
+def _stored_groups(weight: QuantizedWeight, group: int) -> tuple[Tensor, Tensor]:
+    """Each group's scale as float16 and zero as uint8 (G, N), as checkpoints hold them, for the AVX2 kernels,
+    which form the offsets themselves (3 bytes per group and channel instead of 8)."""
+    chunk_group = weight.g_idx[::group]
+    return weight.scales[chunk_group].half(), weight.zeros[chunk_group].to(torch.uint8)
 
 
 class NativeInt8Linear(_NativeLinear):
@@ -279,9 +290,12 @@ class _Avx2Kernels:
     @classmethod
     def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
         size = cls.group_size(weight)
+        # (scales exact in float16, zeros in a byte: what every checkpoint holds, and what the kernels store)
         return (weight.bits == cls.bits and dtype in (torch.float32, torch.bfloat16)
                 and native.avx2_kernels() is not None and weight.shape[1] % cls.inputs_multiple == 0
-                and size is not None and size % 32 == 0)
+                and size is not None and size % 32 == 0
+                and torch.equal(weight.scales.half().float(), weight.scales.float())
+                and int(weight.zeros.min()) >= 0 and int(weight.zeros.max()) <= 255)
 
 
 class Avx2Int4Linear(_Avx2Kernels, _NativeLinear):
@@ -300,22 +314,16 @@ class Avx2Int4Linear(_Avx2Kernels, _NativeLinear):
         # (row group, row, block, step, nibble, input) -> (row group, block, step, row, input, nibble)
         q = weight.q.to(torch.uint8).view(N // 8, 8, K // 32, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
         self.register_buffer("native_packed", (q[..., 0] | (q[..., 1] << 4)).contiguous().view(N, K // 2))
-        chunk_group = weight.g_idx[::size]
-        scales = weight.scales.float()[chunk_group]  # (G, N)
-
-        def by_row_groups(t: Tensor) -> Tensor:  # (G, N) -> (N / 8, G, 8)
-            return t.view(t.shape[0], N // 8, 8).transpose(0, 1).contiguous()
-
-        self.register_buffer("native_scales", by_row_groups(scales))
-        self.register_buffer("native_offsets", by_row_groups(-weight.zeros.float()[chunk_group] * scales))
+        for name, t in zip(("native_scales", "native_zeros"), _stored_groups(weight, size), strict=True):
+            self.register_buffer(name, t.view(t.shape[0], N // 8, 8).transpose(0, 1).contiguous())  # (N / 8, G, 8)
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
-        return self.native.int4_matvec(as_float32(x), self.native_packed, self.native_scales, self.native_offsets,
+        return self.native.int4_matvec(as_float32(x), self.native_packed, self.native_scales, self.native_zeros,
                                        self.kernel_group, bias, activation, self.int8_activations)
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
         return _activated(self.native.int4_matmul(as_float32(x).contiguous(), self.native_packed, self.native_scales,
-                                                  self.native_offsets, self.kernel_group, self.native_bias), activation)
+                                                  self.native_zeros, self.kernel_group, self.native_bias), activation)
 
 
 class Avx2Int8Linear(_Avx2Kernels, _NativeLinear):
@@ -326,17 +334,17 @@ class Avx2Int8Linear(_Avx2Kernels, _NativeLinear):
 
     def _store(self, weight: QuantizedWeight) -> None:
         self.kernel_group = self.group_size(weight)
-        scales, offsets = _int8_storage(self, weight, self.kernel_group)
-        self.register_buffer("native_scales", scales)
-        self.register_buffer("native_offsets", offsets)
+        self.register_buffer("int8_weight", _signed_levels(weight))
+        for name, t in zip(("native_scales", "native_zeros"), _stored_groups(weight, self.kernel_group), strict=True):
+            self.register_buffer(name, t.T.contiguous())  # (N, G)
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
-        return self.native.int8_matvec(as_float32(x), self.int8_weight, self.native_scales, self.native_offsets,
+        return self.native.int8_matvec(as_float32(x), self.int8_weight, self.native_scales, self.native_zeros,
                                        self.kernel_group, bias, activation, self.int8_activations)
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
         return _activated(self.native.int8_matmul(as_float32(x).contiguous(), self.int8_weight, self.native_scales,
-                                                  self.native_offsets, self.kernel_group, self.native_bias), activation)
+                                                  self.native_zeros, self.kernel_group, self.native_bias), activation)
 
 
 class WidenedLinear(_KernelProduct, nn.Module):
@@ -494,8 +502,12 @@ class DecodeHead(nn.Module):
             q8, scale = self.kernels.int8_rows(weight.contiguous())
             # derived from the weight: not part of the model's state (saving, exporting)
             self.register_buffer("q8", q8, persistent=False)
-            self.register_buffer("q8_scale", scale, persistent=False)
-            self.register_buffer("q8_offset", torch.zeros_like(scale), persistent=False)
+            if isa == "avx2":  # float16 scales and uint8 zeros (128: q8 is symmetric), as the AVX2 kernels take them
+                self.register_buffer("q8_scale", scale.half(), persistent=False)
+                self.register_buffer("q8_zero", torch.full_like(scale, 128, dtype=torch.uint8), persistent=False)
+            else:
+                self.register_buffer("q8_scale", scale, persistent=False)
+                self.register_buffer("q8_offset", torch.zeros_like(scale), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -506,7 +518,7 @@ class DecodeHead(nn.Module):
         elif x2.shape[0] > DECODE_ROWS:
             y = matmul(x2, self.weight.to(x2.dtype))
         elif self.int8_activations and self.isa == "avx2":
-            y = self.kernels.int8_matvec(x2.float().contiguous(), self.q8, self.q8_scale, self.q8_offset,
+            y = self.kernels.int8_matvec(x2.float().contiguous(), self.q8, self.q8_scale, self.q8_zero,
                                          x2.shape[1], None, 0, True)
         elif self.int8_activations:
             y = self.kernels.int8_matvec_i8(x2.contiguous(), self.q8, self.q8_scale, self.q8_offset, None, 0,
