@@ -70,9 +70,10 @@ def test_f32_round_trip_gives_the_hf_logits(name, tmp_path):
 @pytest.mark.parametrize(("name", "quant"), [("gpt_bigcode-mqa", "q8_0"), ("gpt_bigcode-mqa", "q4_0"),
                                              ("starcoder2-window", "q8_0"), ("starcoder2-window", "q4_0"),
                                              ("gpt_bigcode-wide", "q4_k_m")])
-def test_blocks_load_as_gguf_py_dequantizes_them(name, quant, tmp_path):
+def test_blocks_load_as_gguf_py_dequantizes_them(name, quant, tmp_path, monkeypatch):
     hf, path = _model_dir(name, tmp_path)
     out = export_model(path, tmp_path / f"model-{quant}.gguf", quant)
+    monkeypatch.setenv("STARCODER_INT8_ACTIVATIONS", "0")  # the exact products: int8 activations approximate them
     ours = load_model(out, dtype="float32")
     # The reference: transformers' model holding gguf-py's dequantization of every tensor in the file.
     state = {hf_name(hf.config.model_type, t.name): torch.from_numpy(

@@ -277,8 +277,9 @@ def avx2_contract(layer, x, activation):
                                                     (8, 64, 48, 128)])
 def test_avx2_kernels_equal_their_contract_and_stay_close_to_exact(bits, group_size, N, K, dtype, monkeypatch):
     """The AVX2 layers (float32 models, groups of 32 on every CPU): the decode kernels equal their contract up to
-    float32 sums; against the exact product the error is what int8 activations cost; the long-input path
-    dequantizes exactly; STARCODER_INT8_ACTIVATIONS=0 decodes with the exact float32 products."""
+    float32 sums; against the exact product the error is what int8 activations cost; long inputs run the same
+    contract (int4) or dequantize exactly (int8); STARCODER_INT8_ACTIVATIONS=0 computes with the exact float32
+    products."""
     weight, bias = random_weight(N, K, bits, group_size), torch.randn(N)
     layer = quantized_linear(weight, bias, dtype)
     assert layer.mode == f"avx2-int{bits}" and layer.int8_activations
@@ -296,17 +297,22 @@ def test_avx2_kernels_equal_their_contract_and_stay_close_to_exact(bits, group_s
         if name:
             exact = torch.nn.functional.gelu(exact, approximate="tanh" if activation == 1 else "none")
         assert float((layer(x, name).double() - exact).abs().max() / exact.abs().max()) < 2e-2
-    x = torch.randn(37, K).to(dtype)  # long inputs: the weight dequantized panel by panel inside the kernel
-    expected = reference(weight, bias, x.float())
-    torch.testing.assert_close(layer(x).double(), expected, rtol=2**-7 if dtype == torch.bfloat16 else 1e-5,
-                               atol=(2e-2 if dtype == torch.bfloat16 else 1e-5) * float(expected.abs().max()))
+    x = torch.randn(37, K).to(dtype)  # long inputs
+    if bits == 4:  # int4: the decode kernel over blocks of 8 rows, on int8 activations
+        want = avx2_contract(layer, x, 1)
+        torch.testing.assert_close(layer(x, "gelu_pytorch_tanh").double(), want.to(dtype).double(),
+                                   rtol=2**-7 if dtype == torch.bfloat16 else 1e-5, atol=1e-5 * float(want.abs().max()))
+    else:  # int8: the weight dequantized panel by panel inside the kernel
+        expected = reference(weight, bias, x.float())
+        torch.testing.assert_close(layer(x).double(), expected, rtol=2**-7 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=(2e-2 if dtype == torch.bfloat16 else 1e-5) * float(expected.abs().max()))
     torch.testing.assert_close(layer.dequantize().double(), weight.dequantize().to(dtype).double(),
                                rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
     assert layer.nbytes < N * K * (bits / 8 + 0.3) + 16 * N
     monkeypatch.setenv("STARCODER_INT8_ACTIVATIONS", "0")  # the exact path: float32 products, decoding too
     exact = quantized_linear(weight, bias, dtype)
     assert exact.mode == f"avx2-int{bits}" and not exact.int8_activations
-    for rows, activation in ((1, None), (3, "gelu_pytorch_tanh"), (8, "gelu")):
+    for rows, activation in ((1, None), (3, "gelu_pytorch_tanh"), (8, "gelu"), (37, "gelu")):  # 37: long inputs
         x = torch.randn(rows, K).to(dtype)
         want = reference(weight, bias.to(dtype).float(), x.float())  # (the bias as the layer holds it)
         if activation:

@@ -61,26 +61,40 @@ Int8Acts quantize_activations(const float* x, int64_t M, int64_t K, int64_t grou
   const __m256 sign = _mm256_set1_ps(-0.f);
   // vpackssdw / vpacksswb work within 128-bit lanes: this puts the packed dwords back in input order.
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < B; ++b) {
-      const float* xb = x + m * K + b * 32;
-      __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-      for (int i = 0; i < 4; ++i) {
-        v[i] = _mm256_loadu_ps(xb + 8 * i);
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-        sum = _mm256_add_ps(sum, v[i]);
+  // (rows in parallel for a prompt's many; one decode row costs less than waking the threads)
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < B; ++b) {
+        const float* xb = x + m * K + b * 32;
+        __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        for (int i = 0; i < 4; ++i) {
+          v[i] = _mm256_loadu_ps(xb + 8 * i);
+          amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+          sum = _mm256_add_ps(sum, v[i]);
+        }
+        const float scale = horizontal_max(amax) / 127.f;
+        const __m256 inverse = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+        a.scale[m * B + b] = scale;
+        a.sums[m * G + b * 32 / group] += horizontal_sum(sum);
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));  // half to even
+        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q.data() + m * K + b * 32),
+                            _mm256_permutevar8x32_epi32(packed, order));
       }
-      const float scale = horizontal_max(amax) / 127.f;
-      const __m256 inverse = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
-      a.scale[m * B + b] = scale;
-      a.sums[m * G + b * 32 / group] += horizontal_sum(sum);
-      __m256i q[4];
-      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));  // half to even
-      const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q.data() + m * K + b * 32),
-                          _mm256_permutevar8x32_epi32(packed, order));
-    }
+  });
   return a;
+}
+
+// Rows m0.. of the quantized activations, as the row kernels read them (a decode step's, or a block of a prompt's).
+struct Int8Rows {
+  const int8_t* q;
+  const float *scale, *sums;
+  const int32_t* group_of;
+};
+
+Int8Rows rows_from(const Int8Acts& a, int64_t m0, int64_t K, int64_t group) {
+  return {a.q.data() + m0 * K, a.scale.data() + m0 * (K / 32), a.sums.data() + m0 * (K / group), a.group_of.data()};
 }
 
 // 32 unsigned bytes times 32 signed ones, summed in fours into 8 int32 lanes, as floats.
@@ -138,7 +152,7 @@ inline void store_rows8(__m256 acc, const float* bias, int64_t activation, float
 // a horizontal sum or a scale broadcast of its own, and the products of a block of 32 inputs add up in int16 (8
 // vpmaddubsw results of at most 2 x 15 x 127 each stay below 2^15) before one vpmaddwd widens them.
 template <int M>
-void int4_rows8(const Int8Acts& a, const uint8_t* packed, const Groups& groups, const float* bias,
+void int4_rows8(const Int8Rows& a, const uint8_t* packed, const Groups& groups, const float* bias,
                 int64_t activation, float* y, int64_t K, int64_t N, int64_t group, int64_t j) {
   const int64_t G = K / group, B = K / 32, blocks_per_group = group / 32;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -155,7 +169,7 @@ void int4_rows8(const Int8Acts& a, const uint8_t* packed, const Groups& groups, 
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (b * 4 + step) * 32));
         const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
         for (int m = 0; m < M; ++m) {
-          const int8_t* xq = a.q.data() + m * K + b * 32 + step * 8;
+          const int8_t* xq = a.q + m * K + b * 32 + step * 8;
           int32_t x_lo, x_hi;  // 4 activations each, the same for every row
           std::memcpy(&x_lo, xq, 4);
           std::memcpy(&x_hi, xq + 4, 4);
@@ -174,7 +188,7 @@ void int4_rows8(const Int8Acts& a, const uint8_t* packed, const Groups& groups, 
 }
 
 template <int M>
-void int8_row(const Int8Acts& a, const int8_t* q8, const Groups& groups, const float* bias, int64_t activation,
+void int8_row(const Int8Rows& a, const int8_t* q8, const Groups& groups, const float* bias, int64_t activation,
               float* y, int64_t K, int64_t N, int64_t group, int64_t n) {
   const int64_t G = K / group, B = K / 32;
   const int8_t* row = q8 + n * K;
@@ -186,7 +200,7 @@ void int8_row(const Int8Acts& a, const int8_t* q8, const Groups& groups, const f
     const __m256i magnitude = _mm256_sign_epi8(w, w);
     const float s = groups.scale(n * G + a.group_of[k0 / 32]);
     for (int m = 0; m < M; ++m) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + k0));
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + m * K + k0));
       acc[m] = _mm256_fmadd_ps(dot_u8_s8(magnitude, _mm256_sign_epi8(x, w)),
                                _mm256_set1_ps(s * a.scale[m * B + k0 / 32]), acc[m]);
     }
@@ -506,60 +520,65 @@ Groups long_inputs(const torch::Tensor& x, const torch::Tensor& scales, const to
   return Groups{reinterpret_cast<const uint16_t*>(scales.data_ptr()), zeros.data_ptr<uint8_t>(), base};
 }
 
-Groups decode_inputs(const torch::Tensor& x, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t N,
-                     int64_t group, float base) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 8, "the decode kernels take 1 to 8 rows");
-  return long_inputs(x, scales, zeros, N, group, base);
-}
+// Quantizes x's rows (if int8_activations), then runs row(acts, x, y, m, i) for i in [0, units) in parallel, for
+// blocks of up to 8 input rows: acts, x and y start at the block's first row, and m (its rows) is an integral
+// constant, for the row kernels' template argument. Long inputs go in chunks of kChunkRows rows: each unit's
+// weights stay in the L1 cache for all blocks of a chunk, whose int8 activations stay in L2.
+constexpr int64_t kChunkRows = 256;
 
-// Quantizes x's rows (if int8_activations), then runs row(acts, y, m, i) for i in [0, units) in parallel: m (input
-// rows) as an integral constant, for the row kernels' template argument.
 template <typename Row>
-torch::Tensor decode(const torch::Tensor& x, int64_t N, int64_t units, int64_t grain, int64_t group,
-                     bool int8_activations, Row row) {
+torch::Tensor by_row_blocks(const torch::Tensor& x, int64_t N, int64_t units, int64_t grain, int64_t group,
+                            bool int8_activations, Row row) {
   const int64_t M = x.size(0), K = x.size(1);
   const Int8Acts acts = int8_activations ? quantize_activations(x.data_ptr<float>(), M, K, group) : Int8Acts{};
   auto y = torch::empty({M, N}, torch::kFloat32);
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, units, grain, [&](int64_t i0, int64_t i1) {
-    with_rows(M, [&](auto m) {
-      for (int64_t i = i0; i < i1; ++i) row(acts, yp, m, i);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t c0 = 0; c0 < M; c0 += kChunkRows) {
+    const int64_t c1 = std::min(M, c0 + kChunkRows);
+    at::parallel_for(0, units, grain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t m0 = c0; m0 < c1; m0 += 8) {
+          const Int8Rows rows = int8_activations ? rows_from(acts, m0, K, group) : Int8Rows{};
+          with_rows(c1 - m0, [&](auto m) { row(rows, xp + m0 * K, yp + m0 * N, m, i); });
+        }
     });
-  });
+  }
   return y;
 }
 
 }  // namespace
 
-// x [M, K] float32 (M <= 8), packed uint8 [N / 8, K / 32, 4, 32] as int4_rows8 reads it, the groups' scales
+// x [M, K] float32 (any M: blocks of 8 rows; long inputs with int8 activations take this path too, see
+// Avx2Int4Linear._matmul), packed uint8 [N / 8, K / 32, 4, 32] as int4_rows8 reads it, the groups' scales
 // float16 and zeros uint8 [N / 8, G, 8], bias [N] float32 or None -> activation(x W^T + bias) as float32 [M, N];
 // N % 8 == 0. int8_activations: x quantized per block of 32 for integer dot products; else exact float32 products.
 torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
   const int64_t K = x.size(1), N = packed.numel() * 2 / K;
-  const Groups groups = decode_inputs(x, scales, zeros, N, group, 0.f);
+  const Groups groups = long_inputs(x, scales, zeros, N, group, 0.f);
   TORCH_CHECK(N % 8 == 0 && packed.numel() * 2 == N * K && packed.is_contiguous(), "packed: uint8, N * K / 2, N % 8 == 0");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float* xp = x.data_ptr<float>();
   const float* bp = optional_bias(bias, N);
-  return decode(x, N, N / 8, 2, group, int8_activations, [&](const Int8Acts& acts, float* yp, auto m, int64_t j) {
+  return by_row_blocks(x, N, N / 8, 2, group, int8_activations,
+                       [&](const Int8Rows& acts, const float* xp, float* yp, auto m, int64_t j) {
     constexpr int rows = decltype(m)::value;
     if (int8_activations) int4_rows8<rows>(acts, pp, groups, bp, activation, yp, K, N, group, j);
     else int4_rows8_exact<rows>(xp, pp, groups, bp, activation, yp, K, N, group, j);
   });
 }
 
-// x [M, K] float32 (M <= 8), q8 [N, K] int8 (q - 128), the groups' scales float16 and zeros uint8 [N, G] ->
-// float32 [M, N]; K % 32 == 0.
+// x [M, K] float32 (any M, blocks of 8 rows), q8 [N, K] int8 (q - 128), the groups' scales float16 and zeros
+// uint8 [N, G] -> float32 [M, N]; K % 32 == 0.
 torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scales, torch::Tensor zeros,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
   const int64_t K = x.size(1), N = q8.size(0);
-  const Groups groups = decode_inputs(x, scales, zeros, N, group, 128.f);
+  const Groups groups = long_inputs(x, scales, zeros, N, group, 128.f);
   TORCH_CHECK(q8.dtype() == torch::kInt8 && q8.size(1) == K && q8.is_contiguous(), "q8: int8 [N, K]");
   const int8_t* qp = q8.data_ptr<int8_t>();
-  const float* xp = x.data_ptr<float>();
   const float* bp = optional_bias(bias, N);
-  return decode(x, N, N, 16, group, int8_activations, [&](const Int8Acts& acts, float* yp, auto m, int64_t n) {
+  return by_row_blocks(x, N, N, 16, group, int8_activations,
+                       [&](const Int8Rows& acts, const float* xp, float* yp, auto m, int64_t n) {
     constexpr int rows = decltype(m)::value;
     if (int8_activations) int8_row<rows>(acts, qp, groups, bp, activation, yp, K, N, group, n);
     else int8_row_exact<rows>(xp, qp, groups, bp, activation, yp, K, N, group, n);
