@@ -176,16 +176,26 @@ def _activated(y: Tensor, activation: str | None) -> Tensor:
 
 
 class _NativeLinear(_KernelProduct, QuantLinear):
-    """Our kernels over integer weights. The AVX-512 kinds compute long inputs by dequantizing the layer into the
-    model's scratch buffer (bfloat16) for one oneDNN matmul, which runs bfloat16 natively on those CPUs."""
+    """Our kernels over integer weights (`isa`: which build, native.BUILDS)."""
 
-    isa = "avx512"  # which build of the kernels (native.BUILDS)
+    isa: str
+
+    def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype):
+        super().__init__(weight, bias, dtype)
+        self.native = native.kernels(self.isa)
+        # (from the bias as the layer holds it, in its dtype: every path adds the same bias)
+        self.register_buffer("native_bias", None if self.bias is None else self.bias.float().contiguous())
+
+
+class _Avx512Linear(_NativeLinear):
+    """The AVX-512 kinds compute long inputs by dequantizing the layer into the model's scratch buffer (bfloat16)
+    for one oneDNN matmul, which runs bfloat16 natively on those CPUs."""
+
+    isa = "avx512"
 
     def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype, scratch: Scratch):
         super().__init__(weight, bias, dtype)
-        self.native, self.scratch = native.kernels(self.isa), scratch
-        # (from the bias as the layer holds it, in its dtype: every path adds the same bias)
-        self.register_buffer("native_bias", None if self.bias is None else self.bias.float().contiguous())
+        self.scratch = scratch
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
         w = self.scratch.matrix(self.out_features, self.in_features, self.dtype)
@@ -196,7 +206,7 @@ class _NativeLinear(_KernelProduct, QuantLinear):
         raise NotImplementedError
 
 
-class NativeInt4Linear(_NativeLinear):
+class NativeInt4Linear(_Avx512Linear):
     mode = "native-int4"
 
     @classmethod
@@ -247,7 +257,7 @@ def _stored_groups(weight: QuantizedWeight, group: int) -> tuple[Tensor, Tensor]
     return weight.scales[chunk_group].half(), weight.zeros[chunk_group].to(torch.uint8)
 
 
-class NativeInt8Linear(_NativeLinear):
+class NativeInt8Linear(_Avx512Linear):
     mode = "native-int8"
 
     @classmethod
@@ -277,7 +287,7 @@ class _Avx2Kernels:
     """What the AVX2 kernels take: float32 or bfloat16 models (they compute in float32), groups of 32 inputs or a
     multiple, a number of inputs that their blocks divide. Decoding quantizes the activations to int8 unless
     STARCODER_INT8_ACTIVATIONS=0 (then float32 products, exact); long inputs dequantize the weights panel by panel
-    inside the kernel (no float copy of the layer)."""
+    inside the kernel (no float copy of the layer), or run on int8 activations too (int4)."""
 
     isa = "avx2"
     bits: int
@@ -486,7 +496,7 @@ def quantized_linear(weight: QuantizedWeight, bias: Tensor | None, dtype: torch.
                      scratch: Scratch | None = None) -> QuantLinear:
     """The first kind in KINDS that takes this weight on this machine."""
     kind = next(k for k in KINDS if k.accepts(weight, dtype))
-    if issubclass(kind, _NativeLinear):
+    if issubclass(kind, _Avx512Linear):
         return kind(weight, bias, dtype, scratch or Scratch())
     return kind(weight, bias, dtype)
 
