@@ -2,7 +2,7 @@
 
     python bench/quantization.py quality     # held-out perplexity: bf16 vs GPTQ vs round-to-nearest 4-bit
     python bench/quantization.py speed       # 1B shape: decode / prefill tokens/s, resident memory, quantize time
-    python bench/quantization.py activations # what int8 activations (the integer decode kernels) cost in perplexity
+    python bench/quantization.py activations # what int8 activations (decoding, int4 prompts) cost in perplexity
 
 quality: the embedded model's held-out code (the CPython files of its test split, as its manifest records them)
 is scored in 512-token windows: bfloat16, then GPTQ and round-to-nearest at 4 bits for group sizes -1 and 128,
@@ -73,20 +73,27 @@ def perplexity(model, tokenizer, files: list[Path], seq_len: int = 512) -> float
     return math.exp(total / count)
 
 
-def decode_perplexity(path: str, count: int = 40, seq_len: int = 256) -> dict:
-    """Perplexity scored one token at a time with the cache, so every linear runs its decode kernel."""
+def scored_perplexity(path: str, how: str, count: int = 40, seq_len: int = 256) -> dict:
+    """Perplexity of held-out windows scored one token at a time with the cache (how="decode": every linear runs
+    its decode kernel), or each window as one prompt (how="prompt": the long-input kernels)."""
     from starcoder import load_model, load_tokenizer
 
     model, tokenizer = load_model(path), load_tokenizer(EMBEDDED)
     total, tokens = 0.0, 0
     with torch.inference_mode():
         for window in windows(tokenizer, cpython_split("test"), seq_len)[:count]:
-            cache = model.new_cache(1, seq_len)
-            for i in range(seq_len - 1):
-                logits = model(window[None, i : i + 1], cache=cache).logits[0, -1].float()
-                total += float(torch.nn.functional.cross_entropy(logits[None], window[i + 1 : i + 2]))
-                tokens += 1
+            if how == "prompt":
+                logits = model(window[None, :-1]).logits[0].float()
+            else:
+                cache = model.new_cache(1, seq_len)
+                logits = torch.cat([model(window[None, i : i + 1], cache=cache).logits[0].float()
+                                    for i in range(seq_len - 1)])
+            total += float(torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum"))
+            tokens += seq_len - 1
     return {"perplexity": math.exp(total / tokens), "tokens": tokens}
+
+
+HOW = ("decode", "prompt")
 
 
 def activations() -> None:
@@ -103,12 +110,14 @@ def activations() -> None:
                            progress=False)
             rows += [(f"{name}, int8 activations", str(out), {"STARCODER_INT8_ACTIVATIONS": "1"}),
                      (f"{name}, exact activations", str(out), {"STARCODER_INT8_ACTIVATIONS": "0"})]
-        results = [(name, run_child(__file__, "decode-perplexity", ["--path", path], env)) for name, path, env in rows]
-    base = results[0][1]["perplexity"]
+        results = [(name, *(run_child(__file__, f"{how}-perplexity", ["--path", path], env) for how in HOW))
+                   for name, path, env in rows]
     print(f"embedded model, held-out CPython code, {results[0][1]['tokens']} tokens scored one at a time through the "
-          "decode kernels")
-    for name, r in results:
-        print(f"{name:<36}{r['perplexity']:>10.3f}{r['perplexity'] / base - 1:>+9.2%}")
+          "decode kernels, and as 40 prompts through the long-input kernels")
+    print(f"{'':<36}" + "".join(f"{how + ' scored':>20}" for how in HOW))
+    for name, *scored in results:
+        print(f"{name:<36}" + "".join(f"{r['perplexity']:>11.3f}{r['perplexity'] / base['perplexity'] - 1:>+9.2%}"
+                                      for r, base in zip(scored, results[0][1:], strict=True)))
 
 
 def quality() -> None:
@@ -227,8 +236,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=512, help=argparse.SUPPRESS)
     p.add_argument("--new", type=int, default=64, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child == "decode-perplexity":
-        print(json.dumps(decode_perplexity(args.path)))
+    if args.child in ("decode-perplexity", "prompt-perplexity"):
+        print(json.dumps(scored_perplexity(args.path, args.child.split("-")[0])))
     elif args.child:
         print(json.dumps(child(args.path, args.prompt, args.new)))
     elif args.part == "quality":
