@@ -334,7 +334,7 @@ class Avx2Int4Linear(_Avx2Kernels, _NativeLinear):
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
         if self.int8_activations and activation in _NATIVE_ACTIVATIONS:
             # Long inputs on int8 activations too, as llama.cpp computes prompts: the decode kernel over blocks of
-            # 8 rows, each 8 output rows' weights read from the cache for 64 input rows, 1.3-1.8x the float32
+            # 8 rows, each 8 output rows' weights read from the cache for 256 input rows, 1.3-1.8x the float32
             # product of the weights dequantized panel by panel (integer dot products do 4x the work per
             # instruction); that product stays the exact path.
             return self._matvec(x.contiguous(), self.native_bias, _NATIVE_ACTIVATIONS[activation])
