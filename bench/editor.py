@@ -1,6 +1,7 @@
 """Editor latency against llama.cpp's llama-server on the same weights (issue 15).
 
-    python bench/editor.py [--preset starcoderbase-1b] [--rounds 2] [--keystrokes 20]
+    python bench/editor.py [--preset starcoderbase-1b] [--rounds 2] [--keystrokes 20] [--cache-reuse N]
+                           [--parts keystrokes head-of-line]
 
 Both servers get the same token ids on their llama.cpp-style `/completion` route (prompt caching on, greedy,
 exactly `n_predict` tokens with `ignore_eos`), with 2 slots each, on a random checkpoint of the preset's shape
@@ -13,6 +14,9 @@ converted for llama.cpp by its own `convert_hf_to_gguf.py` (bf16). Sides alterna
 - Head-of-line: a stream decodes 200 tokens; after its 20th a 2,000-token prompt arrives. Reported: the stream's
   longest gap between tokens from then on, its median gap, and the long prompt's time to answer. Target: longest
   gap <= 3x the median gap.
+
+--cache-reuse N gives both servers the option of that name (RoPE models only, so a StarCoder2 preset): the kept
+prompt's tokens after an edit are taken at their new positions, keys re-rotated, when at least N of them match.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ from common import parser as common_parser
 SIDES = ("starcoder", "llama.cpp")
 
 
-def start_ours(model_dir: Path, port: int) -> subprocess.Popen:
+def start_ours(model_dir: Path, port: int, extra: list[str]) -> subprocess.Popen:
     from serving import start_server  # same launcher as the serving benchmark
 
-    return start_server(str(model_dir), port, extra=["--max-batch", "2"])
+    return start_server(str(model_dir), port, extra=["--max-batch", "2", *extra])
 
 
 def javascript_file() -> Path:
@@ -108,14 +112,16 @@ async def head_of_line(url: str, short: list[int], long: list[int]) -> dict:
     return {"max_gap": max(gaps), "median_gap": statistics.median(gaps), "long_prompt_seconds": answered["seconds"]}
 
 
-def measure(side: str, model_dir: Path, gguf: Path, workloads: dict) -> dict:
+def measure(side: str, model_dir: Path, gguf: Path, workloads: dict, extra: list[str]) -> dict:
     port = free_port()
-    server = start_ours(model_dir, port) if side == "starcoder" else llamacpp.start_server(gguf, port, context=4096)
+    server = (start_ours(model_dir, port, extra) if side == "starcoder"
+              else llamacpp.start_server(gguf, port, context=4096, extra=extra))
     url = f"http://127.0.0.1:{port}"
     with running(server):
         asyncio.run(keystroke_replay(url, [workloads["warm"]]))
         result = {name: asyncio.run(keystroke_replay(url, prompts)) for name, prompts in workloads["files"].items()}
-        result["head_of_line"] = asyncio.run(head_of_line(url, workloads["short"], workloads["long"]))
+        if "long" in workloads:
+            result["head_of_line"] = asyncio.run(head_of_line(url, workloads["short"], workloads["long"]))
         return result
 
 
@@ -123,6 +129,9 @@ def main() -> None:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--keystrokes", type=int, default=20)
+    parser.add_argument("--cache-reuse", type=int, default=0, metavar="N")
+    parser.add_argument("--parts", nargs="+", choices=["keystrokes", "head-of-line"],
+                        default=["keystrokes", "head-of-line"])
     args = parser.parse_args()
     import textwrap
 
@@ -132,14 +141,18 @@ def main() -> None:
     gguf = llamacpp.convert(model_dir, RESULTS / f"{args.preset}-{args.dtype}.gguf", "bf16")
     tokenizer = load_tokenizer(model_dir)
     files = {"textwrap.py": Path(textwrap.__file__), "javascript": javascript_file()}
+    if "keystrokes" not in args.parts:
+        files = {}
     workloads = {"files": {name: keystroke_prompts(tokenizer, path, args.keystrokes) for name, path in files.items()},
-                 "short": tokenizer.encode(Path(textwrap.__file__).read_text()[:400])[:100],
-                 "long": tokenizer.encode(Path(json.__file__).read_text() * 4)[:2000],
                  "warm": tokenizer.encode("def f(x):\n    return x\n")}
+    if "head-of-line" in args.parts:
+        workloads["short"] = tokenizer.encode(Path(textwrap.__file__).read_text()[:400])[:100]
+        workloads["long"] = tokenizer.encode(Path(json.__file__).read_text() * 4)[:2000]
+    extra = ["--cache-reuse", str(args.cache_reuse)] if args.cache_reuse else []
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for _ in range(args.rounds):
         for side in SIDES:
-            runs[side].append(measure(side, model_dir, gguf, workloads))
+            runs[side].append(measure(side, model_dir, gguf, workloads, extra))
 
     def best(side: str, name: str) -> list[float]:  # the round with the lowest median
         return min((r[name] for r in runs[side]), key=statistics.median)
@@ -147,8 +160,9 @@ def main() -> None:
     def pct(values: list[float], q: float) -> float:
         return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
+    reuse = f"; --cache-reuse {args.cache_reuse} on both" if args.cache_reuse else ""
     print(f"{args.preset}, random, {args.dtype}; {args.keystrokes} keystrokes per file, 16 new tokens each; "
-          f"best of {args.rounds} alternating rounds; {files['javascript']}")
+          f"best of {args.rounds} alternating rounds{reuse}; {files.get('javascript', '')}")
     print(f"{'keystroke latency (s)':34}{'ours':>10}{'llama.cpp':>11}{'ratio':>8}")
     summary = {}
     for name in files:
@@ -157,12 +171,13 @@ def main() -> None:
             a, b = pct(ours, q), pct(theirs, q)
             summary[f"{name} {label}"] = (a, b)
             print(f"{name + ' ' + label:34}{a:10.3f}{b:11.3f}{a / b:7.2f}x")
-    print(f"{'head-of-line (s)':34}{'ours':>10}{'llama.cpp':>11}")
-    hol = {side: min((r["head_of_line"] for r in runs[side]), key=lambda h: h["max_gap"]) for side in SIDES}
-    for key in ("max_gap", "median_gap", "long_prompt_seconds"):
-        print(f"{key:34}{hol['starcoder'][key]:10.3f}{hol['llama.cpp'][key]:11.3f}")
-    for side in SIDES:
-        print(f"{side}: longest gap / median gap = {hol[side]['max_gap'] / hol[side]['median_gap']:.1f}x")
+    if "long" in workloads:
+        print(f"{'head-of-line (s)':34}{'ours':>10}{'llama.cpp':>11}")
+        hol = {side: min((r["head_of_line"] for r in runs[side]), key=lambda h: h["max_gap"]) for side in SIDES}
+        for key in ("max_gap", "median_gap", "long_prompt_seconds"):
+            print(f"{key:34}{hol['starcoder'][key]:10.3f}{hol['llama.cpp'][key]:11.3f}")
+        for side in SIDES:
+            print(f"{side}: longest gap / median gap = {hol[side]['max_gap'] / hol[side]['median_gap']:.1f}x")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"editor-{args.preset}.json").write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
 

@@ -72,12 +72,14 @@ def _run_converter(model_dir: str, out: str, outtype: str) -> None:
     runpy.run_path(str(tree / "convert_hf_to_gguf.py"), run_name="__main__")
 
 
-def start_server(gguf: Path, port: int, parallel: int = 2, context: int = 4096, threads: int | None = None):
-    """llama-server on loopback with prompt caching (its default), `parallel` slots sharing `context` tokens."""
+def start_server(gguf: Path, port: int, parallel: int = 2, context: int = 4096, threads: int | None = None,
+                 extra: list[str] = ()):
+    """llama-server on loopback with prompt caching (its default), `parallel` slots sharing `context` tokens, and
+    any `extra` options."""
     threads = threads or os.cpu_count() or 2
     server = subprocess.Popen([str(build() / "llama-server"), "-m", str(gguf), "--port", str(port), "--host",
                                "127.0.0.1", "-t", str(threads), "-tb", str(threads), "-c", str(context * parallel),
-                               "--parallel", str(parallel), "--no-webui"],
+                               "--parallel", str(parallel), "--no-webui", *extra],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return wait_until_healthy(server, port, "llama-server")
 
