@@ -15,6 +15,7 @@ AutoGPTQ "gptq" files store, per layer (bits b, f = 32 / b values per int32 word
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,8 @@ def pack_rows(values: Tensor, bits: int) -> Tensor:
 
 
 def unpack_rows(words: Tensor, bits: int) -> Tensor:
-    """The inverse of pack_rows: int32 (R / f, C) -> int32 (R, C)."""
-    f = _per_word(bits)
-    shifts = (torch.arange(f, dtype=torch.int32) * bits).view(1, f, 1)
-    fields = (words.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)  # (R/f, f, C)
-    return fields.reshape(-1, words.shape[1])
+    """The inverse of pack_rows: int32 (R / f, C) -> uint8 (R, C)."""
+    return unpack_columns(words.T.contiguous(), bits).T.contiguous()
 
 
 def pack_columns(values: Tensor, bits: int) -> Tensor:
@@ -91,7 +89,16 @@ def pack_columns(values: Tensor, bits: int) -> Tensor:
 
 
 def unpack_columns(words: Tensor, bits: int) -> Tensor:
-    return unpack_rows(words.T.contiguous(), bits).T.contiguous()
+    """The inverse of pack_columns: int32 (R, C / f) -> uint8 (R, C). On a little-endian host (the files' order) a
+    word's bytes hold its columns in order, a 4-bit pair per byte, low nibble first: the values are read from the
+    bytes, 4x less data than shifting every field out of 32-bit words (loading a 3B model spent 12 s there)."""
+    _per_word(bits)
+    if sys.byteorder != "little":
+        raise CheckpointError("packed GPTQ weights are read on little-endian hosts only")
+    data = words.to(torch.int32).contiguous().view(torch.uint8)  # (R, C * bits / 8)
+    if bits == 8:
+        return data
+    return torch.stack((data & 0x0F, data >> 4), dim=-1).reshape(words.shape[0], -1)
 
 
 def _to_int32(words: Tensor) -> Tensor:
@@ -148,11 +155,11 @@ def from_gptq_tensors(tensors: dict[str, Tensor], bits: int, group_size: int, ch
     g_idx = g_idx.to(torch.int32)
     if K and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
         raise CheckpointError(f"{name}: g_idx points outside the {groups} groups")
-    zeros = unpack_columns(qzeros, bits)
+    zeros = unpack_columns(qzeros, bits).to(torch.int32)
     if checkpoint_format == "gptq":
         zeros = zeros + 1  # as AutoGPTQ's and transformers' kernels read v1 (a stored 0xF means 16)
-    q = unpack_rows(qweight, bits).T.contiguous()
-    return QuantizedWeight(q.to(torch.uint8), scales.float(), zeros.to(torch.int32), g_idx, bits, group_size)
+    q = unpack_columns(qweight.T.contiguous(), bits)  # (N, K): the file's rows are inputs, packed down columns
+    return QuantizedWeight(q, scales.float(), zeros, g_idx, bits, group_size)
 
 
 GROUP_SIZES = (-1, 32, 64, 128, 256)
