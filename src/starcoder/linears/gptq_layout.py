@@ -70,12 +70,14 @@ def _per_word(bits: int) -> int:
 
 
 def pack_rows(values: Tensor, bits: int) -> Tensor:
-    """(R, C) integers in [0, 2**bits) -> int32 (R / f, C): f consecutive rows per word, lowest row lowest."""
+    """(R, C) integers in [0, 2**bits) -> int32 (R / f, C): f consecutive rows per word, lowest row lowest. The
+    words are assembled as bytes (see unpack_columns), never as shifted 64-bit fields."""
     f = _per_word(bits)
-    rows = values.to(torch.int64).reshape(-1, f, values.shape[1])  # (R/f, f, C)
-    shifts = (torch.arange(f, dtype=torch.int64) * bits).view(1, f, 1)
-    words = (rows << shifts).sum(dim=1)  # disjoint bit fields: the sum is the bitwise or
-    return _to_int32(words)
+    _little_endian()
+    rows = values.to(torch.uint8).reshape(-1, f, values.shape[1])  # (R/f, f, C)
+    if bits == 4:
+        rows = rows[:, 0::2] | (rows[:, 1::2] << 4)  # (R/f, 4, C): byte j holds rows 2j (low nibble) and 2j + 1
+    return rows.transpose(1, 2).reshape(-1, 4).view(torch.int32).view(-1, values.shape[1])
 
 
 def unpack_rows(words: Tensor, bits: int) -> Tensor:
@@ -93,17 +95,16 @@ def unpack_columns(words: Tensor, bits: int) -> Tensor:
     word's bytes hold its columns in order, a 4-bit pair per byte, low nibble first: the values are read from the
     bytes, 4x less data than shifting every field out of 32-bit words (loading a 3B model spent 12 s there)."""
     _per_word(bits)
-    if sys.byteorder != "little":
-        raise CheckpointError("packed GPTQ weights are read on little-endian hosts only")
+    _little_endian()
     data = words.to(torch.int32).contiguous().view(torch.uint8)  # (R, C * bits / 8)
     if bits == 8:
         return data
     return torch.stack((data & 0x0F, data >> 4), dim=-1).reshape(words.shape[0], -1)
 
 
-def _to_int32(words: Tensor) -> Tensor:
-    """Unsigned 32-bit values (int64) reinterpreted as the int32 the files hold."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+def _little_endian() -> None:
+    if sys.byteorder != "little":  # (a word's bytes would hold its values in the reverse order)
+        raise CheckpointError("packed GPTQ weights are read and written on little-endian hosts only")
 
 
 def to_gptq_tensors(weight: QuantizedWeight, checkpoint_format: str = "gptq") -> dict[str, Tensor]:

@@ -41,9 +41,14 @@ def find_params(w: Tensor, settings: QuantSettings) -> tuple[Tensor, Tensor]:
     return scale, zero
 
 
+def quantize_levels(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """The integers of w under scale and zero (as floats), computed in place in one temporary."""
+    return torch.div(w, scale).round_().add_(zero).clamp_(0, maxq)
+
+
 def quantize_column(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
     """(integers, dequantized values) of w under scale and zero."""
-    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    q = quantize_levels(w, scale, zero, maxq)
     return q, scale * (q - zero)
 
 
@@ -62,8 +67,8 @@ def rtn(weight: Tensor, settings: QuantSettings) -> QuantizedWeight:
     scales, zeros = [], []
     for start in range(0, K, g):
         scale, zero = find_params(W[:, start : start + g], settings)
-        Q[:, start : start + g] = quantize_column(W[:, start : start + g], scale[:, None], zero[:, None],
-                                                  settings.maxq)[0]
+        Q[:, start : start + g] = quantize_levels(W[:, start : start + g], scale[:, None], zero[:, None],
+                                                  settings.maxq)
         scales.append(scale)
         zeros.append(zero)
     return _pack_result(Q, scales, zeros, torch.arange(K) // g, settings)
