@@ -165,7 +165,8 @@ class PagedKVCache:
         self.window = config.sliding_window if config.sliding_window and config.sliding_window < max_len else None
         self.state = [_Row([]) for _ in range(batch_size)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
-        self._layout: tuple[Tensor, Tensor, Tensor] | None = None  # written slots, gathered blocks, key positions
+        # written slots, gathered blocks, key positions, and the first block when the row's blocks are consecutive
+        self._layout: tuple[Tensor, Tensor, Tensor, int | None] | None = None
 
     def rows(self, start: int, stop: int | None = None) -> PagedKVCache:
         """Rows [start, stop) as a cache of their own, sharing this one's pool and rows."""
@@ -236,7 +237,12 @@ class PagedKVCache:
         # Padding keys get a position no query reaches, so the causal rule hides them.
         positions = torch.where(offsets < counts, firsts + offsets, torch.iinfo(torch.long).max)  # (B, S)
         device = self.pool.k.device
-        self._layout = (torch.tensor(slots, device=device), table.to(device), positions.to(device))
+        blocks = self.state[0].blocks
+        # One row in consecutive blocks (a sequence decoding alone, mostly): update() returns a view of the pool
+        # instead of gathering a copy of every key at every layer and step (a copy the size of the row's cache).
+        consecutive = len(self.state) == 1 and blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+        self._layout = (torch.tensor(slots, device=device), table.to(device), positions.to(device),
+                        blocks[0] if consecutive else None)
         first = int(lengths[0])
         return first if bool((lengths == first).all()) else lengths.to(device)
 
@@ -246,13 +252,15 @@ class PagedKVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor, start) -> tuple[Tensor, Tensor]:
         """Write new keys/values (B, n_kv, T, hd) into their blocks; every row's keys so far (B, n_kv, S, hd)."""
-        slots, table, _ = self._layout
+        slots, table, _, first_block = self._layout
         B, KV, T, hd = k.shape
         out = []
         for pool, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):
             pool.view(-1, KV, hd).index_copy_(0, slots, new.transpose(1, 2).reshape(B * T, KV, hd))
-            # One gather; index_select over whole blocks is ~10x faster than pool[table] on the CPU.
-            held = pool.view(pool.shape[0], -1).index_select(0, table.flatten())
+            if first_block is not None:
+                held = pool.narrow(0, first_block, table.shape[1])
+            else:  # one gather; index_select over whole blocks is ~10x faster than pool[table] on the CPU
+                held = pool.view(pool.shape[0], -1).index_select(0, table.flatten())
             out.append(held.view(B, -1, KV, hd).transpose(1, 2))  # (B, KV, S, hd)
         return out[0], out[1]
 
