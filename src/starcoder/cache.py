@@ -187,7 +187,7 @@ class PagedKVCache:
         return per_block * sum(len(row.blocks) for row in self.state)
 
     def clear(self, row: int) -> None:
-        self.pool.free += self.state[row].blocks
+        self.pool.free += reversed(self.state[row].blocks)  # (taken again in order: consecutive blocks stay so)
         self.state[row] = _Row([])
         self.lengths[row] = 0
 
