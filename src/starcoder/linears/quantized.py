@@ -321,12 +321,12 @@ class Avx2Int4Linear(_Avx2Kernels, _NativeLinear):
     def _store(self, weight: QuantizedWeight) -> None:
         N, K = weight.shape
         size = self.kernel_group = self.group_size(weight)
-        # Each byte pairs input k0 + 8 step + i (low nibble) with k0 + 8 step + 4 + i (high), then the bytes move:
-        # (row group, row, block, step, input) -> (row group, block, step, row, input). Pairing first moves half the
-        # bytes, and on contiguous memory (twice as fast as pairing the moved views).
+        # Each byte pairs input k0 + 8 step + i (low nibble) with k0 + 8 step + 4 + i (high), then a step's 4 bytes
+        # move as one word: (row group, row, block, step) -> (row group, block, step, row). Pairing first moves half
+        # the bytes, and moving words copies a quarter of the elements (1.5x faster than moving bytes one by one).
         q = weight.q.to(torch.uint8).view(N, K // 32, 4, 2, 4)
-        pairs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).view(N // 8, 8, K // 32, 4, 4)
-        self.register_buffer("native_packed", pairs.permute(0, 2, 3, 1, 4).contiguous().view(N, K // 2))
+        steps = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).view(torch.int32).view(N // 8, 8, K // 32, 4)
+        self.register_buffer("native_packed", steps.permute(0, 2, 3, 1).contiguous().view(torch.uint8).view(N, K // 2))
         for name, t in zip(("native_scales", "native_zeros"), _stored_groups(weight, size), strict=True):
             self.register_buffer(name, t.view(t.shape[0], N // 8, 8).transpose(0, 1).contiguous())  # (N / 8, G, 8)
 
