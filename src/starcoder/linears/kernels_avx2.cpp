@@ -132,15 +132,6 @@ struct Groups {
   }
 };
 
-// Each thread reads its weights as one stream, and asks for the line kStreamAhead bytes further on while it uses
-// one: 93-95% of the machine's read bandwidth on two cores of an AVX2 EPYC, against 65-70% when the next rows were
-// prefetched whole or two rows were read side by side.
-constexpr int64_t kStreamAhead = 1024;
-
-inline void prefetch_stream(const void* p) {
-  _mm_prefetch(static_cast<const char*>(p) + kStreamAhead, _MM_HINT_T0);
-}
-
 // y[8j .. 8j + 7] = the epilogue of the 8 rows' sums.
 inline void store_rows8(__m256 acc, const float* bias, int64_t activation, float* y, int64_t j) {
   float sums[8];
@@ -231,7 +222,7 @@ struct F16Weights {
   }
 };
 
-// One output row at a time, so that each thread reads one stream of weights (see kStreamAhead). Two accumulators
+// One output row at a time, so that each thread reads one stream of weights (see prefetch_stream). Two accumulators
 // per input row where few input rows run (the FMA latency, not the loads, would bound one), one where many do
 // (registers run out).
 template <typename Weights, int M>

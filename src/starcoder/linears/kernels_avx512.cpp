@@ -77,8 +77,7 @@ Int8Acts quantize_activations(const uint16_t* x, int64_t M, int64_t K, bool nibb
   return a;
 }
 
-// Rows (output channels) are taken R at a time: independent accumulators and R memory streams per thread keep
-// both the vector units and the memory system busy.
+// One output row at a time, each thread reading its rows as one stream (prefetch_stream).
 //
 // Integer (int8 activations, `a`): a 128-input chunk is 64 bytes of two 64-blocks; its low nibbles (one AND) are
 // inputs 0-31 and 64-95 and its high nibbles (shift, AND) 32-63 and 96-127, which is the order the activations
@@ -87,99 +86,81 @@ Int8Acts quantize_activations(const uint16_t* x, int64_t M, int64_t K, bool nibb
 // Otherwise (bfloat16 activations, `x`): each block of 64 nibbles becomes two vectors of 32 bfloat16 for
 // vdpbf16ps. bf16 0x4300 is 128.0 and its 7 mantissa bits count units there: (0x4300 | q) is exactly 128 + q, one
 // OR instead of a conversion. The 128 * sum(x) this adds is taken back through the offsets.
-template <int M, int R, bool Integer>
-void int4_rows(const uint16_t* x, const Int8Acts* a, const uint8_t* packed, const float* scales,
-               const float* offsets, const float* xsum, const float* bias, int64_t activation, at::BFloat16* y,
-               int64_t K, int64_t N, int64_t group, int64_t n) {
+template <int M, bool Integer>
+void int4_row(const uint16_t* x, const Int8Acts* a, const uint8_t* packed, const float* scales,
+              const float* offsets, const float* xsum, const float* bias, int64_t activation, at::BFloat16* y,
+              int64_t K, int64_t N, int64_t group, int64_t n) {
   const int64_t G = K / group;
-  const uint8_t* rows[R];
-  for (int r = 0; r < R; ++r) {
-    rows[r] = packed + (n + r) * (K / 2);
-    prefetch_ahead(rows[r], K / 2, n + r, N);
+  const uint8_t* row = packed + n * (K / 2);
+  __m512 total[M];
+  float constant[M];
+  for (int m = 0; m < M; ++m) {
+    total[m] = _mm512_setzero_ps();
+    constant[m] = 0.f;
   }
-  __m512 total[R][M];
-  float constant[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) {
-      total[r][m] = _mm512_setzero_ps();
-      constant[r][m] = 0.f;
-    }
   for (int64_t g = 0; g < G; ++g) {
-    // Two accumulators per row and input for bfloat16 (low and high nibbles): independent chains hide vdpbf16ps's
+    // Two accumulators per input row for bfloat16 (low and high nibbles): independent chains hide vdpbf16ps's
     // latency. The integer chunk's two vpdpbusd start from zero each time, so one suffices there.
-    __m512 acc_a[R][M], acc_b[R][M];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc_a[r][m] = acc_b[r][m] = _mm512_setzero_ps();
+    __m512 acc_a[M], acc_b[M];
+    for (int m = 0; m < M; ++m) acc_a[m] = acc_b[m] = _mm512_setzero_ps();
     if constexpr (Integer) {
       const __m512i low = _mm512_set1_epi8(0x0F);
-      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 128)
-        for (int r = 0; r < R; ++r) {
-          const __m512i w = _mm512_loadu_si512(rows[r] + k0 / 2);
-          const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
-          for (int m = 0; m < M; ++m) {
-            const int8_t* xq = a->q.data() + m * K + k0;
-            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
-            dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xq + 64));
-            acc_a[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                                          _mm512_loadu_ps(&a->lanes[(m * (K / 128) + k0 / 128) * 16]), acc_a[r][m]);
-          }
+      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 128) {
+        prefetch_stream(row + k0 / 2);
+        const __m512i w = _mm512_loadu_si512(row + k0 / 2);
+        const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xq = a->q.data() + m * K + k0;
+          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+          dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xq + 64));
+          acc_a[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                     _mm512_loadu_ps(&a->lanes[(m * (K / 128) + k0 / 128) * 16]), acc_a[m]);
         }
+      }
     } else {
       const __m512i exponent128 = _mm512_set1_epi16(0x4300), low = _mm512_set1_epi16(0x0F);
-      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 64)
-        for (int r = 0; r < R; ++r) {
-          const __m512i words =
-              _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k0 / 2)));
-          const __m512bh w_lo = (__m512bh)_mm512_or_si512(_mm512_and_si512(words, low), exponent128);
-          const __m512bh w_hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(words, 4), exponent128);
-          for (int m = 0; m < M; ++m) {
-            const uint16_t* xm = x + m * K + k0;
-            acc_a[r][m] = _mm512_dpbf16_ps(acc_a[r][m], w_lo, (__m512bh)_mm512_loadu_si512(xm));
-            acc_b[r][m] = _mm512_dpbf16_ps(acc_b[r][m], w_hi, (__m512bh)_mm512_loadu_si512(xm + 32));
-          }
+      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
+        if (k0 % 128 == 0) prefetch_stream(row + k0 / 2);
+        const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k0 / 2)));
+        const __m512bh w_lo = (__m512bh)_mm512_or_si512(_mm512_and_si512(words, low), exponent128);
+        const __m512bh w_hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(words, 4), exponent128);
+        for (int m = 0; m < M; ++m) {
+          const uint16_t* xm = x + m * K + k0;
+          acc_a[m] = _mm512_dpbf16_ps(acc_a[m], w_lo, (__m512bh)_mm512_loadu_si512(xm));
+          acc_b[m] = _mm512_dpbf16_ps(acc_b[m], w_hi, (__m512bh)_mm512_loadu_si512(xm + 32));
         }
-    }
-    for (int r = 0; r < R; ++r) {
-      const float s = scales[(n + r) * G + g], o = offsets[(n + r) * G + g];
-      for (int m = 0; m < M; ++m) {
-        total[r][m] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[r][m], acc_b[r][m]), _mm512_set1_ps(s), total[r][m]);
-        constant[r][m] += (Integer ? o : o - 128.f * s) * xsum[m * G + g];
       }
     }
+    const float s = scales[n * G + g], o = offsets[n * G + g];
+    for (int m = 0; m < M; ++m) {
+      total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[m], acc_b[m]), _mm512_set1_ps(s), total[m]);
+      constant[m] += (Integer ? o : o - 128.f * s) * xsum[m * G + g];
+    }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m)
-      y[m * N + n + r] = at::BFloat16(epilogue(_mm512_reduce_add_ps(total[r][m]) + constant[r][m], bias, n + r,
-                                               activation));
+  for (int m = 0; m < M; ++m)
+    y[m * N + n] = at::BFloat16(epilogue(_mm512_reduce_add_ps(total[m]) + constant[m], bias, n, activation));
 }
 
 // The int8 kernel on int8 activations: the s8 weights are read as u8 (top bit flipped, q + 128) for vpdpbusd,
 // and the 128 * sum(activations) that adds is taken back once per input row (Int8Acts::shift).
-template <int M, int R, typename Out>
-void int8_rows_i8(const Int8Acts& a, const int8_t* q8, const float* scale, const float* offset, const float* xsum,
-                  const float* bias, int64_t activation, Out* y, int64_t K, int64_t N, int64_t n) {
+template <int M, typename Out>
+void int8_row_i8(const Int8Acts& a, const int8_t* q8, const float* scale, const float* offset, const float* xsum,
+                 const float* bias, int64_t activation, Out* y, int64_t K, int64_t N, int64_t n) {
   const __m512i top = _mm512_set1_epi8(static_cast<char>(0x80));
-  const int8_t* rows[R];
-  for (int r = 0; r < R; ++r) {
-    rows[r] = q8 + (n + r) * K;
-    prefetch_ahead(rows[r], K, n + r, N);
-  }
-  __m512 acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < K / 64; ++b)
-    for (int r = 0; r < R; ++r) {
-      const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(rows[r] + b * 64), top);
-      for (int m = 0; m < M; ++m) {
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(&a.q[m * K + b * 64]));
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.scale[m * (K / 64) + b]), acc[r][m]);
-      }
+  const int8_t* row = q8 + n * K;
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / 64; ++b) {
+    prefetch_stream(row + b * 64);
+    const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(row + b * 64), top);
+    for (int m = 0; m < M; ++m) {
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(&a.q[m * K + b * 64]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.scale[m * (K / 64) + b]), acc[m]);
     }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m)
-      y[m * N + n + r] = Out(epilogue(
-          scale[n + r] * (_mm512_reduce_add_ps(acc[r][m]) - a.shift[m]) + offset[n + r] * xsum[m], bias, n + r,
-          activation));
+  }
+  for (int m = 0; m < M; ++m)
+    y[m * N + n] = Out(epilogue(scale[n] * (_mm512_reduce_add_ps(acc[m]) - a.shift[m]) + offset[n] * xsum[m], bias,
+                                n, activation));
 }
 
 }  // namespace
@@ -202,13 +183,12 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     with_rows(M, [&](auto m) {
-      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
-        constexpr int rows = decltype(m)::value, pairs = decltype(r)::value;
+      constexpr int rows = decltype(m)::value;
+      for (int64_t n = n0; n < n1; ++n)
         if (int8_activations)
-          int4_rows<rows, pairs, true>(nullptr, &acts, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n);
+          int4_row<rows, true>(nullptr, &acts, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n);
         else
-          int4_rows<rows, pairs, false>(xp, nullptr, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n);
-      });
+          int4_row<rows, false>(xp, nullptr, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n);
     });
   });
   return y;
@@ -269,12 +249,12 @@ torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scale
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* row = qp + n * K;
-      prefetch_ahead(row, K, n, n1);
       for (int64_t m = 0; m < M; ++m) {
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
         const float* xm = xp + m * K;
         int64_t k = 0;
         for (; k + 32 <= K; k += 32) {
+          if (m == 0 && k % 64 == 0) prefetch_stream(row + k);
           __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
           __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16))));
           acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm + k), acc0);
@@ -320,12 +300,15 @@ torch::Tensor bf16_matvec(torch::Tensor x, torch::Tensor w) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint16_t* row = wp + n * K;
-      prefetch_ahead(row, K * 2, n, n1);
       for (int64_t m = 0; m < M; ++m) {
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
         const uint16_t* xm = xp + m * K;
         int64_t k = 0;
         for (; k + 64 <= K; k += 64) {
+          if (m == 0) {
+            prefetch_stream(row + k);
+            prefetch_stream(row + k + 32);
+          }
           acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(row + k), (__m512bh)_mm512_loadu_si512(xm + k));
           acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(row + k + 32),
                                   (__m512bh)_mm512_loadu_si512(xm + k + 32));
@@ -354,14 +337,12 @@ torch::Tensor int8_matvec_i8(torch::Tensor x, torch::Tensor q8, torch::Tensor sc
   const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>(), *bp = optional_bias(bias, N);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     with_rows(M, [&](auto m) {
-      by_row_pairs<decltype(m)::value>(n0, n1, [&](auto r, int64_t n) {
-        constexpr int rows = decltype(m)::value, pairs = decltype(r)::value;
+      constexpr int rows = decltype(m)::value;
+      for (int64_t n = n0; n < n1; ++n)
         if (float_out)
-          int8_rows_i8<rows, pairs>(acts, qp, sp, op, xsum.data(), bp, activation, y.data_ptr<float>(), K, N, n);
+          int8_row_i8<rows>(acts, qp, sp, op, xsum.data(), bp, activation, y.data_ptr<float>(), K, N, n);
         else
-          int8_rows_i8<rows, pairs>(acts, qp, sp, op, xsum.data(), bp, activation, y.data_ptr<at::BFloat16>(), K,
-                                    N, n);
-      });
+          int8_row_i8<rows>(acts, qp, sp, op, xsum.data(), bp, activation, y.data_ptr<at::BFloat16>(), K, N, n);
     });
   });
   return y;
