@@ -1,48 +1,35 @@
-// Weight-only int4 and int8 matrix-vector kernels for decoding on AVX-512 CPUs (with AVX512-BF16); the AVX2
-// kernels (kernels_avx2.cpp) serve the CPUs without it.
+// Decode kernels for bfloat16 models on AVX-512 CPUs with AVX512-BF16 (the AVX2 kernels, kernels_avx2.cpp, serve
+// the CPUs without it, and int4 weights on every CPU): per-channel int8 weights, plain bfloat16 weights (dense
+// layers, a tied head), and the int4 AVX2 layout dequantized to bfloat16 for long inputs.
 //
-// int4 layout (ours): packed[n, k/2], 64 inputs per 32 bytes: byte j of a block starting at k0 holds
-// q[n, k0 + j] in its low nibble and q[n, k0 + 32 + j] in its high nibble. A weight is q * scale + offset, with
-// scale and offset per (output channel, group), float32 [N, G]: a row's are together in memory.
-// Each block of 64 nibbles becomes two vectors of 32 bfloat16 (exactly 128 + q, by one OR), which meet the
-// activations in vdpbf16ps with float32 accumulation; a group's sum is scaled once, and the offsets
-// multiply the group's sum of activations. Activations stay bfloat16 as given: this is the exact path.
-//
-// int8 layout: q8[n, k] signed, weight = q8 * scale[n] + offset[n].
-//
-// The integer-dot paths (int4_matvec with int8_activations, int8_matvec_i8) are for CPUs with AVX512-VNNI: the
-// activations are quantized to int8 per block of 64 inputs (scale max|x| / 127, as llama.cpp's q8 activations,
-// whose blocks are 32) and meet the weights in vpdpbusd (u8 x s8, four products summed into each int32 lane), 64 multiply-adds per instruction.
-// They are close to the bfloat16-activation kernels, not equal (under 0.1% of perplexity, see BENCHMARKS.md).
+// int8 layout: q8[n, k] signed, weight = q8 * scale[n] + offset[n]. int8_matvec keeps the activations bfloat16
+// (the exact path). int8_matvec_i8 is for CPUs with AVX512-VNNI: the activations are quantized to int8 per block
+// of 64 inputs (scale max|x| / 127, as llama.cpp's q8 activations, whose blocks are 32) and meet the weights in
+// vpdpbusd (u8 x s8, four products summed into each int32 lane), 64 multiply-adds per instruction. It is close to
+// the exact path, not equal (under 0.1% of perplexity, see BENCHMARKS.md).
 
 #include "kernels_common.h"
 
 namespace {
 
-// Per-group sums of each activation row, float32 [M, G].
-std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t K, int64_t group) {
-  const int64_t G = K / group;
-  std::vector<float> sums(M * G, 0.f);
+// The sum of each activation row, float32 [M].
+std::vector<float> row_sums(const uint16_t* x, int64_t M, int64_t K) {
+  std::vector<float> sums(M, 0.f);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_float(x[m * K + k]);
-      sums[m * G + g] = s;
-    }
+    for (int64_t k = 0; k < K; ++k) sums[m] += bf16_to_float(x[m * K + k]);
   return sums;
 }
 
-// Activations for the integer kernels: each block of 64 inputs as int8 with its own scale.
+// Activations for the integer kernel: each block of 64 inputs as int8 with its own scale.
 struct Int8Acts {
-  std::vector<int8_t> q;      // [M, K]; for the int4 kernel in the order its nibbles unpack (see int4_rows)
+  std::vector<int8_t> q;      // [M, K]
   std::vector<float> scale;   // [M, K / 64]
-  std::vector<float> lanes;   // int4 only, [M, K / 128, 16]: per int32 lane of a 128-input chunk, its block's scale
   std::vector<float> shift;   // [M]: 128 * sum of q * scale, what reading s8 weights as u8 (q + 128) adds
 };
 
-Int8Acts quantize_activations(const uint16_t* x, int64_t M, int64_t K, bool nibble_order) {
+Int8Acts quantize_activations(const uint16_t* x, int64_t M, int64_t K) {
   const int64_t B = K / 64;
-  Int8Acts a{std::vector<int8_t>(M * K), std::vector<float>(M * B), {}, std::vector<float>(M, 0.f)};
+  Int8Acts a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M, 0.f)};
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
       __m512 v[4];
@@ -59,86 +46,11 @@ Int8Acts quantize_activations(const uint16_t* x, int64_t M, int64_t K, bool nibb
       for (int i = 0; i < 4; ++i) {
         const __m512i q32 = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inverse));  // round to nearest even
         sum += _mm512_reduce_add_epi32(q32);
-        // In nibble order the two middle quarters of each 128-input chunk swap places: the low nibbles of a
-        // chunk's 64 bytes are inputs 0-31 and 64-95, the high nibbles 32-63 and 96-127.
-        const int64_t k = b * 64 + 16 * i, quarter = (k % 128) / 32;
-        const int64_t at = nibble_order ? k - (k % 128) + (quarter == 1 ? 2 : quarter == 2 ? 1 : quarter) * 32 + k % 32
-                                        : k;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q.data() + m * K + at), _mm512_cvtsepi32_epi8(q32));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q.data() + m * K + b * 64 + 16 * i), _mm512_cvtsepi32_epi8(q32));
       }
       a.shift[m] += 128.f * scale * static_cast<float>(sum);
     }
-  if (nibble_order) {
-    a.lanes.resize(M * (K / 128) * 16);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < K / 128; ++c)
-        for (int l = 0; l < 16; ++l) a.lanes[(m * (K / 128) + c) * 16 + l] = a.scale[m * B + 2 * c + l / 8];
-  }
   return a;
-}
-
-// One output row at a time, each thread reading its rows as one stream (prefetch_stream).
-//
-// Integer (int8 activations, `a`): a 128-input chunk is 64 bytes of two 64-blocks; its low nibbles (one AND) are
-// inputs 0-31 and 64-95 and its high nibbles (shift, AND) 32-63 and 96-127, which is the order the activations
-// were put in, so two vpdpbusd take the whole chunk with no shuffle. Int32 lanes 0-7 then hold the first
-// block's sums and lanes 8-15 the second's: one multiply by `lanes` applies both blocks' scales.
-// Otherwise (bfloat16 activations, `x`): each block of 64 nibbles becomes two vectors of 32 bfloat16 for
-// vdpbf16ps. bf16 0x4300 is 128.0 and its 7 mantissa bits count units there: (0x4300 | q) is exactly 128 + q, one
-// OR instead of a conversion. The 128 * sum(x) this adds is taken back through the offsets.
-template <int M, bool Integer>
-void int4_row(const uint16_t* x, const Int8Acts* a, const uint8_t* packed, const float* scales,
-              const float* offsets, const float* xsum, const float* bias, int64_t activation, at::BFloat16* y,
-              int64_t K, int64_t N, int64_t group, int64_t n) {
-  const int64_t G = K / group;
-  const uint8_t* row = packed + n * (K / 2);
-  __m512 total[M];
-  float constant[M];
-  for (int m = 0; m < M; ++m) {
-    total[m] = _mm512_setzero_ps();
-    constant[m] = 0.f;
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    // Two accumulators per input row for bfloat16 (low and high nibbles): independent chains hide vdpbf16ps's
-    // latency. The integer chunk's two vpdpbusd start from zero each time, so one suffices there.
-    __m512 acc_a[M], acc_b[M];
-    for (int m = 0; m < M; ++m) acc_a[m] = acc_b[m] = _mm512_setzero_ps();
-    if constexpr (Integer) {
-      const __m512i low = _mm512_set1_epi8(0x0F);
-      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 128) {
-        prefetch_stream(row + k0 / 2);
-        const __m512i w = _mm512_loadu_si512(row + k0 / 2);
-        const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
-        for (int m = 0; m < M; ++m) {
-          const int8_t* xq = a->q.data() + m * K + k0;
-          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
-          dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xq + 64));
-          acc_a[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                                     _mm512_loadu_ps(&a->lanes[(m * (K / 128) + k0 / 128) * 16]), acc_a[m]);
-        }
-      }
-    } else {
-      const __m512i exponent128 = _mm512_set1_epi16(0x4300), low = _mm512_set1_epi16(0x0F);
-      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
-        if (k0 % 128 == 0) prefetch_stream(row + k0 / 2);
-        const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k0 / 2)));
-        const __m512bh w_lo = (__m512bh)_mm512_or_si512(_mm512_and_si512(words, low), exponent128);
-        const __m512bh w_hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(words, 4), exponent128);
-        for (int m = 0; m < M; ++m) {
-          const uint16_t* xm = x + m * K + k0;
-          acc_a[m] = _mm512_dpbf16_ps(acc_a[m], w_lo, (__m512bh)_mm512_loadu_si512(xm));
-          acc_b[m] = _mm512_dpbf16_ps(acc_b[m], w_hi, (__m512bh)_mm512_loadu_si512(xm + 32));
-        }
-      }
-    }
-    const float s = scales[n * G + g], o = offsets[n * G + g];
-    for (int m = 0; m < M; ++m) {
-      total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[m], acc_b[m]), _mm512_set1_ps(s), total[m]);
-      constant[m] += (Integer ? o : o - 128.f * s) * xsum[m * G + g];
-    }
-  }
-  for (int m = 0; m < M; ++m)
-    y[m * N + n] = at::BFloat16(epilogue(_mm512_reduce_add_ps(total[m]) + constant[m], bias, n, activation));
 }
 
 // The int8 kernel on int8 activations: the s8 weights are read as u8 (top bit flipped, q + 128) for vpdpbusd,
@@ -190,66 +102,52 @@ void bf16_row(const uint16_t* x, const uint16_t* w, const float* bias, int64_t a
 
 }  // namespace
 
-// x [M, K] bfloat16 (M <= 8), packed [N, K/2] uint8, scales/offsets [N, G] float32, bias [N] float32 or None
-// -> activation(x W^T + bias) as bfloat16 [M, N]. With int8_activations (AVX512-VNNI; group % 128 == 0) the
-// activations are quantized to int8 per block of 64 and meet the weights in integer dot products.
-torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
-                          int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
-  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.is_contiguous() && x.dim() == 2, "x: contiguous bf16 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), chunk = int8_activations ? 128 : 64;
-  TORCH_CHECK(M >= 1 && M <= 8, "int4_matvec takes 1 to 8 rows");
-  TORCH_CHECK(K % chunk == 0 && group % chunk == 0 && K % group == 0 && packed.size(1) * 2 == K, "int4_matvec shapes");
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const Int8Acts acts = int8_activations ? quantize_activations(xp, M, K, true) : Int8Acts{};
-  const auto xsum = group_sums(xp, M, K, group);
-  auto y = torch::empty({M, N}, torch::kBFloat16);
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    with_rows(M, [&](auto m) {
-      constexpr int rows = decltype(m)::value;
-      for (int64_t n = n0; n < n1; ++n)
-        if (int8_activations)
-          int4_row<rows, true>(nullptr, &acts, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n);
-        else
-          int4_row<rows, false>(xp, nullptr, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n);
-    });
-  });
-  return y;
-}
-
-// The int4 weight as bfloat16 [N, K] into `w`, for long inputs (a matmul reads it once per prompt). The caller
-// reuses one buffer: fresh memory would cost a page fault every 4 KB, more than the work itself.
-torch::Tensor int4_dequantize(torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets, int64_t group,
-                              torch::Tensor w) {
-  const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(K % 64 == 0 && group % 64 == 0 && K % group == 0, "int4_dequantize shapes");
+// The int4 weight in the AVX2 kernels' layout (8 output rows interleaved, kernels_avx2.cpp: for rows 8j..8j+7 and
+// the block of 32 inputs from k0, four 32-byte steps; in step s, byte 4r + i holds row 8j + r's input k0 + 8s + i
+// in its low nibble and k0 + 8s + 4 + i in its high one; scales float16 and zeros uint8 [N / 8, G, 8]) as bfloat16
+// [N, K] into `w`, for long inputs: a bfloat16 model's prompt runs one oneDNN matmul on it. The caller reuses one
+// buffer: fresh memory would cost a page fault every 4 KB, more than the work itself.
+torch::Tensor int4x8_dequantize(torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros, int64_t group,
+                                torch::Tensor w) {
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / group;
+  TORCH_CHECK(N % 8 == 0 && K % 32 == 0 && group % 32 == 0 && K % group == 0, "int4x8_dequantize shapes");
   TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.is_contiguous() && w.numel() == N * K, "w: bf16 [N, K]");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* op = offsets.data_ptr<float>();
-  at::BFloat16* wp = w.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = pp + n * (K / 2);
-      at::BFloat16* out = wp + n * K;
-      for (int64_t k0 = 0; k0 < K; k0 += 64) {
-        const __m512 s = _mm512_set1_ps(sp[n * (K / group) + k0 / group]);
-        const __m512 o = _mm512_set1_ps(op[n * (K / group) + k0 / group]);
-        // 64 nibbles -> 4 x 16 floats: zero-extend the 32 bytes to 32-bit lanes twice (low and high nibbles).
-        const __m128i* src = reinterpret_cast<const __m128i*>(row + k0 / 2);
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const uint8_t* zp = zeros.data_ptr<uint8_t>();
+  uint16_t* wp = reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>());
+  // Dword r of each step is row r's: gathered as [step 0, 1, 2, 3] per 128-bit lane, rows 0-3 and rows 4-7.
+  const __m512i rows_0123 = _mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27);
+  const __m512i rows_4567 = _mm512_add_epi32(rows_0123, _mm512_set1_epi32(4));
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  at::parallel_for(0, N / 8, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t b = 0; b < K / 32; ++b) {
+        const uint8_t* block = pp + j * 4 * K + b * 128;
+        const __m512i steps_01 = _mm512_loadu_si512(block), steps_23 = _mm512_loadu_si512(block + 64);
+        const int64_t at_group = (j * G + b * 32 / group) * 8;
         for (int half = 0; half < 2; ++half) {
-          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(src + half));  // 16 bytes, 16 lanes
-          const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
-          const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k0 + 16 * half),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(lo, s, o)));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k0 + 32 + 16 * half),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(hi, s, o)));
+          const __m512i v = _mm512_permutex2var_epi32(steps_01, half ? rows_4567 : rows_0123, steps_23);
+          const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+          // per lane: [low s0, high s0, low s1, high s1] = inputs 0-15 in order; the next two steps 16-31
+          const __m512i first = _mm512_unpacklo_epi32(lo, hi), second = _mm512_unpackhi_epi32(lo, hi);
+          alignas(64) uint8_t bytes[2][64];
+          _mm512_store_si512(bytes[0], first);
+          _mm512_store_si512(bytes[1], second);
+          for (int lane = 0; lane < 4; ++lane) {
+            const int r = half * 4 + lane;
+            const float scale = _cvtsh_ss(sp[at_group + r]);
+            const __m512 s = _mm512_set1_ps(scale), o = _mm512_set1_ps(-static_cast<float>(zp[at_group + r]) * scale);
+            uint16_t* out = wp + (j * 8 + r) * K + b * 32;
+            for (int part = 0; part < 2; ++part) {
+              const __m128i q = _mm_load_si128(reinterpret_cast<const __m128i*>(bytes[part] + 16 * lane));
+              const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * part),
+                                  (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(x, s, o)));
+            }
+          }
         }
       }
-    }
   });
   return w;
 }
@@ -346,8 +244,8 @@ torch::Tensor int8_matvec_i8(torch::Tensor x, torch::Tensor q8, torch::Tensor sc
   const int64_t M = x.size(0), K = x.size(1), N = q8.size(0);
   TORCH_CHECK(M >= 1 && M <= 8 && K % 64 == 0 && q8.size(1) == K, "int8_matvec_i8 shapes");
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const Int8Acts acts = quantize_activations(xp, M, K, false);
-  const auto xsum = group_sums(xp, M, K, K);
+  const Int8Acts acts = quantize_activations(xp, M, K);
+  const auto xsum = row_sums(xp, M, K);
   auto y = torch::empty({M, N}, float_out ? torch::kFloat32 : torch::kBFloat16);
   const int8_t* qp = q8.data_ptr<int8_t>();
   const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>(), *bp = optional_bias(bias, N);
@@ -369,10 +267,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_matvec_i8", &int8_matvec_i8, "int8 weights, int8 activations, integer dot products (decode)",
         py::arg("x"), py::arg("q8"), py::arg("scale"), py::arg("offset"), py::arg("bias"), py::arg("activation"),
         py::arg("float_out") = false);
-  m.def("int4_matvec", &int4_matvec, "int4 weight-only matrix-vector product (decode)", py::arg("x"),
-        py::arg("packed"), py::arg("scales"), py::arg("offsets"), py::arg("group"), py::arg("bias"),
-        py::arg("activation"), py::arg("int8_activations") = false);
-  m.def("int4_dequantize", &int4_dequantize, "int4 weight to bfloat16");
+  m.def("int4x8_dequantize", &int4x8_dequantize, "int4 weight in the AVX2 kernels' layout to bfloat16");
   m.def("int8_matvec", &int8_matvec, "int8 weight-only matrix-vector product (decode)");
   m.def("int8_dequantize", &int8_dequantize, "int8 weight to bfloat16");
   m.def("bf16_matvec", &bf16_matvec, "bfloat16 matrix-vector product on a plain weight (decode)", py::arg("x"),

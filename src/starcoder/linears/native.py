@@ -1,10 +1,11 @@
 """Our int4/int8 decode kernels, one build per instruction set, compiled on first use for this CPU.
 
 - "avx512" (kernels_avx512.cpp): bfloat16 models on CPUs with AVX-512 BF16 (Zen 4 and later, Sapphire Rapids and
-  later). Activations stay bfloat16 (the exact path), or are quantized to int8 for integer dot products where the
-  CPU has AVX512-VNNI (every CPU with AVX512-BF16 so far).
+  later): plain bfloat16 weights, per-channel int8 ones, and long inputs of int4 ones. Activations stay bfloat16
+  (the exact path), or are quantized to int8 for integer dot products where the CPU has AVX512-VNNI (every CPU
+  with AVX512-BF16 so far).
 - "avx2" (kernels_avx2.cpp): every x86-64 CPU with AVX2 and FMA, where models compute in float32 (no native
-  bfloat16), and the group size of llama.cpp's Q4_0 / Q8_0 blocks (32) on every CPU. Decoding quantizes the
+  bfloat16); int4 decoding and grouped int8 (llama.cpp's Q8_0 blocks) on every CPU. Decoding quantizes the
   activations to int8 per block of 32, as llama.cpp does, or keeps them float32 (the exact path). Also decoding's
   attention over a float32 or bfloat16 cache (attention_avx2.h), on every CPU.
 
@@ -26,8 +27,8 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 # instruction set -> (the CPU flags it needs, its source, the compiler's target flags)
 BUILDS = {
-    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_bf16"), HERE / "kernels_avx512.cpp",
-               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma"]),
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c"), HERE / "kernels_avx512.cpp",
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-mf16c"]),
     "avx2": (("avx2", "fma", "f16c"), HERE / "kernels_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
 }
 

@@ -5,12 +5,13 @@ shapes allow.
 Act-order is handled once, at load: the input rows are sorted by group so that groups are contiguous, and the
 activations are permuted the same way at run time. The kinds, in order of preference:
 
-  NativeInt4Linear, NativeInt8Linear  bfloat16 models on AVX512-BF16 CPUs: our kernels (native.py,
-            kernels_avx512.cpp) decode from half a byte (or one byte) per weight at close to memory bandwidth, on
-            int8 activations with integer dot products where the CPU has AVX512-VNNI (see native.py); long prompts
-            dequantize the layer once per call (into a buffer the model's layers share) and run one oneDNN matmul.
-  Avx2Int4Linear, Avx2Int8Linear  the same for float32 models on AVX2 CPUs, and for groups of 32 (llama.cpp's
-            Q4_0 / Q8_0 blocks) on every CPU (kernels_avx2.cpp): int8 activations, 8-bit weights in groups.
+  NativeInt8Linear  bfloat16 models' per-channel int8 on AVX512-BF16 CPUs: our kernels (native.py,
+            kernels_avx512.cpp) decode from one byte per weight at close to memory bandwidth, on int8 activations
+            with integer dot products where the CPU has AVX512-VNNI (see native.py); long prompts dequantize the
+            layer once per call (into a buffer the model's layers share) and run one oneDNN matmul.
+  Avx2Int4Linear, Avx2Int8Linear  int4 on every CPU with AVX2 (long prompts of bfloat16 models on AVX512-BF16
+            CPUs as above), int8 for float32 models on AVX2 CPUs and for groups (llama.cpp's Q8_0 blocks, GPTQ's)
+            on every CPU (kernels_avx2.cpp): int8 activations, 8-bit weights in groups.
   Int4Linear, Int8Linear  PyTorch's kernels: `_weight_int4pack_mm_for_cpu` for decoding (long prompts
             dequantize from its layout block by block), `_weight_int8pack_mm` for 8 bits.
   DequantizedLinear  shapes none of those takes: the weight is kept dequantized (correct, not compact).
@@ -76,6 +77,7 @@ class QuantLinear(nn.Module):
     """Drop-in for a dense Linear at inference: forward(x, activation=None). Subclasses store the integers."""
 
     mode = ""  # the storage's name, shown in the module's repr
+    needs_scratch = False  # whether long inputs dequantize into the model's shared buffer (a Scratch argument)
     int8_activations = False  # whether decoding quantizes the activations for integer dot products
 
     def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype = torch.bfloat16):
@@ -188,6 +190,8 @@ class _NativeLinear(_KernelProduct, QuantLinear):
 
 
 class _Avx512Linear(_NativeLinear):
+    needs_scratch = True
+
     """The AVX-512 kinds compute long inputs by dequantizing the layer into the model's scratch buffer (bfloat16)
     for one oneDNN matmul, which runs bfloat16 natively on those CPUs."""
 
@@ -204,36 +208,6 @@ class _Avx512Linear(_NativeLinear):
 
     def _dequantize_into(self, w: Tensor) -> None:
         raise NotImplementedError
-
-
-class NativeInt4Linear(_Avx512Linear):
-    mode = "native-int4"
-
-    @classmethod
-    def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
-        size = cls.group_size(weight)
-        return (weight.bits == 4 and dtype == torch.bfloat16 and native.kernels() is not None
-                and weight.shape[1] % 64 == 0 and size is not None and size % 64 == 0)
-
-    def _store(self, weight: QuantizedWeight) -> None:
-        N, K = weight.shape
-        size = self.group_size(weight)
-        blocks = weight.q.view(N, K // 64, 2, 32).to(torch.uint8)  # the kernels' layout: k0 + j low, k0 + 32 + j high
-        self.register_buffer("native_packed", (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2))
-        chunk_group = weight.g_idx[::size]
-        scales = weight.scales.float()[chunk_group]  # (G, N)
-        # (N, G): a row's scales and offsets share a cache line instead of G lines N * 4 bytes apart.
-        self.register_buffer("native_scales", scales.T.contiguous())
-        self.register_buffer("native_offsets", (-weight.zeros.float()[chunk_group] * scales).T.contiguous())
-        self.kernel_group = size
-        self.int8_activations = native.int8_activations() and size % 128 == 0
-
-    def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
-        return self.native.int4_matvec(x, self.native_packed, self.native_scales, self.native_offsets,
-                                       self.kernel_group, bias, activation, self.int8_activations)
-
-    def _dequantize_into(self, w: Tensor) -> None:
-        self.native.int4_dequantize(self.native_packed, self.native_scales, self.native_offsets, self.kernel_group, w)
 
 
 def _signed_levels(weight: QuantizedWeight) -> Tensor:
@@ -310,9 +284,17 @@ class _Avx2Kernels:
 
 class Avx2Int4Linear(_Avx2Kernels, _NativeLinear):
     """The AVX2 kernels, with int8 activations, on their own packing: 8 output rows interleaved
-    (kernels_avx2.cpp)."""
+    (kernels_avx2.cpp). bfloat16 models on AVX512-BF16 CPUs take them too, for decoding (their interleaved rows
+    stream 14% faster there than the AVX-512 kernel's rows one by one did, as llama.cpp repacks Q4_0 8 rows
+    together), with long inputs dequantized into the model's scratch buffer (int4x8_dequantize, AVX-512) for one
+    oneDNN bfloat16 matmul."""
 
-    mode, bits, inputs_multiple = "avx2-int4", 4, 32
+    mode, bits, inputs_multiple, needs_scratch = "avx2-int4", 4, 32, True
+
+    def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype, scratch: Scratch):
+        super().__init__(weight, bias, dtype)
+        self.scratch = scratch
+        self.avx512 = native.kernels("avx512") if dtype == torch.bfloat16 and onednn_supports(dtype) else None
 
     @classmethod
     def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
@@ -335,6 +317,11 @@ class Avx2Int4Linear(_Avx2Kernels, _NativeLinear):
                                        self.kernel_group, bias, activation, self.int8_activations)
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
+        if self.avx512 is not None:
+            w = self.scratch.matrix(self.out_features, self.in_features, torch.bfloat16)
+            self.avx512.int4x8_dequantize(self.native_packed, self.native_scales, self.native_zeros,
+                                          self.kernel_group, w)
+            return matmul(x, w, self.bias, activation)
         if self.int8_activations and activation in _NATIVE_ACTIVATIONS:
             # Long inputs on int8 activations too, as llama.cpp computes prompts: the decode kernel over blocks of
             # 8 rows, each 8 output rows' weights read from the cache for 256 input rows, 1.3-1.8x the float32
@@ -506,7 +493,7 @@ class DequantizedLinear(QuantLinear):
         return self._finish(F.linear(x, self.weight), activation)
 
 
-KINDS = (NativeInt4Linear, NativeInt8Linear, Avx2Int4Linear, Avx2Int8Linear, Int4Linear, Int8Linear,
+KINDS = (NativeInt8Linear, Avx2Int4Linear, Avx2Int8Linear, Int4Linear, Int8Linear,
          DequantizedLinear)  # most preferred first
 
 
@@ -514,7 +501,7 @@ def quantized_linear(weight: QuantizedWeight, bias: Tensor | None, dtype: torch.
                      scratch: Scratch | None = None) -> QuantLinear:
     """The first kind in KINDS that takes this weight on this machine."""
     kind = next(k for k in KINDS if k.accepts(weight, dtype))
-    if issubclass(kind, _Avx512Linear):
+    if kind.needs_scratch:
         return kind(weight, bias, dtype, scratch or Scratch())
     return kind(weight, bias, dtype)
 
