@@ -42,27 +42,39 @@ needs_native = pytest.mark.skipif(native.kernels() is None, reason="no AVX512-BF
 
 
 @needs_native
+@pytest.mark.parametrize("int8_activations", ["1", "0"])
 @pytest.mark.parametrize("bits, group_size, N, K", SHAPES[:5])
-def test_native_kernels_equal_the_reference(bits, group_size, N, K):
+def test_native_kernels_equal_the_reference(bits, group_size, N, K, int8_activations, monkeypatch):
     """Our kernels on bfloat16 activations: float32 accumulation of exact products, so they agree with a float64
-    reference up to the final rounding to bfloat16."""
+    reference up to the final rounding to bfloat16. int4 on int8 activations takes the AVX2 kernels' layout, whose
+    long inputs dequantize it exactly."""
+    monkeypatch.setenv("STARCODER_INT8_ACTIVATIONS", int8_activations)
     weight, bias = random_weight(N, K, bits, group_size), torch.zeros(N)
     layer = quantized_linear(weight, bias, torch.bfloat16)
     assert (layer.perm is not None) == (group_size != -1)  # act-order: inputs sorted by group at load
-    assert layer.mode == ("avx2-int4" if bits == 4 else "native-int8")  # int4: the AVX2 kernels' layout
+    exact_int4 = not native.int8_activations() and group_size != 32
+    assert layer.mode == ("native-int8" if bits == 8 else "native-int4" if exact_int4 else "avx2-int4")
     kernels = native.kernels()
-    if bits == 8:
+    if layer.mode.startswith("native"):
         for rows in (1, 2, 5, 8):
             x = torch.randn(rows, K).bfloat16()
-            xp = x if layer.perm is None else x.index_select(1, layer.perm)
-            y = kernels.int8_matvec(xp.contiguous(), layer.int8_weight, layer.native_scales, layer.native_offsets,
-                                    None, 0)
+            xp = (x if layer.perm is None else x.index_select(1, layer.perm)).contiguous()
+            if bits == 4:
+                y = kernels.int4_matvec(xp, layer.native_packed, layer.native_scales, layer.native_offsets,
+                                        layer.kernel_group, None, 0)
+            else:
+                y = kernels.int8_matvec(xp, layer.int8_weight, layer.native_scales, layer.native_offsets, None, 0)
             expected = reference(weight, bias, x.float())
             # float32 sums of exact products, rounded once to bfloat16 (relative error <= 2^-9)
             torch.testing.assert_close(y.double(), expected, rtol=2**-8, atol=1e-4 * float(expected.abs().max()))
-    else:  # the long-prompt path's dequantized weight is the weight, rounded to bfloat16
+    if bits == 4:  # the long-prompt path's dequantized weight is the weight, rounded to bfloat16
         w = torch.empty(N, K, dtype=torch.bfloat16)
-        kernels.int4x8_dequantize(layer.native_packed, layer.native_scales, layer.native_zeros, layer.kernel_group, w)
+        if layer.mode == "native-int4":
+            kernels.int4_dequantize(layer.native_packed, layer.native_scales, layer.native_offsets,
+                                    layer.kernel_group, w)
+        else:
+            kernels.int4x8_dequantize(layer.native_packed, layer.native_scales, layer.native_zeros,
+                                      layer.kernel_group, w)
         sorted_weight = weight.dequantize()[:, layer.perm] if layer.perm is not None else weight.dequantize()
         torch.testing.assert_close(w.float(), sorted_weight.bfloat16().float(), rtol=0, atol=1e-6)
     # decode and long inputs agree through the layer itself (the long path rounds the weight to bfloat16), with

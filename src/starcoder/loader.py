@@ -57,8 +57,9 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = 
 
     dtype None or "auto" keeps the stored dtype (for GPTQ files, whose float weights are float16, bfloat16: the
     CPU computes it much faster). The head (causal LM or sequence classification) follows the config's
-    `architectures`. pack=True stores the dense linear weights in oneDNN's blocked layout for fast CPU inference
-    (about 1.5x faster decoding); such a model cannot be trained or saved.
+    `architectures`. pack=True lays the dense linears out for fast CPU inference (about 1.5x faster decoding): half
+    precision weights as stored for our decode kernels where they read them (bfloat16 on AVX512-BF16 CPUs, widened
+    to float32 on AVX2 ones; see HalfLinear), else oneDNN's blocked layout; such a model cannot be trained or saved.
     """
     location = resolve_model(path_or_id, cache_dir, revision)
     if location.suffix == ".gguf":

@@ -1,6 +1,7 @@
 // Decode kernels for bfloat16 models on AVX-512 CPUs with AVX512-BF16 (the AVX2 kernels, kernels_avx2.cpp, serve
-// the CPUs without it, and int4 weights on every CPU): per-channel int8 weights, plain bfloat16 weights (dense
-// layers, a tied head), and the int4 AVX2 layout dequantized to bfloat16 for long inputs.
+// the CPUs without it, and int4 weights on int8 activations on every CPU): per-channel int8 weights, plain
+// bfloat16 weights (dense layers, a tied head), int4 weights for bfloat16 activations (the exact path), and the
+// int4 AVX2 layout dequantized to bfloat16 for long inputs.
 //
 // int8 layout: q8[n, k] signed, weight = q8 * scale[n] + offset[n]. int8_matvec keeps the activations bfloat16
 // (the exact path). int8_matvec_i8 is for CPUs with AVX512-VNNI: the activations are quantized to int8 per block
@@ -12,11 +13,12 @@
 
 namespace {
 
-// The sum of each activation row, float32 [M].
-std::vector<float> row_sums(const uint16_t* x, int64_t M, int64_t K) {
-  std::vector<float> sums(M, 0.f);
+// Per-group sums of each activation row, float32 [M, K / group].
+std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t K, int64_t group) {
+  const int64_t G = K / group;
+  std::vector<float> sums(M * G, 0.f);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) sums[m] += bf16_to_float(x[m * K + k]);
+    for (int64_t k = 0; k < K; ++k) sums[m * G + k / group] += bf16_to_float(x[m * K + k]);
   return sums;
 }
 
@@ -51,6 +53,50 @@ Int8Acts quantize_activations(const uint16_t* x, int64_t M, int64_t K) {
       a.shift[m] += 128.f * scale * static_cast<float>(sum);
     }
   return a;
+}
+
+// int4 weights for bfloat16 activations, the exact path (STARCODER_INT8_ACTIVATIONS=0; int8 activations take the
+// AVX2 kernels' interleaved layout): packed[n, k/2], 64 inputs per 32 bytes, byte j of a block starting at k0
+// holding q[n, k0 + j] in its low nibble and q[n, k0 + 32 + j] in its high one; weight = q * scale + offset, both
+// float32 [N, G]. One output row at a time, each thread reading its rows as one stream (prefetch_stream). Each
+// block of 64 nibbles becomes two vectors of 32 bfloat16 for vdpbf16ps: bf16 0x4300 is 128.0 and its 7 mantissa
+// bits count units there, so (0x4300 | q) is exactly 128 + q, one OR instead of a conversion; the 128 * sum(x)
+// this adds is taken back through the offsets. Two accumulators per input row hide vdpbf16ps's latency.
+template <int M>
+void int4_row(const uint16_t* x, const uint8_t* packed, const float* scales, const float* offsets,
+              const float* xsum, const float* bias, int64_t activation, at::BFloat16* y, int64_t K, int64_t N,
+              int64_t group, int64_t n) {
+  const int64_t G = K / group;
+  const uint8_t* row = packed + n * (K / 2);
+  const __m512i exponent128 = _mm512_set1_epi16(0x4300), low = _mm512_set1_epi16(0x0F);
+  __m512 total[M];
+  float constant[M];
+  for (int m = 0; m < M; ++m) {
+    total[m] = _mm512_setzero_ps();
+    constant[m] = 0.f;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc_a[M], acc_b[M];
+    for (int m = 0; m < M; ++m) acc_a[m] = acc_b[m] = _mm512_setzero_ps();
+    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
+      if (k0 % 128 == 0) prefetch_stream(row + k0 / 2);
+      const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k0 / 2)));
+      const __m512bh w_lo = (__m512bh)_mm512_or_si512(_mm512_and_si512(words, low), exponent128);
+      const __m512bh w_hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(words, 4), exponent128);
+      for (int m = 0; m < M; ++m) {
+        const uint16_t* xm = x + m * K + k0;
+        acc_a[m] = _mm512_dpbf16_ps(acc_a[m], w_lo, (__m512bh)_mm512_loadu_si512(xm));
+        acc_b[m] = _mm512_dpbf16_ps(acc_b[m], w_hi, (__m512bh)_mm512_loadu_si512(xm + 32));
+      }
+    }
+    const float s = scales[n * G + g], o = offsets[n * G + g];
+    for (int m = 0; m < M; ++m) {
+      total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[m], acc_b[m]), _mm512_set1_ps(s), total[m]);
+      constant[m] += (o - 128.f * s) * xsum[m * G + g];
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    y[m * N + n] = at::BFloat16(epilogue(_mm512_reduce_add_ps(total[m]) + constant[m], bias, n, activation));
 }
 
 // The int8 kernel on int8 activations: the s8 weights are read as u8 (top bit flipped, q + 128) for vpdpbusd,
@@ -101,6 +147,64 @@ void bf16_row(const uint16_t* x, const uint16_t* w, const float* bias, int64_t a
 }
 
 }  // namespace
+
+// x [M, K] bfloat16 (M <= 8), packed [N, K/2] uint8, scales/offsets [N, G] float32, bias [N] float32 or None
+// -> activation(x W^T + bias) as bfloat16 [M, N] (int4_row's layout and arithmetic).
+torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets,
+                          int64_t group, c10::optional<torch::Tensor> bias, int64_t activation) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.is_contiguous() && x.dim() == 2, "x: contiguous bf16 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  TORCH_CHECK(M >= 1 && M <= 8, "int4_matvec takes 1 to 8 rows");
+  TORCH_CHECK(K % 64 == 0 && group % 64 == 0 && K % group == 0 && packed.size(1) * 2 == K, "int4_matvec shapes");
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto xsum = group_sums(xp, M, K, group);
+  auto y = torch::empty({M, N}, torch::kBFloat16);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    with_rows(M, [&](auto m) {
+      for (int64_t n = n0; n < n1; ++n)
+        int4_row<decltype(m)::value>(xp, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n);
+    });
+  });
+  return y;
+}
+
+// The int4 weight as bfloat16 [N, K] into `w`, for long inputs (a matmul reads it once per prompt). The caller
+// reuses one buffer: fresh memory would cost a page fault every 4 KB, more than the work itself.
+torch::Tensor int4_dequantize(torch::Tensor packed, torch::Tensor scales, torch::Tensor offsets, int64_t group,
+                              torch::Tensor w) {
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(K % 64 == 0 && group % 64 == 0 && K % group == 0, "int4_dequantize shapes");
+  TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.is_contiguous() && w.numel() == N * K, "w: bf16 [N, K]");
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* op = offsets.data_ptr<float>();
+  at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = pp + n * (K / 2);
+      at::BFloat16* out = wp + n * K;
+      for (int64_t k0 = 0; k0 < K; k0 += 64) {
+        const __m512 s = _mm512_set1_ps(sp[n * (K / group) + k0 / group]);
+        const __m512 o = _mm512_set1_ps(op[n * (K / group) + k0 / group]);
+        // 64 nibbles -> 4 x 16 floats: zero-extend the 32 bytes to 32-bit lanes twice (low and high nibbles).
+        const __m128i* src = reinterpret_cast<const __m128i*>(row + k0 / 2);
+        for (int half = 0; half < 2; ++half) {
+          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(src + half));  // 16 bytes, 16 lanes
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k0 + 16 * half),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(lo, s, o)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k0 + 32 + 16 * half),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(hi, s, o)));
+        }
+      }
+    }
+  });
+  return w;
+}
 
 // The int4 weight in the AVX2 kernels' layout (8 output rows interleaved, kernels_avx2.cpp: for rows 8j..8j+7 and
 // the block of 32 inputs from k0, four 32-byte steps; in step s, byte 4r + i holds row 8j + r's input k0 + 8s + i
@@ -245,7 +349,7 @@ torch::Tensor int8_matvec_i8(torch::Tensor x, torch::Tensor q8, torch::Tensor sc
   TORCH_CHECK(M >= 1 && M <= 8 && K % 64 == 0 && q8.size(1) == K, "int8_matvec_i8 shapes");
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const Int8Acts acts = quantize_activations(xp, M, K);
-  const auto xsum = row_sums(xp, M, K);
+  const auto xsum = group_sums(xp, M, K, K);
   auto y = torch::empty({M, N}, float_out ? torch::kFloat32 : torch::kBFloat16);
   const int8_t* qp = q8.data_ptr<int8_t>();
   const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>(), *bp = optional_bias(bias, N);
@@ -267,6 +371,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_matvec_i8", &int8_matvec_i8, "int8 weights, int8 activations, integer dot products (decode)",
         py::arg("x"), py::arg("q8"), py::arg("scale"), py::arg("offset"), py::arg("bias"), py::arg("activation"),
         py::arg("float_out") = false);
+  m.def("int4_matvec", &int4_matvec, "int4 weights, bfloat16 activations (decode, the exact path)");
+  m.def("int4_dequantize", &int4_dequantize, "int4 weight to bfloat16");
   m.def("int4x8_dequantize", &int4x8_dequantize, "int4 weight in the AVX2 kernels' layout to bfloat16");
   m.def("int8_matvec", &int8_matvec, "int8 weight-only matrix-vector product (decode)");
   m.def("int8_dequantize", &int8_dequantize, "int8 weight to bfloat16");

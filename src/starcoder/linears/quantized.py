@@ -5,10 +5,11 @@ shapes allow.
 Act-order is handled once, at load: the input rows are sorted by group so that groups are contiguous, and the
 activations are permuted the same way at run time. The kinds, in order of preference:
 
-  NativeInt8Linear  bfloat16 models' per-channel int8 on AVX512-BF16 CPUs: our kernels (native.py,
-            kernels_avx512.cpp) decode from one byte per weight at close to memory bandwidth, on int8 activations
-            with integer dot products where the CPU has AVX512-VNNI (see native.py); long prompts dequantize the
-            layer once per call (into a buffer the model's layers share) and run one oneDNN matmul.
+  NativeInt4Linear, NativeInt8Linear  bfloat16 models on AVX512-BF16 CPUs: our kernels (native.py,
+            kernels_avx512.cpp) decode from one byte per weight (int8, on int8 activations with integer dot
+            products where the CPU has AVX512-VNNI, see native.py) or half a byte (int4, on bfloat16 activations:
+            the exact path) at close to memory bandwidth; long prompts dequantize the layer once per call (into a
+            buffer the model's layers share) and run one oneDNN matmul.
   Avx2Int4Linear, Avx2Int8Linear  int4 on every CPU with AVX2 (long prompts of bfloat16 models on AVX512-BF16
             CPUs as above), int8 for float32 models on AVX2 CPUs and for groups (llama.cpp's Q8_0 blocks, GPTQ's)
             on every CPU (kernels_avx2.cpp): int8 activations, 8-bit weights in groups.
@@ -208,6 +209,38 @@ class _Avx512Linear(_NativeLinear):
 
     def _dequantize_into(self, w: Tensor) -> None:
         raise NotImplementedError
+
+
+class NativeInt4Linear(_Avx512Linear):
+    """int4 for bfloat16 activations (the exact path, STARCODER_INT8_ACTIVATIONS=0, or an AVX-512 CPU without
+    VNNI): bfloat16 products of the weights as they are stored, 2.8x the AVX2 kernels' exact float32 path there."""
+
+    mode = "native-int4"
+
+    @classmethod
+    def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+        size = cls.group_size(weight)
+        return (weight.bits == 4 and dtype == torch.bfloat16 and native.kernels() is not None
+                and not native.int8_activations() and weight.shape[1] % 64 == 0 and size is not None
+                and size % 64 == 0)
+
+    def _store(self, weight: QuantizedWeight) -> None:
+        N, K = weight.shape
+        size = self.kernel_group = self.group_size(weight)
+        blocks = weight.q.view(N, K // 64, 2, 32).to(torch.uint8)  # the kernels' layout: k0 + j low, k0 + 32 + j high
+        self.register_buffer("native_packed", (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2))
+        chunk_group = weight.g_idx[::size]
+        scales = weight.scales.float()[chunk_group]  # (G, N)
+        # (N, G): a row's scales and offsets share a cache line instead of G lines N * 4 bytes apart.
+        self.register_buffer("native_scales", scales.T.contiguous())
+        self.register_buffer("native_offsets", (-weight.zeros.float()[chunk_group] * scales).T.contiguous())
+
+    def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
+        return self.native.int4_matvec(x, self.native_packed, self.native_scales, self.native_offsets,
+                                       self.kernel_group, bias, activation)
+
+    def _dequantize_into(self, w: Tensor) -> None:
+        self.native.int4_dequantize(self.native_packed, self.native_scales, self.native_offsets, self.kernel_group, w)
 
 
 def _signed_levels(weight: QuantizedWeight) -> Tensor:
@@ -493,7 +526,7 @@ class DequantizedLinear(QuantLinear):
         return self._finish(F.linear(x, self.weight), activation)
 
 
-KINDS = (NativeInt8Linear, Avx2Int4Linear, Avx2Int8Linear, Int4Linear, Int8Linear,
+KINDS = (NativeInt4Linear, NativeInt8Linear, Avx2Int4Linear, Avx2Int8Linear, Int4Linear, Int8Linear,
          DequantizedLinear)  # most preferred first
 
 
