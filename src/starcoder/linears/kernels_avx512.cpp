@@ -131,6 +131,9 @@ void bf16_row(const uint16_t* x, const uint16_t* w, const float* bias, int64_t a
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   auto step = [&](int64_t k, int half, __mmask32 lanes) {  // up to 32 weights, 64 bytes
     prefetch_stream(row + k);
+    // and into L2 four times as far: 4-19% faster on plain bfloat16 rows (Zen 4 EPYC, two alternating runs),
+    // where the int4 kernels gained nothing from it
+    _mm_prefetch(reinterpret_cast<const char*>(row + k) + 4 * kStreamAhead, _MM_HINT_T1);
     const __m512bh wk = (__m512bh)_mm512_maskz_loadu_epi16(lanes, row + k);
     for (int m = 0; m < M; ++m)
       acc[m][half] = _mm512_dpbf16_ps(acc[m][half], wk, (__m512bh)_mm512_maskz_loadu_epi16(lanes, x + m * K + k));
