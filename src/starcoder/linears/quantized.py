@@ -191,12 +191,10 @@ class _NativeLinear(_KernelProduct, QuantLinear):
 
 
 class _Avx512Linear(_NativeLinear):
-    needs_scratch = True
-
     """The AVX-512 kinds compute long inputs by dequantizing the layer into the model's scratch buffer (bfloat16)
     for one oneDNN matmul, which runs bfloat16 natively on those CPUs."""
 
-    isa = "avx512"
+    isa, needs_scratch = "avx512", True
 
     def __init__(self, weight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype, scratch: Scratch):
         super().__init__(weight, bias, dtype)
