@@ -290,19 +290,19 @@ def test_packed_weights_give_the_same_logits(name, tmp_path):
 @torch.no_grad()
 def test_half_precision_models_compute_in_float32_where_the_cpu_emulates_their_dtype(name, dtype, tmp_path):
     """bfloat16 on a CPU without AVX512-BF16, float16 on any: the packed model keeps its weights as stored and
-    computes in float32 (HalfLinear on the AVX2 kernels), giving the float32 model's logits for the same weights,
-    prompt and cached decoding alike, with a float32 cache; it refuses saving and training like any packed model."""
+    computes in float32 (WidenedLinear), giving the float32 model's logits for the same weights, prompt and
+    cached decoding alike, with a float32 cache; it refuses saving and training like any packed model."""
     from starcoder import StarCoderError, save_model
     from starcoder.linears.dense import is_packed
-    from starcoder.linears.quantized import DecodeHead, HalfLinear
+    from starcoder.linears.quantized import DecodeHead, WidenedLinear
 
     HF_MODELS[name]().to(dtype).save_pretrained(tmp_path / "hf")
     packed = load_model(tmp_path / "hf", pack=True)
-    if HalfLinear.isa_for(packed.model.embed.weight) != "avx2":
+    if not WidenedLinear.accepts(packed.model.embed.weight):
         pytest.skip(f"this CPU computes {dtype} natively (or has no AVX2 kernels)")
     wide = load_model(tmp_path / "hf", dtype="float32")
     block = packed.model.layers[0]
-    assert all(isinstance(layer, HalfLinear) for layer in (block.attn.qkv, block.attn.o, block.mlp.fc,
+    assert all(isinstance(layer, WidenedLinear) for layer in (block.attn.qkv, block.attn.o, block.mlp.fc,
                                                                 block.mlp.proj))
     assert isinstance(packed.lm_head, DecodeHead) and packed.model.embed.weight.dtype == dtype
     assert block.attn_norm.weight.dtype == torch.float32 and is_packed(packed)
@@ -317,33 +317,6 @@ def test_half_precision_models_compute_in_float32_where_the_cpu_emulates_their_d
         save_model(packed, tmp_path / "out")
     with torch.enable_grad(), pytest.raises(StarCoderError, match="packed for CPU inference"):
         block.mlp.fc(torch.randn(1, 2, block.mlp.fc.in_features, requires_grad=True))
-
-
-@pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-window"])
-@torch.no_grad()
-def test_bfloat16_models_decode_on_our_kernels_where_the_cpu_computes_bfloat16(name, tmp_path):
-    """On AVX512-BF16 CPUs a packed bfloat16 model keeps its weights plain for our decode kernel (HalfLinear
-    "avx512"), with long inputs on oneDNN: the same logits as the plain bfloat16 model, for prompts and cached
-    decoding, with the biases and GELU in the kernel's epilogue, and no packed copy of the tied head."""
-    from starcoder.linears.quantized import DecodeHead, HalfLinear
-
-    HF_MODELS[name]().to(torch.bfloat16).save_pretrained(tmp_path / "hf")
-    packed = load_model(tmp_path / "hf", pack=True)
-    if HalfLinear.isa_for(packed.model.embed.weight) != "avx512":
-        pytest.skip("no AVX512-BF16 CPU, or no compiler for our kernels")
-    plain = load_model(tmp_path / "hf")
-    block = packed.model.layers[0]
-    assert all(isinstance(layer, HalfLinear) and layer.dtype == torch.bfloat16 and not layer.weight.is_mkldnn
-               for layer in (block.attn.qkv, block.attn.o, block.mlp.fc, block.mlp.proj))
-    assert isinstance(packed.lm_head, DecodeHead) and block.attn_norm.weight.dtype == torch.bfloat16
-    ids = random_ids(2, 12)
-    expected = plain(ids).logits.float()
-    tolerance = {"rtol": 2e-2, "atol": 2e-2 * float(expected.abs().max())}  # bfloat16 outputs, other sum orders
-    assert_close(packed(ids).logits.float(), expected, **tolerance)
-    cache = packed.new_cache(2, 12)
-    steps = [packed(ids[:, :4], cache=cache).logits] + [packed(ids[:, t : t + 1], cache=cache).logits
-                                                         for t in range(4, 12)]
-    assert_close(torch.cat(steps, 1).float(), expected, **tolerance)
 
 
 def test_packed_models_refuse_training_and_saving(tmp_path):

@@ -35,9 +35,9 @@ from .linears.gptq_layout import (
 from .linears.quantized import (
     DecodeHead,
     DequantizedLinear,
-    HalfLinear,
     QuantLinear,
     Scratch,
+    WidenedLinear,
     head_kernels,
     quantized_linear,
 )
@@ -57,9 +57,8 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = 
 
     dtype None or "auto" keeps the stored dtype (for GPTQ files, whose float weights are float16, bfloat16: the
     CPU computes it much faster). The head (causal LM or sequence classification) follows the config's
-    `architectures`. pack=True lays the dense linears out for fast CPU inference (about 1.5x faster decoding): half
-    precision weights as stored for our decode kernels where they read them (bfloat16 on AVX512-BF16 CPUs, widened
-    to float32 on AVX2 ones; see HalfLinear), else oneDNN's blocked layout; such a model cannot be trained or saved.
+    `architectures`. pack=True stores the dense linear weights in oneDNN's blocked layout for fast CPU inference
+    (about 1.5x faster decoding); such a model cannot be trained or saved.
     """
     location = resolve_model(path_or_id, cache_dir, revision)
     if location.suffix == ".gguf":
@@ -134,9 +133,8 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
             parameter.requires_grad_(False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    half_isa = _half_isa(model) if pack and quant is None else None
-    if half_isa is not None:
-        _to_half_linears(model, half_isa)
+    if pack and quant is None and _widens(model):
+        _widen(model)
     elif pack:
         for block in model.model.layers:
             if block.attn.qkv is None and isinstance(block.attn.q, Linear) and can_pack(block.attn.q.weight):
@@ -148,33 +146,29 @@ def build(config: Config, reader: CheckpointReader, dtype: torch.dtype | None = 
     return model.eval()
 
 
-def _half_isa(model: nn.Module) -> str | None:
-    """The kernel build (HalfLinear.isa_for) that takes a causal LM's head and every linear of its blocks on this
-    machine, if one takes them all."""
+def _widens(model: nn.Module) -> bool:
+    """Whether a causal LM's head and every linear of its blocks take WidenedLinear on this machine."""
     if not hasattr(model, "lm_head"):
-        return None
+        return False
     linears = [m for m in model.model.layers[0].modules() if isinstance(m, Linear)]
-    isas = {HalfLinear.isa_for(m.weight) for m in [model.lm_head, *linears]}
-    return isas.pop() if len(isas) == 1 else None
+    return all(WidenedLinear.accepts(m.weight) for m in [model.lm_head, *linears])
 
 
-def _to_half_linears(model: nn.Module, isa: str) -> None:
-    """A half-precision model's linears on our kernels, their weights as stored (see HalfLinear). Where the CPU does
-    not compute in the weights' dtype ("avx2") the model computes in float32: the norms, biases and position
-    embeddings (a small share of the bytes) become float32. The token embedding stays as stored: it is the tied
-    head, and its rows are widened as they are looked up."""
+def _widen(model: nn.Module) -> None:
+    """A half-precision model whose dtype this CPU does not compute in natively (see WidenedLinear) computes in
+    float32 with its weights as stored: the block linears and the head read their 2-byte weights with our
+    kernels; the norms, biases and position embeddings (a small share of the bytes) become float32. The token
+    embedding stays as stored: it is the tied head, and its rows are widened as they are looked up."""
     for block in model.model.layers:
-        block.attn.fuse_qkv(lambda weight, bias: HalfLinear(weight, bias, isa))
+        block.attn.fuse_qkv(WidenedLinear)
         for parent, name in ((block.attn, "o"), (block.mlp, "fc"), (block.mlp, "proj")):
             linear = getattr(parent, name)
             bias = None if linear.bias is None else linear.bias.detach()
-            setattr(parent, name, HalfLinear(linear.weight.detach(), bias, isa))
-    model.lm_head = DecodeHead(model.lm_head.weight, isa, quantized=False)
-    if isa != "avx2":
-        return
+            setattr(parent, name, WidenedLinear(linear.weight.detach(), bias))
+    model.lm_head = DecodeHead(model.lm_head.weight, "avx2", quantized=False)
     stay = {id(model.model.embed.weight), id(model.lm_head.weight)}
     for module in model.modules():
-        if isinstance(module, HalfLinear):
+        if isinstance(module, WidenedLinear):
             continue
         for name, tensor in module.named_parameters(recurse=False):
             if id(tensor) not in stay and tensor.dtype != torch.float32:
@@ -286,10 +280,8 @@ def _packed(converted: list[tuple[str, torch.Tensor]], tied_head: bool) -> list[
     for name, t in converted:
         is_linear = (name.endswith(".weight") and not name.startswith(("model.embed", "model.pos"))
                      and not name.endswith(("attn.q.weight", "attn.k.weight", "attn.v.weight")))
-        # (bfloat16 weights that our kernels read, HalfLinear, stay plain: they decode faster than packed)
-        packs = can_pack(t) and HalfLinear.isa_for(t) is None
-        out.append((name, pack_weight(t) if is_linear and packs else t))
-        if tied_head and name == "model.embed.weight" and packs:
+        out.append((name, pack_weight(t) if is_linear and can_pack(t) else t))
+        if tied_head and name == "model.embed.weight" and can_pack(t):
             out.append(("lm_head.weight", pack_weight(t)))
     return out
 

@@ -102,6 +102,6 @@ def activation_function(name: str):
 
 
 def is_packed(model: nn.Module) -> bool:
-    """Whether some layer holds its weight in a layout for CPU inference only (a packed Linear, a HalfLinear:
+    """Whether some layer holds its weight in a layout for CPU inference only (a packed Linear, a widened layer:
     `packed` True), which training and saving refuse."""
     return any(getattr(m, "packed", None) is True for m in model.modules())

@@ -1,7 +1,7 @@
 // Decode kernels for bfloat16 models on AVX-512 CPUs with AVX512-BF16 (the AVX2 kernels, kernels_avx2.cpp, serve
-// the CPUs without it, and int4 weights on int8 activations on every CPU): per-channel int8 weights, plain
-// bfloat16 weights (dense layers, a tied head), int4 weights for bfloat16 activations (the exact path), and the
-// int4 AVX2 layout dequantized to bfloat16 for long inputs.
+// the CPUs without it, and int4 weights on int8 activations on every CPU): per-channel int8 weights, a plain
+// bfloat16 head, int4 weights for bfloat16 activations (the exact path), and the int4 AVX2 layout dequantized to
+// bfloat16 for long inputs.
 //
 // int8 layout: q8[n, k] signed, weight = q8 * scale[n] + offset[n]. int8_matvec keeps the activations bfloat16
 // (the exact path). int8_matvec_i8 is for CPUs with AVX512-VNNI: the activations are quantized to int8 per block
@@ -123,9 +123,8 @@ void int8_row_i8(const Int8Acts& a, const int8_t* q8, const float* scale, const 
 
 // One row of a plain bfloat16 weight against M bfloat16 input rows: two accumulators per input row hide
 // vdpbf16ps's latency.
-template <int M, typename Out>
-void bf16_row(const uint16_t* x, const uint16_t* w, const float* bias, int64_t activation, Out* y, int64_t K,
-              int64_t N, int64_t n) {
+template <int M>
+void bf16_row(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n) {
   const uint16_t* row = w + n * K;
   __m512 acc[M][2];
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
@@ -146,7 +145,7 @@ void bf16_row(const uint16_t* x, const uint16_t* w, const float* bias, int64_t a
   for (; k < K; k += 32)  // the last K % 64 inputs, the lanes past K masked off (zeros add nothing)
     step(k, 0, K - k >= 32 ? ~0u : (1u << (K - k)) - 1);
   for (int m = 0; m < M; ++m)
-    y[m * N + n] = Out(epilogue(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])), bias, n, activation));
+    y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
 }
 
 }  // namespace
@@ -317,27 +316,19 @@ torch::Tensor int8_dequantize(torch::Tensor q8, torch::Tensor scale, torch::Tens
   return w;
 }
 
-// x [M, K] bfloat16 (M <= 8), w [N, K] bfloat16 (a plain, unpacked weight: a dense layer, a tied lm_head), bias [N]
-// float32 or None -> activation(x w^T + bias) as float32 (float_out: a head's logits) or bfloat16 [M, N].
-// Streams the weights at 27-39 GB/s on a Zen 4 EPYC, where oneDNN's bfloat16 matvec read its packed layout at 21-25.
-torch::Tensor bf16_matvec(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t activation,
-                          bool float_out) {
+// x [M, K] bfloat16 (M <= 8), w [N, K] bfloat16 (a plain, unpacked weight such as a tied lm_head) -> [M, N] f32.
+torch::Tensor bf16_matvec(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && w.dtype() == torch::kBFloat16 && x.is_contiguous() &&
               w.is_contiguous(), "bf16_matvec: contiguous bf16");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(M >= 1 && M <= 8 && w.size(1) == K, "bf16_matvec shapes");
-  auto y = torch::empty({M, N}, float_out ? torch::kFloat32 : torch::kBFloat16);
+  auto y = torch::empty({M, N}, torch::kFloat32);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const float* bp = optional_bias(bias, N);
+  float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     with_rows(M, [&](auto m) {
-      constexpr int rows = decltype(m)::value;
-      for (int64_t n = n0; n < n1; ++n)
-        if (float_out)
-          bf16_row<rows>(xp, wp, bp, activation, y.data_ptr<float>(), K, N, n);
-        else
-          bf16_row<rows>(xp, wp, bp, activation, y.data_ptr<at::BFloat16>(), K, N, n);
+      for (int64_t n = n0; n < n1; ++n) bf16_row<decltype(m)::value>(xp, wp, yp, K, N, n);
     });
   });
   return y;
@@ -379,6 +370,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4x8_dequantize", &int4x8_dequantize, "int4 weight in the AVX2 kernels' layout to bfloat16");
   m.def("int8_matvec", &int8_matvec, "int8 weight-only matrix-vector product (decode)");
   m.def("int8_dequantize", &int8_dequantize, "int8 weight to bfloat16");
-  m.def("bf16_matvec", &bf16_matvec, "bfloat16 matrix-vector product on a plain weight (decode)", py::arg("x"),
-        py::arg("w"), py::arg("bias") = py::none(), py::arg("activation") = 0, py::arg("float_out") = true);
+  m.def("bf16_matvec", &bf16_matvec, "bfloat16 matrix-vector product on a plain weight (decode)");
 }

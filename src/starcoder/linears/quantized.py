@@ -384,38 +384,28 @@ class Avx2Int8Linear(_Avx2Kernels, _NativeLinear):
                                                   self.native_zeros, self.kernel_group, self.native_bias), activation)
 
 
-class HalfLinear(_KernelProduct, nn.Module):
-    """Half-precision weights (bfloat16, float16) that our kernels read as stored, for inference (`isa`):
+class WidenedLinear(_KernelProduct, nn.Module):
+    """Half-precision weights (bfloat16, float16) for float32 activations, on CPUs that do not compute in the
+    weights' dtype natively (bfloat16 without AVX512-BF16: emulated, prefill 5x slower than float32; float16 on
+    any CPU): decoding reads the 2-byte weights at memory bandwidth and widens them in registers (the AVX2
+    kernels' half_matvec); long inputs widen them panel by panel inside the kernel's matmul (half_matmul). The
+    sums are float32's, as a float32 model holding the same weights computes them."""
 
-    - "avx512": bfloat16 weights and activations on CPUs with AVX512-BF16. Decoding runs bf16_matvec, which streams
-      the weights at 27-39 GB/s on a Zen 4 EPYC where oneDNN's packed bfloat16 matvec read 21-25; long inputs run
-      oneDNN's matmul on the plain weight (within 3% of its packed layout for a 512-token prompt).
-    - "avx2": float32 activations on CPUs that do not compute in the weights' dtype natively (bfloat16 without
-      AVX512-BF16: emulated, prefill 5x slower than float32; float16 on any CPU). Decoding reads the 2-byte weights
-      at memory bandwidth and widens them in registers (half_matvec); long inputs widen them panel by panel inside
-      the kernel's matmul (half_matmul). The sums are float32's, as a float32 model holding the same weights
-      computes them."""
+    mode, packed = "widened", True  # q, k and v fused, float32 biases: an inference-only layout (is_packed)
 
-    mode, packed = "half", True  # q, k and v fused, float32 biases: an inference-only layout (is_packed)
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, isa: str):
+    def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.isa, self.native = isa, native.kernels(isa)
-        self.dtype = weight.dtype if isa == "avx512" else torch.float32  # what it computes in
+        self.dtype, self.native = torch.float32, native.kernels("avx2")
         self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
 
-    @staticmethod
-    def isa_for(weight: Tensor) -> str | None:
-        """Which of our kernel builds reads this weight best on this machine; None: neither (oneDNN or F.linear)."""
-        if not weight.is_cpu or weight.dim() != 2:
-            return None
-        if weight.dtype == torch.bfloat16 and onednn_supports(torch.bfloat16) and native.kernels("avx512") is not None:
-            return "avx512"
+    @classmethod
+    def accepts(cls, weight: Tensor) -> bool:
+        """Whether this machine runs a layer of this weight better widened than in its own dtype."""
         emulated = weight.dtype == torch.float16 or (weight.dtype == torch.bfloat16
                                                      and not onednn_supports(torch.bfloat16))
-        return "avx2" if emulated and weight.shape[1] % 16 == 0 and native.kernels("avx2") is not None else None
+        return emulated and weight.is_cpu and weight.shape[1] % 16 == 0 and native.kernels("avx2") is not None
 
     @property
     def native_bias(self) -> Tensor | None:
@@ -423,18 +413,13 @@ class HalfLinear(_KernelProduct, nn.Module):
 
     def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
         refuse_training(x)
-        x2 = x.reshape(-1, self.in_features)
-        y = self.product(x2 if x2.dtype == self.dtype else x2.to(self.dtype), activation)
+        y = self.product(as_float32(x.reshape(-1, self.in_features)), activation)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
-        if self.isa == "avx512":
-            return self.native.bf16_matvec(x, self.weight, bias, activation, float_out=False)
         return self.native.half_matvec(x, self.weight, bias, activation)
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
-        if self.isa == "avx512":
-            return matmul(x, self.weight, None if self.bias is None else self.bias.to(x.dtype), activation)
         return _activated(self.native.half_matmul(x.contiguous(), self.weight, self.bias), activation)
 
     def extra_repr(self) -> str:
