@@ -18,7 +18,8 @@ std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t K, int64_t g
   const int64_t G = K / group;
   std::vector<float> sums(M * G, 0.f);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) sums[m * G + k / group] += bf16_to_float(x[m * K + k]);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) sums[m * G + g] += bf16_to_float(x[m * K + k]);
   return sums;
 }
 

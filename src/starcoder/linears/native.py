@@ -1,9 +1,9 @@
 """Our int4/int8 decode kernels, one build per instruction set, compiled on first use for this CPU.
 
 - "avx512" (kernels_avx512.cpp): bfloat16 models on CPUs with AVX-512 BF16 (Zen 4 and later, Sapphire Rapids and
-  later): plain bfloat16 weights, per-channel int8 ones, and long inputs of int4 ones. Activations stay bfloat16
-  (the exact path), or are quantized to int8 for integer dot products where the CPU has AVX512-VNNI (every CPU
-  with AVX512-BF16 so far).
+  later): per-channel int8 weights, int4 ones on the exact path and for long inputs, a quantized model's plain
+  bfloat16 head. Activations stay bfloat16 (the exact path), or are quantized to int8 for integer dot products
+  where the CPU has AVX512-VNNI (every CPU with AVX512-BF16 so far).
 - "avx2" (kernels_avx2.cpp): every x86-64 CPU with AVX2 and FMA, where models compute in float32 (no native
   bfloat16); int4 decoding and grouped int8 (llama.cpp's Q8_0 blocks) on every CPU. Decoding quantizes the
   activations to int8 per block of 32, as llama.cpp does, or keeps them float32 (the exact path). Also decoding's
