@@ -147,6 +147,14 @@ class ReferenceKernels:
     (their packing, scales, offsets, bias and activation epilogue, the long-input path) be checked on any CPU."""
 
     @staticmethod
+    def _int4_weight(packed, scales, offsets, group):
+        N, K = packed.shape[0], packed.shape[1] * 2
+        chunks = packed.view(N, K // 64, 32)  # byte j of a 64-input chunk: input j low, input 32 + j high
+        q = torch.stack((chunks & 15, chunks >> 4), dim=2).view(N, K).float()
+        groups = torch.arange(K) // group
+        return q * scales[:, groups] + offsets[:, groups]
+
+    @staticmethod
     def _int8_activations(x, block=64):
         """The integer kernels' activations: int8 per block of 64 (32 for the AVX2 kernels; scale max|x| / 127,
         x times the scale's inverse rounded half to even), back as the values they stand for."""
@@ -166,6 +174,14 @@ class ReferenceKernels:
         y = y if bias is None else y + bias
         return {0: y, 1: torch.nn.functional.gelu(y, approximate="tanh"), 2: torch.nn.functional.gelu(y)}[activation]
 
+    def int4_matvec(self, x, packed, scales, offsets, group, bias, activation):
+        return self._epilogue(x.float() @ self._int4_weight(packed, scales, offsets, group).T, bias,
+                              activation).bfloat16()
+
+    def int4_dequantize(self, packed, scales, offsets, group, w):
+        w.copy_(self._int4_weight(packed, scales, offsets, group))
+        return w
+
     def int8_matvec(self, x, q8, scale, offset, bias, activation):
         return self._epilogue(x.float() @ (q8.float() * scale[:, None] + offset[:, None]).T, bias,
                               activation).bfloat16()
@@ -184,17 +200,20 @@ class ReferenceKernels:
 
 
 @pytest.mark.parametrize("int8_activations", [False, True])
-@pytest.mark.parametrize("bits, group_size, N, K", [(8, -1, 64, 256), (8, -1, 96, 192)])
+@pytest.mark.parametrize("bits, group_size, N, K", SHAPES[:3] + [(8, -1, 64, 256), (8, -1, 96, 192)])
 def test_native_layers_on_reference_kernels(bits, group_size, N, K, int8_activations, monkeypatch):
     """The native layer kinds, on the native kernels' contract written in PyTorch: packing, act-order, scales and
     offsets, the bias and activation epilogue, and the long-input path through the model's shared buffer; with
-    bfloat16 activations and with the integer kernels' int8 ones (whose rounding widens the bound on decoding)."""
+    bfloat16 activations and with the integer kernels' int8 ones (whose rounding widens the bound on decoding).
+    int4 takes the AVX-512 kind on bfloat16 activations only (int8 ones go to the AVX2 kernels' layout)."""
+    if bits == 4 and int8_activations:
+        pytest.skip("int4 on int8 activations runs the AVX2 kernels (test_avx2_kernels_...)")
     monkeypatch.setattr(native, "kernels", lambda isa="avx512": ReferenceKernels())
     monkeypatch.setattr(native, "avx2_kernels", lambda: None)
     monkeypatch.setattr(native, "int8_activations", lambda: int8_activations)
     weight, bias = random_weight(N, K, bits, group_size), torch.randn(N)
     layer = quantized_linear(weight, bias, torch.bfloat16)
-    assert layer.mode == "native-int8" and layer.int8_activations == int8_activations
+    assert layer.mode == f"native-int{bits}" and layer.int8_activations == int8_activations
     for rows, activation in ((1, None), (3, "gelu_pytorch_tanh"), (8, "gelu"), (20, None), (20, "gelu")):
         x = torch.randn(rows, K).bfloat16()
         y = reference(weight, bias, x.float())
