@@ -285,6 +285,46 @@ def test_packed_weights_give_the_same_logits(name, tmp_path):
     assert_close(torch.cat(steps, 1), plain(ids).logits)
 
 
+@pytest.mark.parametrize("activation", [None, "gelu_pytorch_tanh", "gelu"])
+@torch.no_grad()
+def test_packed_bfloat16_weights_decode_on_our_kernel_where_it_reads_onednns_layout(activation, monkeypatch):
+    """Up to PACKED_DECODE_ROWS bfloat16 rows against a packed weight run our kernel on oneDNN's own bytes, where
+    pack_weight saw their layout match; more rows, and layouts it does not know, run oneDNN. Both give the same
+    results to bfloat16 rounding."""
+    from starcoder.linears import dense, native
+
+    kernels = native.kernels("avx512")
+    if kernels is None or not dense.onednn_supports(torch.bfloat16):
+        pytest.skip("no AVX512-BF16 kernels on this CPU")
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def bf16_packed_matvec(self, *args):
+            calls.append(args[0].shape[0])
+            return kernels.bf16_packed_matvec(*args)
+
+    monkeypatch.setattr(native, "kernels", lambda isa="avx512": Spy())
+    w, bias = torch.randn(192, 96).bfloat16(), torch.randn(192).bfloat16()
+    packed = dense.pack_weight(w)
+    assert dense._decodes_packed[(torch.bfloat16, 192, 96)]
+    for rows in range(1, dense.PACKED_DECODE_ROWS + 3):
+        x = torch.randn(1, rows, 96).bfloat16()
+        ours = dense.matmul(x, packed, bias, activation)
+        monkeypatch.setitem(dense._decodes_packed, (torch.bfloat16, 192, 96), False)
+        onednn = dense.matmul(x, packed, bias, activation)
+        monkeypatch.setitem(dense._decodes_packed, (torch.bfloat16, 192, 96), True)
+        assert ours.shape == onednn.shape == (1, rows, 192) and ours.dtype == torch.bfloat16
+        assert_close(ours.float(), onednn.float(), atol=0.02, rtol=0.02)
+    assert calls == list(range(1, dense.PACKED_DECODE_ROWS + 1))
+    # a plain weight's bytes are not the packed layout; oneDNN pads 100 outputs to 128, which the kernel does not read
+    assert not kernels.bf16_packed_layout_matches(w, w.data_ptr(), w.numel() * 2)
+    dense.pack_weight(torch.randn(100, 64).bfloat16())
+    assert dense._decodes_packed[(torch.bfloat16, 100, 64)] is False
+
+
 @pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-window"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @torch.no_grad()

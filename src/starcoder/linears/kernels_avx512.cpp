@@ -11,6 +11,8 @@
 
 #include "kernels_common.h"
 
+#include <atomic>
+
 namespace {
 
 // Per-group sums of each activation row, float32 [M, K / group].
@@ -147,6 +149,38 @@ void bf16_row(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t
     step(k, 0, K - k >= 32 ? ~0u : (1u << (K - k)) - 1);
   for (int m = 0; m < M; ++m)
     y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+// oneDNN's packed bfloat16 weight for one input row (dense.pack_weight) holds each block of 64 outputs as one run
+// of [K/2][64][2]: for every pair of inputs, the 64 outputs' two weights side by side. Read that way, a block is one
+// stream of 256-byte steps, and a step is four vdpbf16ps per input row against the row's input pair broadcast:
+// the sums stay vertical, one lane per output, with no reduction across lanes at the end. M <= 6 rows: 24
+// accumulators. (Kept out of line: inlined into the parallel loop, GCC kept the accumulators in memory, 3x slower.)
+template <int M, typename Out>
+__attribute__((noinline)) void bf16_block64(const uint16_t* x, const uint16_t* w, const float* bias,
+                                            int64_t activation, Out* y, int64_t K, int64_t N, int64_t n0) {
+  __m512 acc[M][4];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t pair = 0; pair < K / 2; ++pair) {
+    const uint16_t* step = w + pair * 128;
+    __m512bh wj[4];
+    for (int j = 0; j < 4; ++j) {
+      prefetch_stream(step + 32 * j);
+      wj[j] = (__m512bh)_mm512_loadu_si512(step + 32 * j);
+    }
+    for (int m = 0; m < M; ++m) {
+      int32_t inputs;
+      std::memcpy(&inputs, x + m * K + 2 * pair, 4);
+      const __m512bh xm = (__m512bh)_mm512_set1_epi32(inputs);
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wj[j], xm);
+    }
+  }
+  alignas(64) float sums[64];
+  for (int m = 0; m < M; ++m) {
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(sums + 16 * j, acc[m][j]);
+    for (int i = 0; i < 64; ++i) y[m * N + n0 + i] = Out(epilogue(sums[i], bias, n0 + i, activation));
+  }
 }
 
 }  // namespace
@@ -335,6 +369,48 @@ torch::Tensor bf16_matvec(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+// x [M, K] bfloat16 (M <= 6) against a packed weight [N, K] (bf16_block64's layout, at address `weight`: a oneDNN
+// tensor's buffer, which Python keeps alive through the call), bias [N] float32 or None -> activation(x w^T + bias)
+// as bfloat16 [M, N]. Decodes 1.1-1.4x faster than oneDNN's own matvec on the same bytes (Zen 4 EPYC).
+torch::Tensor bf16_packed_matvec(torch::Tensor x, int64_t weight, int64_t N, c10::optional<torch::Tensor> bias,
+                                 int64_t activation) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.is_contiguous() && x.dim() == 2, "x: contiguous bf16 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M >= 1 && M <= 6 && N % 64 == 0 && K % 2 == 0, "bf16_packed_matvec shapes");
+  auto y = torch::empty({M, N}, torch::kBFloat16);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight);
+  const float* bp = optional_bias(bias, N);
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N / 64, 1, [&](int64_t b0, int64_t b1) {  // each thread one run of blocks: one stream
+    with_rows<6>(M, [&](auto m) {
+      for (int64_t b = b0; b < b1; ++b)
+        bf16_block64<decltype(m)::value>(xp, wp + b * 64 * K, bp, activation, yp, K, N, b * 64);
+    });
+  });
+  return y;
+}
+
+// Whether the packed weight at `weight` holds w [N, K] in bf16_block64's layout, element for element: oneDNN picks
+// its layout per CPU and version, so the kernel above runs only on a layout seen to match.
+bool bf16_packed_layout_matches(torch::Tensor w, int64_t weight, int64_t nbytes) {
+  TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.is_contiguous() && w.dim() == 2, "w: contiguous bf16 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1);
+  if (N % 64 != 0 || K % 2 != 0 || nbytes != N * K * 2) return false;
+  const uint16_t* plain = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const uint16_t* packed = reinterpret_cast<const uint16_t*>(weight);
+  std::atomic<bool> same{true};
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1 && same; ++n)
+      for (int64_t k = 0; k < K; ++k)
+        if (packed[((n / 64 * (K / 2) + k / 2) * 64 + n % 64) * 2 + k % 2] != plain[n * K + k]) {
+          same = false;
+          break;
+        }
+  });
+  return same;
+}
+
 // As int8_matvec, with the activations quantized to int8 per block of 64 (AVX512-VNNI); K % 64 == 0. With
 // float_out the result is float32 (a model's head: logits keep their precision), else bfloat16.
 torch::Tensor int8_matvec_i8(torch::Tensor x, torch::Tensor q8, torch::Tensor scale, torch::Tensor offset,
@@ -372,4 +448,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_matvec", &int8_matvec, "int8 weight-only matrix-vector product (decode)");
   m.def("int8_dequantize", &int8_dequantize, "int8 weight to bfloat16");
   m.def("bf16_matvec", &bf16_matvec, "bfloat16 matrix-vector product on a plain weight (decode)");
+  m.def("bf16_packed_matvec", &bf16_packed_matvec, "bfloat16 matrix-vector product on oneDNN's packed weight");
+  m.def("bf16_packed_layout_matches", &bf16_packed_layout_matches, "whether a packed weight has the expected layout");
 }

@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import native
-from .dense import activation_function, matmul, onednn_supports, refuse_training
+from .dense import NATIVE_ACTIVATIONS, activation_function, matmul, onednn_supports, refuse_training
 from .gptq_layout import QuantizedWeight
 
 DECODE_ROWS = 8  # up to this many input rows, the decode kernels; beyond, dequantize and run one matmul
-_NATIVE_ACTIVATIONS = {None: 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # what the native kernels apply themselves
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes PyTorch's int4 kernel takes
 INNER_K_TILES = 2
 
@@ -162,9 +161,9 @@ class _KernelProduct:
     native_bias: Tensor | None  # the bias as float32, for the kernels
 
     def product(self, x: Tensor, activation: str | None) -> Tensor:
-        if x.shape[0] <= DECODE_ROWS and activation in _NATIVE_ACTIVATIONS:
+        if x.shape[0] <= DECODE_ROWS and activation in NATIVE_ACTIVATIONS:
             return self._matvec(x if x.is_contiguous() else x.contiguous(), self.native_bias,
-                                _NATIVE_ACTIVATIONS[activation])
+                                NATIVE_ACTIVATIONS[activation])
         return self._matmul(x, activation)
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
@@ -353,12 +352,12 @@ class Avx2Int4Linear(_Avx2Kernels, _NativeLinear):
             self.avx512.int4x8_dequantize(self.native_packed, self.native_scales, self.native_zeros,
                                           self.kernel_group, w)
             return matmul(x, w, self.bias, activation)
-        if self.int8_activations and activation in _NATIVE_ACTIVATIONS:
+        if self.int8_activations and activation in NATIVE_ACTIVATIONS:
             # Long inputs on int8 activations too, as llama.cpp computes prompts: the decode kernel over blocks of
             # 8 rows, each 8 output rows' weights read from the cache for 256 input rows, 1.3-1.8x the float32
             # product of the weights dequantized panel by panel (integer dot products do 4x the work per
             # instruction); that product stays the exact path.
-            return self._matvec(x.contiguous(), self.native_bias, _NATIVE_ACTIVATIONS[activation])
+            return self._matvec(x.contiguous(), self.native_bias, NATIVE_ACTIVATIONS[activation])
         return _activated(self.native.int4_matmul(as_float32(x).contiguous(), self.native_packed, self.native_scales,
                                                   self.native_zeros, self.kernel_group, self.native_bias), activation)
 
