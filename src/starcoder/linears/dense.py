@@ -78,8 +78,7 @@ def matmul(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | N
     if (w.is_mkldnn and _decodes_packed.get((w.dtype, *w.shape)) and x.dtype == torch.bfloat16
             and x.numel() <= PACKED_DECODE_ROWS * w.shape[1] and activation in NATIVE_ACTIVATIONS):
         x2 = x.reshape(-1, w.shape[1]).contiguous()
-        y = native.kernels("avx512").bf16_packed_matvec(x2, torch.ops.mkldnn.data_ptr(w), w.shape[0],
-                                                       None if bias is None else bias.float(),
+        y = native.kernels("avx512").bf16_packed_matvec(x2, torch.ops.mkldnn.data_ptr(w), w.shape[0], bias,
                                                        NATIVE_ACTIVATIONS[activation])
         return y.view(*x.shape[:-1], w.shape[0])
     if w.is_mkldnn or (onednn and x.is_cpu and onednn_supports(x.dtype) and w.dtype == x.dtype
