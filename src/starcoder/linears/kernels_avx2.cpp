@@ -53,7 +53,15 @@ struct Int8Acts {
   std::vector<int32_t> group_of;  // [K / 32]
 };
 
-Int8Acts quantize_activations(const float* x, int64_t M, int64_t K, int64_t group) {
+// 8 inputs as float32, from float32 or bfloat16 (the top half of a float32: one shift).
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const uint16_t* x) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+template <typename In>  // float (float32 models) or uint16_t (bfloat16 ones, on AVX512-BF16 CPUs)
+Int8Acts quantize_activations(const In* x, int64_t M, int64_t K, int64_t group) {
   const int64_t B = K / 32, G = K / group;
   Int8Acts a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * G, 0.f),
              std::vector<int32_t>(B)};
@@ -65,10 +73,10 @@ Int8Acts quantize_activations(const float* x, int64_t M, int64_t K, int64_t grou
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t b = 0; b < B; ++b) {
-        const float* xb = x + m * K + b * 32;
+        const In* xb = x + m * K + b * 32;
         __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
         for (int i = 0; i < 4; ++i) {
-          v[i] = _mm256_loadu_ps(xb + 8 * i);
+          v[i] = load8(xb + 8 * i);
           amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
           sum = _mm256_add_ps(sum, v[i]);
         }
@@ -502,7 +510,8 @@ torch::Tensor panel_matmul(const torch::Tensor& x, int64_t N, const Panel& fill_
 // Checks x and the groups' tensors (scales float16, zeros uint8, N * (K / group) of each, in the kernel's order).
 Groups checked_groups(const torch::Tensor& x, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t N,
                    int64_t group, float base) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous f32 [M, K]");
+  TORCH_CHECK((x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16) && x.is_contiguous() && x.dim() == 2,
+              "x: contiguous f32 or bf16 [M, K]");
   const int64_t K = x.size(1);
   TORCH_CHECK(group % 32 == 0 && K % group == 0, "groups of a multiple of 32 inputs that divide K");
   TORCH_CHECK(scales.dtype() == torch::kFloat16 && zeros.dtype() == torch::kUInt8 && scales.is_contiguous() &&
@@ -518,25 +527,35 @@ Groups checked_groups(const torch::Tensor& x, const torch::Tensor& scales, const
 // 64 x 8,192 int8 activations already fill the L2 cache).
 constexpr int64_t kChunkRows = 256;
 
+// A bfloat16 x (a bfloat16 model's decoding, on int8 activations only) gives a bfloat16 y: converted here, where
+// two torch conversions per layer call cost a 1B int4 decode step about 1 ms.
 template <typename Row>
 torch::Tensor by_row_blocks(const torch::Tensor& x, int64_t N, int64_t units, int64_t grain, int64_t group,
                             bool int8_activations, Row row) {
   const int64_t M = x.size(0), K = x.size(1);
-  const Int8Acts acts = int8_activations ? quantize_activations(x.data_ptr<float>(), M, K, group) : Int8Acts{};
+  const bool bf16 = x.dtype() == torch::kBFloat16;
+  TORCH_CHECK(int8_activations || !bf16, "the exact products take float32 x");
+  const Int8Acts acts = !int8_activations ? Int8Acts{}
+                        : bf16 ? quantize_activations(reinterpret_cast<const uint16_t*>(x.data_ptr()), M, K, group)
+                               : quantize_activations(x.data_ptr<float>(), M, K, group);
   auto y = torch::empty({M, N}, torch::kFloat32);
   float* yp = y.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
+  const float* xp = bf16 ? nullptr : x.data_ptr<float>();
   for (int64_t c0 = 0; c0 < M; c0 += kChunkRows) {
     const int64_t c1 = std::min(M, c0 + kChunkRows);
     at::parallel_for(0, units, grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t m0 = c0; m0 < c1; m0 += 8) {
           const Int8Rows rows = int8_activations ? rows_from(acts, m0, K, group) : Int8Rows{};
-          with_rows(c1 - m0, [&](auto m) { row(rows, xp + m0 * K, yp + m0 * N, m, i); });
+          with_rows(c1 - m0, [&](auto m) { row(rows, xp ? xp + m0 * K : nullptr, yp + m0 * N, m, i); });
         }
     });
   }
-  return y;
+  if (!bf16) return y;
+  auto out = torch::empty({M, N}, torch::kBFloat16);
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < M * N; ++i) op[i] = at::BFloat16(yp[i]);
+  return out;
 }
 
 }  // namespace
@@ -544,7 +563,8 @@ torch::Tensor by_row_blocks(const torch::Tensor& x, int64_t N, int64_t units, in
 // x [M, K] float32 (any M: blocks of 8 rows; long inputs with int8 activations take this path too, see
 // Avx2Int4Linear._matmul), packed uint8 [N / 8, K / 32, 4, 32] as int4_rows8 reads it, the groups' scales
 // float16 and zeros uint8 [N / 8, G, 8], bias [N] float32 or None -> activation(x W^T + bias) as float32 [M, N];
-// N % 8 == 0. int8_activations: x quantized per block of 32 for integer dot products; else exact float32 products.
+// N % 8 == 0. int8_activations: x quantized per block of 32 for integer dot products (x may then be bfloat16, and
+// the result is too); else exact float32 products.
 torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
   const int64_t K = x.size(1), N = packed.numel() * 2 / K;
@@ -560,8 +580,8 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   });
 }
 
-// x [M, K] float32 (any M, blocks of 8 rows), q8 [N, K] int8 (q - 128), the groups' scales float16 and zeros
-// uint8 [N, G] -> float32 [M, N]; K % 32 == 0.
+// x [M, K] float32 (any M, blocks of 8 rows; or bfloat16 as in int4_matvec), q8 [N, K] int8 (q - 128), the groups'
+// scales float16 and zeros uint8 [N, G] -> float32 [M, N]; K % 32 == 0.
 torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scales, torch::Tensor zeros,
                           int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
   const int64_t K = x.size(1), N = q8.size(0);

@@ -214,6 +214,11 @@ class NativeInt4Linear(_Avx512Linear):
 
     mode = "native-int4"
 
+    def _kernel_input(self, x: Tensor) -> Tensor:
+        """x as the decode kernels take it: bfloat16 as it is on int8 activations (the kernels quantize it and
+        answer in bfloat16: no conversion on either side), else float32."""
+        return x if self.int8_activations and x.dtype == torch.bfloat16 else as_float32(x)
+
     @classmethod
     def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
         size = cls.group_size(weight)
@@ -301,6 +306,11 @@ class _Avx2Kernels:
         super().__init__(*args, **kwargs)
         self.int8_activations = native.int8_activations_allowed()
 
+    def _kernel_input(self, x: Tensor) -> Tensor:
+        """x as the decode kernels take it: bfloat16 as it is on int8 activations (the kernels quantize it and
+        answer in bfloat16: no conversion on either side), else float32."""
+        return x if self.int8_activations and x.dtype == torch.bfloat16 else as_float32(x)
+
     @classmethod
     def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
         size = cls.group_size(weight)
@@ -343,7 +353,7 @@ class Avx2Int4Linear(_Avx2Kernels, _NativeLinear):
             self.register_buffer(name, t.view(t.shape[0], N // 8, 8).transpose(0, 1).contiguous())  # (N / 8, G, 8)
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
-        return self.native.int4_matvec(as_float32(x), self.native_packed, self.native_scales, self.native_zeros,
+        return self.native.int4_matvec(self._kernel_input(x), self.native_packed, self.native_scales, self.native_zeros,
                                        self.kernel_group, bias, activation, self.int8_activations)
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
@@ -375,7 +385,7 @@ class Avx2Int8Linear(_Avx2Kernels, _NativeLinear):
             self.register_buffer(name, t.T.contiguous())  # (N, G)
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
-        return self.native.int8_matvec(as_float32(x), self.int8_weight, self.native_scales, self.native_zeros,
+        return self.native.int8_matvec(self._kernel_input(x), self.int8_weight, self.native_scales, self.native_zeros,
                                        self.kernel_group, bias, activation, self.int8_activations)
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
