@@ -214,11 +214,6 @@ class NativeInt4Linear(_Avx512Linear):
 
     mode = "native-int4"
 
-    def _kernel_input(self, x: Tensor) -> Tensor:
-        """x as the decode kernels take it: bfloat16 as it is on int8 activations (the kernels quantize it and
-        answer in bfloat16: no conversion on either side), else float32."""
-        return x if self.int8_activations and x.dtype == torch.bfloat16 else as_float32(x)
-
     @classmethod
     def accepts(cls, weight: QuantizedWeight, dtype: torch.dtype) -> bool:
         size = cls.group_size(weight)
