@@ -76,7 +76,7 @@ def matmul(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | N
     oneDNN, except that a few bfloat16 rows (decoding) take our kernel on the same bytes where their layout is
     known (pack_weight checked it): 1.1-1.4x faster than oneDNN's own matvec, one copy of the weight serving both."""
     if (w.is_mkldnn and _decodes_packed.get((w.dtype, *w.shape)) and x.dtype == torch.bfloat16
-            and x.numel() <= PACKED_DECODE_ROWS * w.shape[1] and activation in NATIVE_ACTIVATIONS):
+            and 0 < x.numel() <= PACKED_DECODE_ROWS * w.shape[1] and activation in NATIVE_ACTIVATIONS):
         x2 = x.reshape(-1, w.shape[1]).contiguous()
         y = native.kernels("avx512").bf16_packed_matvec(x2, torch.ops.mkldnn.data_ptr(w), w.shape[0], bias,
                                                        NATIVE_ACTIVATIONS[activation])
