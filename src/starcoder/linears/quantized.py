@@ -72,6 +72,12 @@ class Scratch:
             self.buffer = torch.empty(N * K, dtype=dtype)
         return self.buffer[: N * K].view(N, K)
 
+    def product(self, layer: QuantLinear, x: Tensor, activation: str | None) -> Tensor:
+        """A long input through `layer`: its weight dequantized here (layer._dequantize_into), then one matmul."""
+        w = self.matrix(layer.out_features, layer.in_features, layer.dtype)
+        layer._dequantize_into(w)
+        return matmul(x, w, layer.bias, activation)
+
 
 class QuantLinear(nn.Module):
     """Drop-in for a dense Linear at inference: forward(x, activation=None). Subclasses store the integers."""
@@ -200,9 +206,7 @@ class _Avx512Linear(_NativeLinear):
         self.scratch = scratch
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
-        w = self.scratch.matrix(self.out_features, self.in_features, self.dtype)
-        self._dequantize_into(w)
-        return matmul(x, w, self.bias, activation)
+        return self.scratch.product(self, x, activation)
 
     def _dequantize_into(self, w: Tensor) -> None:
         raise NotImplementedError
@@ -353,10 +357,7 @@ class Avx2Int4Linear(_Avx2Kernels, _NativeLinear):
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
         if self.avx512 is not None:
-            w = self.scratch.matrix(self.out_features, self.in_features, torch.bfloat16)
-            self.avx512.int4x8_dequantize(self.native_packed, self.native_scales, self.native_zeros,
-                                          self.kernel_group, w)
-            return matmul(x, w, self.bias, activation)
+            return self.scratch.product(self, x, activation)
         if self.int8_activations and activation in NATIVE_ACTIVATIONS:
             # Long inputs on int8 activations too, as llama.cpp computes prompts: the decode kernel over blocks of
             # 8 rows, each 8 output rows' weights read from the cache for 256 input rows, 1.3-1.8x the float32
@@ -365,6 +366,9 @@ class Avx2Int4Linear(_Avx2Kernels, _NativeLinear):
             return self._matvec(x.contiguous(), self.native_bias, NATIVE_ACTIVATIONS[activation])
         return _activated(self.native.int4_matmul(as_float32(x).contiguous(), self.native_packed, self.native_scales,
                                                   self.native_zeros, self.kernel_group, self.native_bias), activation)
+
+    def _dequantize_into(self, w: Tensor) -> None:
+        self.avx512.int4x8_dequantize(self.native_packed, self.native_scales, self.native_zeros, self.kernel_group, w)
 
 
 class Avx2Int8Linear(_Avx2Kernels, _NativeLinear):
