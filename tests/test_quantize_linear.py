@@ -199,15 +199,15 @@ class ReferenceKernels:
         return x.float() @ w.float().T
 
 
-@pytest.mark.parametrize("int8_activations", [False, True])
-@pytest.mark.parametrize("bits, group_size, N, K", SHAPES[:3] + [(8, -1, 64, 256), (8, -1, 96, 192)])
+# int4 takes the AVX-512 kind on bfloat16 activations only (int8 ones go to the AVX2 kernels' layout,
+# test_avx2_kernels_...)
+@pytest.mark.parametrize("bits, group_size, N, K, int8_activations",
+                         [(*shape, False) for shape in SHAPES[:3]]
+                         + [(8, -1, N, K, int8) for N, K in ((64, 256), (96, 192)) for int8 in (False, True)])
 def test_native_layers_on_reference_kernels(bits, group_size, N, K, int8_activations, monkeypatch):
     """The native layer kinds, on the native kernels' contract written in PyTorch: packing, act-order, scales and
     offsets, the bias and activation epilogue, and the long-input path through the model's shared buffer; with
-    bfloat16 activations and with the integer kernels' int8 ones (whose rounding widens the bound on decoding).
-    int4 takes the AVX-512 kind on bfloat16 activations only (int8 ones go to the AVX2 kernels' layout)."""
-    if bits == 4 and int8_activations:
-        pytest.skip("int4 on int8 activations runs the AVX2 kernels (test_avx2_kernels_...)")
+    bfloat16 activations and with the integer kernels' int8 ones (whose rounding widens the bound on decoding)."""
     monkeypatch.setattr(native, "kernels", lambda isa="avx512": ReferenceKernels())
     monkeypatch.setattr(native, "avx2_kernels", lambda: None)
     monkeypatch.setattr(native, "int8_activations", lambda: int8_activations)
