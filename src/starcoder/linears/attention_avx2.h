@@ -31,6 +31,23 @@ inline __m256 exp8(__m256 x) {
 // The larger of a and b, or NaN if either is: a NaN score must reach the output, as in PyTorch's attention.
 inline float max_or_nan(float a, float b) { return b > a || std::isnan(b) ? b : a; }
 
+// The largest of s[0, n), or NaN if any is: 8 at a time (a scalar loop took a sixth of the kernel's time).
+inline float max_or_nan(const float* s, int64_t n) {
+  __m256 top8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x = _mm256_loadu_ps(s + j);
+    top8 = _mm256_max_ps(top8, x);
+    nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(nan8)) return NAN;
+  float lanes[8], top = -INFINITY;
+  _mm256_storeu_ps(lanes, top8);
+  for (const float lane : lanes) top = std::max(top, lane);
+  for (; j < n; ++j) top = max_or_nan(top, s[j]);
+  return top;
+}
+
 // The 8 lane sums of a0..a7, in order.
 inline __m256 horizontal_sums8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
                                __m256 a7) {
@@ -120,9 +137,7 @@ void attend_chunk(const float* q, int64_t R, const float* k, const float* v, int
     if (mask != nullptr)
       for (int64_t j = 0; j < n; ++j)
         if (!mask[r / group * mask_stride + j]) sr[j] = -INFINITY;  // (row r is token r / group's)
-    float top = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) top = max_or_nan(top, sr[j]);
-    m[r] = top;
+    const float top = m[r] = max_or_nan(sr, n);
     const __m256 shift = _mm256_set1_ps(std::isinf(top) && top < 0 ? 0.f : top);  // all masked: every p is 0
     __m256 sum = _mm256_setzero_ps();
     int64_t j = 0;
