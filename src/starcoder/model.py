@@ -147,8 +147,7 @@ def _native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scal
     kernels = native.avx2_kernels()
     if kernels is None:
         return None
-    y = kernels.decode_attention(q, k, v, None if mask is None else mask.contiguous(), scale)
-    return y if y.dtype == q.dtype else y.to(q.dtype)
+    return kernels.decode_attention(q, k, v, None if mask is None else mask.contiguous(), scale)
 
 
 @dataclass

@@ -7,7 +7,7 @@
 //
 // q [B, T, H, hd] float32 or bfloat16 (as the q/k/v layer leaves it: rows contiguous, any other strides); k, v
 // [B, KV, S, hd] float32 or bfloat16, rows contiguous; mask [B or 1, T, S] bool or none (true: visible). Output
-// float32 [B, T, H * hd]. hd % 8 == 0. The G = H / KV query heads that share a KV head, for all T tokens, are the
+// [B, T, H * hd] in q's dtype. hd % 8 == 0. The G = H / KV query heads that share a KV head, for all T tokens, are the
 // R = G * T rows that meet that head's keys together (each key read once for all of them).
 
 namespace {
@@ -228,27 +228,35 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     }
   });
   // The merge, here in the calling thread (a second parallel region would cost more than it saves): each chunk's
-  // share weighted by e^(its maximum - the row's), over the sum of the weighted sums.
-  auto y = torch::zeros({B, T, H * hd}, torch::kFloat32);
-  float* yp = y.data_ptr<float>();
+  // share weighted by e^(its maximum - the row's), over the sum of the weighted sums. The output takes the query's
+  // dtype here, where a torch conversion after the call cost about 15 us per layer.
+  auto y = torch::empty({B, T, H * hd}, q.dtype());
+  float* y_f32 = q_bf16 ? nullptr : y.data_ptr<float>();
+  at::BFloat16* y_bf16 = q_bf16 ? y.data_ptr<at::BFloat16>() : nullptr;
+  std::vector<float> sum(hd);
   for (int64_t head = 0; head < heads; ++head)
     for (int64_t r = 0; r < R; ++r) {
       auto part = [&](int64_t chunk) { return pp + (head * chunks + chunk) * R * (hd + 2); };
       float top = -INFINITY;
       for (int64_t c = 0; c < chunks; ++c) top = max_or_nan(top, part(c)[R * hd + r]);
       float total = 0.f;
-      const int64_t b = head / KV, kv = head % KV, t = r / G, g = r % G;
-      float* yr = yp + ((b * T + t) * H + kv * G + g) * hd;
+      std::fill(sum.begin(), sum.end(), 0.f);
       for (int64_t c = 0; c < chunks; ++c) {
         const float m = part(c)[R * hd + r];
         if (std::isinf(m) && m < 0) continue;  // a chunk whose keys this row cannot see
         const float weight = chunks == 1 ? 1.f : std::exp(m - top);
         total += weight * part(c)[R * hd + R + r];
         const float* o = part(c) + r * hd;
-        for (int64_t d = 0; d < hd; ++d) yr[d] += weight * o[d];
+        for (int64_t d = 0; d < hd; ++d) sum[d] += weight * o[d];
       }
       const float inverse = total > 0.f ? 1.f / total : 0.f;
-      for (int64_t d = 0; d < hd; ++d) yr[d] *= inverse;
+      const int64_t b = head / KV, kv = head % KV, t = r / G, g = r % G;
+      const int64_t offset = ((b * T + t) * H + kv * G + g) * hd;
+      for (int64_t d = 0; d < hd; ++d)
+        if (q_bf16)
+          y_bf16[offset + d] = at::BFloat16(sum[d] * inverse);
+        else
+          y_f32[offset + d] = sum[d] * inverse;
     }
   return y;
 }
