@@ -30,6 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import starcoder  # noqa: F401  (before torch, as the CLI imports it: it asks torch for 2 MB pages)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))

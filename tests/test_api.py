@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import starcoder
@@ -62,3 +64,35 @@ def test_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(starcoder.paths, "resources", SimpleNamespace(files=lambda _: tmp_path))
     with pytest.raises(starcoder.StarCoderError, match="no embedded default model"):
         starcoder.load()
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent huge page mode: always, madvise (on request) or never; none without THP."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "none"
+    return text.split("[", 1)[1].split("]", 1)[0]
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_importing_starcoder_first_puts_large_tensors_on_huge_pages(preset, expected):
+    """Imported before torch, starcoder asks PyTorch for 2 MB pages (decoding streams the weights from them
+    faster), unless the user said otherwise; a 64 MB tensor then lies on huge pages where the kernel offers them."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = ("import os, starcoder, torch; x = torch.ones(1 << 24); print(os.environ['THP_MEM_ALLOC_ENABLE']); "
+            "print(next((l.split()[1] for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')),"
+            " 'none'))")
+    setting, huge_kb = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      check=True).stdout.split()
+    assert setting == expected
+    if expected == "1" and _thp_mode() in ("always", "madvise"):
+        assert int(huge_kb) >= 32 * 1024
+    if expected == "0" and _thp_mode() == "madvise":
+        assert int(huge_kb) == 0
