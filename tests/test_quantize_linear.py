@@ -294,6 +294,11 @@ def test_avx2_kernels_equal_their_contract_and_stay_close_to_exact(bits, group_s
         if name:
             exact = torch.nn.functional.gelu(exact, approximate="tanh" if activation == 1 else "none")
         assert float((layer(x, name).double() - exact).abs().max() / exact.abs().max()) < 2e-2
+    if bits == 4 and native.vnni():  # 512-bit integer dot products: the same integer sums, so the same floats
+        for rows in (1, 3, 8):
+            args = (layer._kernel_input(torch.randn(rows, K).to(dtype)), layer.native_packed, layer.native_scales,
+                    layer.native_zeros, layer.kernel_group, layer.native_bias, 1, True)
+            assert torch.equal(layer.native.int4_matvec(*args, True), layer.native.int4_matvec(*args, False))
     x = torch.randn(37, K).to(dtype)  # long inputs
     if bits == 4:  # int4: the decode kernel over blocks of 8 rows, on int8 activations
         want = avx2_contract(layer, x, 1)

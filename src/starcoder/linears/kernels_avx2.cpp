@@ -186,6 +186,51 @@ void int4_rows8(const Int8Rows& a, const uint8_t* packed, const Groups& groups, 
   for (int m = 0; m < M; ++m) store_rows8(acc[m], bias, activation, y + m * N, j);
 }
 
+// int4_rows8 with 512-bit integer dot products, on CPUs with AVX512-VNNI (this build targets AVX2; this function
+// alone is compiled for more, and runs only where the CPU has it): a vector holds two of the layout's 32-byte steps,
+// vpdpbusd sums their u8 x s8 products in fours straight into int32 lanes (8 rows x 2 steps), and one fold per
+// block adds the two steps. A third of int4_rows8's instructions per weight: on 2-core Zen 4, where the weights now
+// stream from 2 MB pages faster than int4_rows8 computes. The same integer sums, so the same floats as int4_rows8.
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows8_vnni(
+    const Int8Rows& a, const uint8_t* packed, const Groups& groups, const float* bias, int64_t activation, float* y,
+    int64_t K, int64_t N, int64_t group, int64_t j) {
+  const int64_t G = K / group, B = K / 32, blocks_per_group = group / 32;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  // Which 4 of a block's 32 activations (as 8 int32) each half of a vector meets: step s's low nibbles take int32
+  // 2s, its high ones 2s + 1; the low half of a vector is step 0 (or 2), the high half step 1 (or 3).
+  const __m512i lo01 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+  const __m512i hi01 = _mm512_add_epi32(lo01, _mm512_set1_epi32(1));
+  const __m512i lo23 = _mm512_add_epi32(lo01, _mm512_set1_epi32(4)), hi23 = _mm512_add_epi32(lo01, _mm512_set1_epi32(5));
+  const uint8_t* p = packed + j * 4 * K;  // 8 rows of K / 2 bytes
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 s = groups.scales8((j * G + g) * 8);
+    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
+      prefetch_stream(p + b * 128);
+      prefetch_stream(p + b * 128 + 64);
+      const __m512i w01 = _mm512_loadu_si512(p + b * 128), w23 = _mm512_loadu_si512(p + b * 128 + 64);
+      const __m512i l01 = _mm512_and_si512(w01, low), h01 = _mm512_and_si512(_mm512_srli_epi16(w01, 4), low);
+      const __m512i l23 = _mm512_and_si512(w23, low), h23 = _mm512_and_si512(_mm512_srli_epi16(w23, 4), low);
+      for (int m = 0; m < M; ++m) {
+        const __m512i x = _mm512_castsi256_si512(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + m * K + b * 32)));
+        __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l01, _mm512_permutexvar_epi32(lo01, x));
+        sum = _mm512_dpbusd_epi32(sum, h01, _mm512_permutexvar_epi32(hi01, x));
+        sum = _mm512_dpbusd_epi32(sum, l23, _mm512_permutexvar_epi32(lo23, x));
+        sum = _mm512_dpbusd_epi32(sum, h23, _mm512_permutexvar_epi32(hi23, x));
+        const __m256i rows = _mm256_add_epi32(_mm512_castsi512_si256(sum), _mm512_extracti64x4_epi64(sum, 1));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows), _mm256_mul_ps(s, _mm256_set1_ps(a.scale[m * B + b])),
+                                 acc[m]);
+      }
+    }
+    const __m256 o = groups.offsets8((j * G + g) * 8, s);
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(o, _mm256_set1_ps(a.sums[m * G + g]), acc[m]);
+  }
+  for (int m = 0; m < M; ++m) store_rows8(acc[m], bias, activation, y + m * N, j);
+}
+
 template <int M>
 void int8_row(const Int8Rows& a, const int8_t* q8, const Groups& groups, const float* bias, int64_t activation,
               float* y, int64_t K, int64_t N, int64_t group, int64_t n) {
@@ -564,9 +609,11 @@ torch::Tensor by_row_blocks(const torch::Tensor& x, int64_t N, int64_t units, in
 // Avx2Int4Linear._matmul), packed uint8 [N / 8, K / 32, 4, 32] as int4_rows8 reads it, the groups' scales
 // float16 and zeros uint8 [N / 8, G, 8], bias [N] float32 or None -> activation(x W^T + bias) as float32 [M, N];
 // N % 8 == 0. int8_activations: x quantized per block of 32 for integer dot products (x may then be bfloat16, and
-// the result is too); else exact float32 products.
+// the result is too), 512-bit ones if vnni (the caller has checked the CPU for AVX512-VNNI and AVX512-BW); else
+// exact float32 products.
 torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
-                          int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations) {
+                          int64_t group, c10::optional<torch::Tensor> bias, int64_t activation, bool int8_activations,
+                          bool vnni) {
   const int64_t K = x.size(1), N = packed.numel() * 2 / K;
   const Groups groups = checked_groups(x, scales, zeros, N, group, 0.f);
   TORCH_CHECK(N % 8 == 0 && packed.numel() * 2 == N * K && packed.is_contiguous(), "packed: uint8, N * K / 2, N % 8 == 0");
@@ -575,7 +622,8 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   return by_row_blocks(x, N, N / 8, 2, group, int8_activations,
                        [&](const Int8Rows& acts, const float* xp, float* yp, auto m, int64_t j) {
     constexpr int rows = decltype(m)::value;
-    if (int8_activations) int4_rows8<rows>(acts, pp, groups, bp, activation, yp, K, N, group, j);
+    if (int8_activations && vnni) int4_rows8_vnni<rows>(acts, pp, groups, bp, activation, yp, K, N, group, j);
+    else if (int8_activations) int4_rows8<rows>(acts, pp, groups, bp, activation, yp, K, N, group, j);
     else int4_rows8_exact<rows>(xp, pp, groups, bp, activation, yp, K, N, group, j);
   });
 }

@@ -353,7 +353,7 @@ class Avx2Int4Linear(_Avx2Kernels, _NativeLinear):
 
     def _matvec(self, x: Tensor, bias: Tensor | None, activation: int) -> Tensor:
         return self.native.int4_matvec(self._kernel_input(x), self.native_packed, self.native_scales, self.native_zeros,
-                                       self.kernel_group, bias, activation, self.int8_activations)
+                                       self.kernel_group, bias, activation, self.int8_activations, native.vnni())
 
     def _matmul(self, x: Tensor, activation: str | None) -> Tensor:
         if self.avx512 is not None:
