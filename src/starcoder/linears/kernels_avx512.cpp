@@ -103,7 +103,9 @@ void int4_row(const uint16_t* x, const uint8_t* packed, const float* scales, con
 }
 
 // The int8 kernel on int8 activations: the s8 weights are read as u8 (top bit flipped, q + 128) for vpdpbusd,
-// and the 128 * sum(activations) that adds is taken back once per input row (Int8Acts::shift).
+// and the 128 * sum(activations) that adds is taken back once per input row (Int8Acts::shift). No software
+// prefetch: from 2 MB pages the 1B shape's int8 layers streamed 1.06-1.2x faster without prefetch_stream (Zen 4
+// EPYC, three alternating runs), as the bfloat16 kernel does.
 template <int M, typename Out>
 void int8_row_i8(const Int8Acts& a, const int8_t* q8, const float* scale, const float* offset, const float* xsum,
                  const float* bias, int64_t activation, Out* y, int64_t K, int64_t N, int64_t n) {
@@ -112,7 +114,6 @@ void int8_row_i8(const Int8Acts& a, const int8_t* q8, const float* scale, const 
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < K / 64; ++b) {
-    prefetch_stream(row + b * 64);
     const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(row + b * 64), top);
     for (int m = 0; m < M; ++m) {
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(&a.q[m * K + b * 64]));
