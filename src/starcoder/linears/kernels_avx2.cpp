@@ -201,7 +201,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows8_
   // 2s, its high ones 2s + 1; the low half of a vector is step 0 (or 2), the high half step 1 (or 3).
   const __m512i lo01 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
   const __m512i hi01 = _mm512_add_epi32(lo01, _mm512_set1_epi32(1));
-  const __m512i lo23 = _mm512_add_epi32(lo01, _mm512_set1_epi32(4)), hi23 = _mm512_add_epi32(lo01, _mm512_set1_epi32(5));
+  const __m512i lo23 = _mm512_add_epi32(lo01, _mm512_set1_epi32(4));
+  const __m512i hi23 = _mm512_add_epi32(lo01, _mm512_set1_epi32(5));
   const uint8_t* p = packed + j * 4 * K;  // 8 rows of K / 2 bytes
   __m256 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();

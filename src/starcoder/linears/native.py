@@ -53,7 +53,8 @@ def int8_activations_allowed() -> bool:
 @functools.cache
 def vnni() -> bool:
     """Whether the CPU has 512-bit integer dot products (AVX512-VNNI, with AVX512-BW): the AVX2 build's int4 decode
-    kernel has a version for them (1.1x the 256-bit one for a row from memory on a Zen 4 EPYC, 1.4x for four)."""
+    kernel has a version for them (on a Zen 4 EPYC 1.4x the 256-bit one for four rows; one row from memory is
+    memory-bound either way)."""
     return {"avx512_vnni", "avx512bw"} <= cpu_flags()
 
 
