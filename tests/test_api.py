@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,10 +82,6 @@ def _thp_mode() -> str:
 def test_importing_starcoder_first_puts_large_tensors_on_huge_pages(preset, expected):
     """Imported before torch, starcoder asks PyTorch for 2 MB pages (decoding streams the weights from them
     faster), unless the user said otherwise; a 64 MB tensor then lies on huge pages where the kernel offers them."""
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     if preset is not None:
         env["THP_MEM_ALLOC_ENABLE"] = preset

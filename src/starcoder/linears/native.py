@@ -60,7 +60,7 @@ def vnni() -> bool:
 
 def int8_activations() -> bool:
     """Whether the AVX-512 kernels quantize activations to int8 for integer dot products (AVX512-VNNI)."""
-    return int8_activations_allowed() and "avx512_vnni" in cpu_flags()
+    return int8_activations_allowed() and vnni()
 
 
 @functools.cache
