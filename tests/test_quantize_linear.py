@@ -368,3 +368,25 @@ def test_widened_layers_compute_in_float32_from_half_precision_weights(dtype, N,
         x = torch.randn(1, rows, K)
         want = x.double() @ wide.T
         torch.testing.assert_close(head(x).double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (8, -1), (8, 32)])
+def test_decode_kernels_cover_every_output_when_threads_take_each_others_work(bits, group_size):
+    """The decode kernels hand out their output rows while they run (a thread done early takes rows from the back
+    of another's share): with more threads than cores, threads are preempted and take each other's rows all the
+    time, and every output must still be computed once, as one thread computes it."""
+    if native.kernels() is None and native.avx2_kernels() is None:
+        pytest.skip("no native kernels on this machine")
+    weight, bias = random_weight(1024, 256, bits, group_size), torch.randn(1024)
+    dtype = torch.bfloat16 if native.kernels() is not None else torch.float32
+    layer = quantized_linear(weight, bias, dtype)
+    threads = torch.get_num_threads()
+    try:
+        for _ in range(30):
+            x = torch.randn(1, 256).to(dtype)
+            torch.set_num_threads(7)
+            shared = layer(x, "gelu_pytorch_tanh")
+            torch.set_num_threads(1)
+            assert torch.equal(shared, layer(x, "gelu_pytorch_tanh"))
+    finally:
+        torch.set_num_threads(threads)

@@ -314,7 +314,7 @@ torch::Tensor widened_matvec(const torch::Tensor& x, const torch::Tensor& w, con
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   auto y = torch::empty({M, N}, torch::kFloat32);
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  balanced_for(N, 16, [&](int64_t n0, int64_t n1) {
     with_rows(M, [&](auto m) {
       for (int64_t n = n0; n < n1; ++n)
         half_row<Weights, decltype(m)::value>(order.data(), wp, bias, activation, yp, K, N, n);
@@ -590,7 +590,7 @@ torch::Tensor by_row_blocks(const torch::Tensor& x, int64_t N, int64_t units, in
   const float* xp = bf16 ? nullptr : x.data_ptr<float>();
   for (int64_t c0 = 0; c0 < M; c0 += kChunkRows) {
     const int64_t c1 = std::min(M, c0 + kChunkRows);
-    at::parallel_for(0, units, grain, [&](int64_t i0, int64_t i1) {
+    balanced_for(units, grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t m0 = c0; m0 < c1; m0 += 8) {
           const Int8Rows rows = int8_activations ? rows_from(acts, m0, K, group) : Int8Rows{};

@@ -200,7 +200,7 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>(), *bp = optional_bias(bias, N);
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  balanced_for(N, 16, [&](int64_t n0, int64_t n1) {
     with_rows(M, [&](auto m) {
       for (int64_t n = n0; n < n1; ++n)
         int4_row<decltype(m)::value>(xp, pp, sp, op, xsum.data(), bp, activation, yp, K, N, group, n);
@@ -311,7 +311,7 @@ torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor q8, torch::Tensor scale
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xsum[m] += xp[m * K + k];
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  balanced_for(N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* row = qp + n * K;
       for (int64_t m = 0; m < M; ++m) {
@@ -362,7 +362,7 @@ torch::Tensor bf16_matvec(torch::Tensor x, torch::Tensor w) {
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  balanced_for(N, 16, [&](int64_t n0, int64_t n1) {
     with_rows(M, [&](auto m) {
       for (int64_t n = n0; n < n1; ++n) bf16_row<decltype(m)::value>(xp, wp, yp, K, N, n);
     });
@@ -390,7 +390,7 @@ torch::Tensor bf16_packed_matvec(torch::Tensor x, int64_t weight, int64_t N, c10
   }
   const float* bp = widened.empty() ? optional_bias(bias, N) : widened.data();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N / 64, 1, [&](int64_t b0, int64_t b1) {  // each thread one run of blocks: one stream
+  balanced_for(N / 64, 1, [&](int64_t b0, int64_t b1) {
     with_rows<6>(M, [&](auto m) {
       for (int64_t b = b0; b < b1; ++b)
         bf16_block64<decltype(m)::value>(xp, wp + b * 64 * K, bp, activation, yp, K, N, b * 64);
@@ -432,7 +432,7 @@ torch::Tensor int8_matvec_i8(torch::Tensor x, torch::Tensor q8, torch::Tensor sc
   auto y = torch::empty({M, N}, float_out ? torch::kFloat32 : torch::kBFloat16);
   const int8_t* qp = q8.data_ptr<int8_t>();
   const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>(), *bp = optional_bias(bias, N);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  balanced_for(N, 16, [&](int64_t n0, int64_t n1) {
     with_rows(M, [&](auto m) {
       constexpr int rows = decltype(m)::value;
       for (int64_t n = n0; n < n1; ++n)
