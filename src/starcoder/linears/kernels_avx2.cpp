@@ -142,9 +142,7 @@ struct Groups {
 
 // y[8j .. 8j + 7] = the epilogue of the 8 rows' sums.
 inline void store_rows8(__m256 acc, const float* bias, int64_t activation, float* y, int64_t j) {
-  float sums[8];
-  _mm256_storeu_ps(sums, acc);
-  for (int r = 0; r < 8; ++r) y[j * 8 + r] = epilogue(sums[r], bias, j * 8 + r, activation);
+  _mm256_storeu_ps(y + j * 8, epilogue8(acc, bias, j * 8, activation));
 }
 
 // int4: 8 output rows at a time, interleaved in the layout so that one vector holds the 8 rows' sums: no row needs

@@ -180,7 +180,9 @@ __attribute__((noinline)) void bf16_block64(const uint16_t* x, const uint16_t* w
   alignas(64) float sums[64];
   for (int m = 0; m < M; ++m) {
     for (int j = 0; j < 4; ++j) _mm512_store_ps(sums + 16 * j, acc[m][j]);
-    for (int i = 0; i < 64; ++i) y[m * N + n0 + i] = Out(epilogue(sums[i], bias, n0 + i, activation));
+    for (int i = 0; i < 64; i += 8)
+      _mm256_store_ps(sums + i, epilogue8(_mm256_load_ps(sums + i), bias, n0 + i, activation));
+    for (int i = 0; i < 64; ++i) y[m * N + n0 + i] = Out(sums[i]);
   }
 }
 
