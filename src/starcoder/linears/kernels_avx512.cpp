@@ -104,8 +104,8 @@ void int4_row(const uint16_t* x, const uint8_t* packed, const float* scales, con
 
 // The int8 kernel on int8 activations: the s8 weights are read as u8 (top bit flipped, q + 128) for vpdpbusd,
 // and the 128 * sum(activations) that adds is taken back once per input row (Int8Acts::shift). No software
-// prefetch: from 2 MB pages the 1B shape's int8 layers streamed 1.06-1.2x faster without prefetch_stream (Zen 4
-// EPYC, three alternating runs), as the bfloat16 kernel does.
+// prefetch: from 2 MB pages the 1B shape's int8 layers streamed 1.06-1.2x faster without it than prefetching into L1
+// 1 KB ahead, and as fast as into L2 2-8 KB ahead (Zen 4 EPYC, alternating), as the bfloat16 kernel does.
 template <int M, typename Out>
 void int8_row_i8(const Int8Acts& a, const int8_t* q8, const float* scale, const float* offset, const float* xsum,
                  const float* bias, int64_t activation, Out* y, int64_t K, int64_t N, int64_t n) {
@@ -139,9 +139,6 @@ __attribute__((noinline)) void bf16_row(const uint16_t* x, const uint16_t* w, fl
     for (int half = 0; half < 2; ++half) {
       const uint16_t* step = row + k + 32 * half;
       prefetch_stream(step);
-      // and into L2 four times as far: 4-19% faster on plain bfloat16 rows (Zen 4 EPYC, two alternating runs),
-      // where the int4 kernels gained nothing from it
-      _mm_prefetch(reinterpret_cast<const char*>(step) + 4 * kStreamAhead, _MM_HINT_T1);
       const __m512bh wk = (__m512bh)_mm512_loadu_si512(step);
       for (int m = 0; m < M; ++m)
         acc[m][half] = _mm512_dpbf16_ps(acc[m][half], wk, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * half));
@@ -157,8 +154,8 @@ __attribute__((noinline)) void bf16_row(const uint16_t* x, const uint16_t* w, fl
 // of [K/2][64][2]: for every pair of inputs, the 64 outputs' two weights side by side. Read that way, a block is one
 // stream of 256-byte steps, and a step is four vdpbf16ps per input row against the row's input pair broadcast:
 // the sums stay vertical, one lane per output, with no reduction across lanes at the end. M <= 6 rows: 24
-// accumulators. No software prefetch: the hardware's alone streamed 5-15% faster here than with prefetch_stream at
-// 1, 2 or 4 KB (Zen 4 EPYC, alternating). (Kept out of line: inlined into the parallel loop, GCC kept the
+// accumulators. No software prefetch: the hardware's alone streamed 5-15% faster here than prefetching into L1 1, 2
+// or 4 KB ahead, and as fast as into L2 2-8 KB ahead (Zen 4 EPYC, alternating). (Kept out of line: inlined into the parallel loop, GCC kept the
 // accumulators in memory, 3x slower.)
 template <int M, typename Out>
 __attribute__((noinline)) void bf16_block64(const uint16_t* x, const uint16_t* w, const float* bias,
