@@ -11,8 +11,6 @@
 
 #include "kernels_common.h"
 
-#include <atomic>
-
 namespace {
 
 // Per-group sums of each activation row, float32 [M, K / group].
@@ -155,8 +153,8 @@ __attribute__((noinline)) void bf16_row(const uint16_t* x, const uint16_t* w, fl
 // stream of 256-byte steps, and a step is four vdpbf16ps per input row against the row's input pair broadcast:
 // the sums stay vertical, one lane per output, with no reduction across lanes at the end. M <= 6 rows: 24
 // accumulators. No software prefetch: the hardware's alone streamed 5-15% faster here than prefetching into L1 1, 2
-// or 4 KB ahead, and as fast as into L2 2-8 KB ahead (Zen 4 EPYC, alternating). (Kept out of line: inlined into the parallel loop, GCC kept the
-// accumulators in memory, 3x slower.)
+// or 4 KB ahead, and as fast as into L2 2-8 KB ahead (Zen 4 EPYC, alternating). (Kept out of line: inlined into the
+// parallel loop, GCC kept the accumulators in memory, 3x slower.)
 template <int M, typename Out>
 __attribute__((noinline)) void bf16_block64(const uint16_t* x, const uint16_t* w, const float* bias,
                                             int64_t activation, Out* y, int64_t K, int64_t N, int64_t n0) {

@@ -7,9 +7,9 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <atomic>
-#include <memory>
 #include <cmath>
 #include <cstring>
+#include <memory>
 
 namespace {
 
@@ -85,8 +85,9 @@ inline void prefetch_stream(const void* p) {
 // Runs body(i0, i1) over runs of [0, units) on the intra-op threads, as at::parallel_for does, but balanced while it
 // runs. Each thread starts with an equal contiguous share and walks it from the front, `grain` units at a time (one
 // stream of weights per thread); a thread done with its share takes `grain` units at a time from the back of the
-// share with the most left. On a 2-core VM one core often ran 10-40% slower than the other for a while (a
-// neighbour's load), and with fixed shares every call waited for it.
+// share with the most left. On a 2-core VM, timestamps inside the int4 kernel had one thread finishing 10-40% after
+// the other for minutes at a time (its core slower, the cause outside the process), and with fixed shares every
+// call waited for it.
 template <typename Body>
 void balanced_for(int64_t units, int64_t grain, const Body& body) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (units + grain - 1) / grain);
