@@ -308,23 +308,26 @@ def test_packed_bfloat16_weights_decode_on_our_kernel_where_it_reads_onednns_lay
 
     monkeypatch.setattr(native, "kernels", lambda isa="avx512": Spy())
     w, bias = torch.randn(192, 96).bfloat16(), torch.randn(192).bfloat16()
-    packed = dense.pack_weight(w)
+    layer = model._packed_linear(w, bias)
     assert dense._decodes_packed[(torch.bfloat16, 192, 96)]
     for rows in range(1, dense.PACKED_DECODE_ROWS + 3):
         x = torch.randn(1, rows, 96).bfloat16()
-        ours = dense.matmul(x, packed, bias, activation)
-        monkeypatch.setitem(dense._decodes_packed, (torch.bfloat16, 192, 96), False)
-        onednn = dense.matmul(x, packed, bias, activation)
-        monkeypatch.setitem(dense._decodes_packed, (torch.bfloat16, 192, 96), True)
+        ours = layer(x, activation)
+        onednn = dense.matmul(x, layer.weight, bias, activation)  # (a packed weight's own product)
         assert ours.shape == onednn.shape == (1, rows, 192) and ours.dtype == torch.bfloat16
         assert_close(ours.float(), onednn.float(), atol=0.02, rtol=0.02)
         if rows <= dense.PACKED_DECODE_ROWS:  # each row's sums run alike whatever rows come with it
-            assert torch.equal(ours[:, -1:], dense.matmul(x[:, -1:], packed, bias, activation))
+            assert torch.equal(ours[:, -1:], layer(x[:, -1:], activation))
     assert calls == [n for rows in range(1, dense.PACKED_DECODE_ROWS + 1) for n in (rows, 1)]  # all, last alone
+    layer.bias = torch.nn.Parameter(torch.zeros(192).bfloat16(), requires_grad=False)  # a new bias is read anew
+    onednn = dense.matmul(x[:, :1], layer.weight, layer.bias, activation)
+    assert_close(layer(x[:, :1], activation).float(), onednn.float(), atol=0.02, rtol=0.02)
     # a plain weight's bytes are not the packed layout; oneDNN pads 100 outputs to 128, which the kernel does not read
     assert not kernels.bf16_packed_layout_matches(w, w.data_ptr(), w.numel() * 2)
-    dense.pack_weight(torch.randn(100, 64).bfloat16())
+    calls.clear()
+    odd = model._packed_linear(torch.randn(100, 64).bfloat16(), None)
     assert dense._decodes_packed[(torch.bfloat16, 100, 64)] is False
+    assert odd(torch.randn(1, 1, 64).bfloat16()).shape == (1, 1, 100) and calls == []  # (oneDNN's)
 
 
 @pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-window"])

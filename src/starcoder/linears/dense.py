@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from . import native
 # oneDNN names for the activations it can fuse into a matmul's epilogue: (attr, algorithm).
 FUSABLE = {"gelu_pytorch_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
 NATIVE_ACTIVATIONS = {None: 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # what our kernels apply in their epilogue
-PACKED_DECODE_ROWS = 6  # up to this many input rows, a packed bfloat16 weight decodes on our kernel (see matmul)
+PACKED_DECODE_ROWS = 6  # up to this many input rows, a packed bfloat16 weight decodes on our kernel (_packed_decode)
 
 
 @functools.cache
@@ -46,8 +48,8 @@ class Linear(nn.Linear):
     dtypes and other devices take the ordinary path.
 
     A packed Linear (see pack_weight) holds its weight in oneDNN's blocked layout: decoding reads it at close to
-    memory bandwidth, about 1.5x the plain layout (in bfloat16 with our kernel, see matmul), but it is opaque, so
-    such a layer serves inference only.
+    memory bandwidth, about 1.5x the plain layout (in bfloat16 with our kernel, see _packed_decode), but it is
+    opaque, so such a layer serves inference only.
     """
 
     use_onednn = True  # where onednn_supports(dtype); tests turn it off to compare with F.linear bit for bit
@@ -57,11 +59,44 @@ class Linear(nn.Linear):
         return self.weight.is_mkldnn
 
     def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
-        if self.packed:
+        w = self.weight
+        if w.is_mkldnn:
             refuse_training(x)
-        # (a packed weight takes oneDNN whatever this says: matmul sees its layout)
-        onednn = self.use_onednn and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-        return matmul(x, self.weight, self.bias, activation, onednn)
+            decode = self._packed_decode(w)
+            if (decode is not None and x.dtype == torch.bfloat16 and 0 < x.numel() <= PACKED_DECODE_ROWS * w.shape[1]
+                    and activation in NATIVE_ACTIVATIONS):
+                y = decode.kernel(x.reshape(-1, w.shape[1]).contiguous(), decode.address, w.shape[0], decode.bias,
+                                  NATIVE_ACTIVATIONS[activation])
+                return y.view(*x.shape[:-1], w.shape[0])
+            return matmul(x, w, self.bias, activation)  # (oneDNN: matmul sees the packed layout)
+        onednn = self.use_onednn and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        return matmul(x, w, self.bias, activation, onednn)
+
+    def _packed_decode(self, w: Tensor) -> PackedDecode | None:
+        """How a few bfloat16 rows (decoding) take our kernel on the packed bytes, where pack_weight found their
+        layout readable: 1.1-1.4x faster than oneDNN's own matvec, one copy of the weight serving both. Worked out
+        once per weight, with the bias as float32: per call (the layout's entry, the address, the bias widened in
+        the kernel), that took 4% of a decode step of the 1B shape (alternating, one process)."""
+        decode = self.__dict__.get("_decode")
+        if decode is None or decode.weight is not w or decode.bias_source is not self.bias:
+            if not _decodes_packed.get((w.dtype, *w.shape)):
+                return None
+            bias = None if self.bias is None else self.bias.detach().float().contiguous()
+            decode = PackedDecode(native.kernels("avx512").bf16_packed_matvec, w, torch.ops.mkldnn.data_ptr(w), bias,
+                                  self.bias)
+            self.__dict__["_decode"] = decode
+        return decode
+
+
+class PackedDecode(NamedTuple):
+    kernel: Callable  # kernels_avx512's bf16_packed_matvec
+    weight: Tensor  # the packed weight it reads
+    address: int  # of its bytes
+    bias: Tensor | None  # float32, as the kernel reads it
+    bias_source: Tensor | None  # the layer's bias it was made from
+
+    def __deepcopy__(self, memo) -> None:
+        return None  # a copied layer's weight lies at another address: it works out its own
 
 
 def refuse_training(x: Tensor) -> None:
@@ -71,16 +106,8 @@ def refuse_training(x: Tensor) -> None:
 
 def matmul(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None,
            onednn: bool = True) -> Tensor:
-    """activation(x @ w^T + bias): on oneDNN where it can (asked, on the CPU, a dtype this CPU runs there), with
-    the bias and a GELU fused into the matmul; else F.linear and the activation after it. A packed weight takes
-    oneDNN, except that a few bfloat16 rows (decoding) take our kernel on the same bytes where their layout is
-    known (pack_weight checked it): 1.1-1.4x faster than oneDNN's own matvec, one copy of the weight serving both."""
-    if (w.is_mkldnn and _decodes_packed.get((w.dtype, *w.shape)) and x.dtype == torch.bfloat16
-            and 0 < x.numel() <= PACKED_DECODE_ROWS * w.shape[1] and activation in NATIVE_ACTIVATIONS):
-        x2 = x.reshape(-1, w.shape[1]).contiguous()
-        y = native.kernels("avx512").bf16_packed_matvec(x2, torch.ops.mkldnn.data_ptr(w), w.shape[0], bias,
-                                                       NATIVE_ACTIVATIONS[activation])
-        return y.view(*x.shape[:-1], w.shape[0])
+    """activation(x @ w^T + bias): on oneDNN where it can (asked, on the CPU, a dtype this CPU runs there, or a
+    packed weight), with the bias and a GELU fused into the matmul; else F.linear and the activation after it."""
     if w.is_mkldnn or (onednn and x.is_cpu and onednn_supports(x.dtype) and w.dtype == x.dtype
                        and (bias is None or bias.dtype == x.dtype)):
         attr, algorithm = FUSABLE.get(activation, ("none", ""))

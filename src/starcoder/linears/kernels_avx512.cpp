@@ -379,13 +379,7 @@ torch::Tensor bf16_packed_matvec(torch::Tensor x, int64_t weight, int64_t N, c10
   auto y = torch::empty({M, N}, torch::kBFloat16);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight);
-  std::vector<float> widened;  // a bfloat16 bias as float32: here, where a torch conversion per call cost 10 us
-  if (bias.has_value() && bias->dtype() == torch::kBFloat16) {
-    TORCH_CHECK(bias->numel() == N && bias->is_contiguous(), "bias: [N]");
-    const uint16_t* b = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-    for (int64_t n = 0; n < N; ++n) widened.push_back(bf16_to_float(b[n]));
-  }
-  const float* bp = widened.empty() ? optional_bias(bias, N) : widened.data();
+  const float* bp = optional_bias(bias, N);
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   balanced_for(N / 64, 1, [&](int64_t b0, int64_t b1) {
     with_rows<6>(M, [&](auto m) {
