@@ -94,9 +94,9 @@ def build_membw(tmp: str) -> Path:
     return binary
 
 
-def memory_bandwidth(binary: Path, threads: int) -> float:
-    """Peak read bandwidth in bytes/s, measured by bench/membw.c built for this machine."""
-    out = subprocess.run([str(binary), "2048"], capture_output=True, text=True, check=True,
+def memory_bandwidth(binary: Path, threads: int, megabytes: int = 2048) -> float:
+    """Peak read bandwidth in bytes/s, measured by bench/membw.c built for this machine over a buffer this large."""
+    out = subprocess.run([str(binary), str(megabytes)], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return float(out.stdout.split()[0]) * 1e9
 

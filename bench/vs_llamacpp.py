@@ -15,11 +15,18 @@ Every measurement is a fresh process (llama-bench with -r 1; ours through bench/
 alternating, best of --rounds. Both sides decode after the prompt (llama-bench `-d`), so each step's attention
 reads as many cached tokens on both. Decode bandwidth is the weights' file size times tokens/s, against this machine's
 read bandwidth measured by bench/membw.c.
+
+The machines this runs on (2-core cloud VMs) switch between bandwidth regimes for tens of seconds to minutes at a
+time (the probe reading ~62 and ~36 GB/s; two copies of a model in one process slowed and recovered together), so
+a side's best round can come from a fast minute the other side never saw. The probe therefore also runs right
+before and after every measurement, and each round's decode ratio is printed with those readings; the summary line
+takes the median ratio over the rounds whose four readings agree within 15% (both sides in the same regime).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import tempfile
 import time
@@ -110,10 +117,17 @@ def main() -> None:
     import torch
 
     threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory() as tmp:
-        membw = build_membw(tmp)
-        bandwidth = sorted(memory_bandwidth(membw, threads) for _ in range(3))[1]  # it drifts: the median of 3
+    tmp = tempfile.TemporaryDirectory()  # (removed when the run ends)
+    membw = build_membw(tmp.name)
+    bandwidth = sorted(memory_bandwidth(membw, threads) for _ in range(3))[1]  # it drifts: the median of 3
     print(f"machine read bandwidth {bandwidth / 1e9:.1f} GB/s ({threads} threads)")
+
+    def probed(measure, *args) -> dict:
+        """measure(*args) with the machine's read bandwidth (GB/s) just before and after it."""
+        before = memory_bandwidth(membw, threads, 512) / 1e9
+        run = measure(*args)
+        return {**run, "probe": (before, memory_bandwidth(membw, threads, 512) / 1e9)}
+
     for preset in args.presets:
         paths, our_seconds = our_weights(preset)
         files, llama_seconds = llama_weights(preset, paths["bf16"])
@@ -123,9 +137,9 @@ def main() -> None:
                 sides = ("ours", "llama.cpp") if round_ % 2 == 0 else ("llama.cpp", "ours")
                 for side in sides:
                     if side == "ours":
-                        run = ours(paths[weights], env, args.prompt, args.new)
+                        run = probed(ours, paths[weights], env, args.prompt, args.new)
                     else:
-                        run = llama_bench(files[kind], args.prompt, args.new, threads)
+                        run = probed(llama_bench, files[kind], args.prompt, args.new, threads)
                     results[name][side].append(run)
                     print(preset, name, side, json.dumps(run), flush=True)
         print(f"\n{preset}, random weights; {threads} threads, prompt {args.prompt} tokens, {args.new} new tokens, "
@@ -139,6 +153,15 @@ def main() -> None:
                   f"{o['decode']:>8.1f} / {ll['decode']:<7.1f}{o['decode'] / ll['decode']:>7.2f}x"
                   f"{ours_gbs:>14.1f} ({ours_gbs * 1e9 / bandwidth:.0%}) / {llama_gbs:.1f} "
                   f"({llama_gbs * 1e9 / bandwidth:.0%})")
+        print("decode ratio round by round (probe GB/s before and after ours; llama.cpp's):")
+        for name, *_ in rows:
+            pairs = list(zip(results[name]["ours"], results[name]["llama.cpp"], strict=True))
+            shown = [f"{o['decode'] / ll['decode']:.2f}x ({'-'.join(f'{b:.0f}' for b in o['probe'])}; "
+                     f"{'-'.join(f'{b:.0f}' for b in ll['probe'])})" for o, ll in pairs]
+            matched = sorted(o["decode"] / ll["decode"] for o, ll in pairs
+                             if max(o["probe"] + ll["probe"]) <= 1.15 * min(o["probe"] + ll["probe"]))
+            median = f"{statistics.median(matched):.2f}x over {len(matched)}" if matched else "none"
+            print(f"  {name:<38} {', '.join(shown)}; same regime: {median}")
         quantized = ", ".join(f"ours {k} {v:.0f} s" for k, v in our_seconds.items())
         made = ", ".join(f"llama-quantize {k} {v:.0f} s" for k, v in llama_seconds.items())
         print(f"quantizing (first run only): {quantized}{'; ' + made if made else ''}")
