@@ -49,6 +49,16 @@ def test_padded_batch_matches_transformers(name, side, tmp_path):
     assert_close(got[real], expected[real])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_the_reference_formula_bit_for_bit(dtype):
+    """apply_rotary's rolled form gives transformers' x cos + rotate_half(x) sin exactly, in the model's dtype."""
+    x = torch.randn(2, 5, 3, 16).to(dtype)
+    cos, sin = model.rotary_cos_sin(torch.arange(7, 12)[None].expand(2, 5), 16, 10000.0, dtype)
+    half = x.shape[-1] // 2
+    reference = x * cos[:, :, None] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[:, :, None]
+    assert torch.equal(model.apply_rotary(x, *model.rotation(cos, sin)), reference)
+
+
 @torch.no_grad()
 def test_padded_row_equals_the_row_alone(tmp_path):
     ours = ours_from_hf(hf_starcoder2(sliding_window=6), tmp_path)

@@ -44,12 +44,18 @@ def rotary_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: tor
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, T, H, hd) by the half-split convention (first half paired with second half)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, hd)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rotation(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin (B, T, hd) as apply_rotary takes them: (B, T, 1, hd), with the first half of sin negated."""
+    half = sin.shape[-1] // 2
+    return cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotate x (B, T, H, hd) by the half-split convention (first half paired with second half), given
+    rotation(cos, sin): x cos + (-x2, x1) sin, computed as x cos + (x2, x1) (-sin1, sin2), the same products to the
+    bit (negation is exact) in 4 operations where it took 9, each a few microseconds twice per layer of a decode
+    step."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def move_keys(k: Tensor, delta: int, config: Config) -> Tensor:
@@ -61,8 +67,8 @@ def move_keys(k: Tensor, delta: int, config: Config) -> Tensor:
     if config.learned_positions:
         raise StarCoderError("keys of a model with learned positions cannot move to other positions")
     offsets = torch.full((1, k.shape[2]), delta, device=k.device)
-    cos, sin = rotary_cos_sin(offsets, config.head_dim, config.rope_theta, torch.float32)
-    return apply_rotary(k.transpose(1, 2).float(), cos, sin).to(k.dtype).transpose(1, 2)  # n_layer as the batch
+    turn = rotation(*rotary_cos_sin(offsets, config.head_dim, config.rope_theta, torch.float32))
+    return apply_rotary(k.transpose(1, 2).float(), *turn).to(k.dtype).transpose(1, 2)  # n_layer as the batch
 
 
 # What a layer's attention must apply: a boolean mask (B or 1, 1, T, S), or one of two patterns that need none.
@@ -284,10 +290,10 @@ class Decoder(nn.Module):
         return x + self.pos_embed(position_ids)
 
     def rotary(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-        """The rotary cos and sin the blocks apply at these positions; None for learned positions."""
+        """The rotation the blocks apply at these positions (see rotation); None for learned positions."""
         if self.pos_embed is not None:
             return None
-        return rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, dtype)
+        return rotation(*rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, dtype))
 
     def span(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
              cache: KVCache | PagedKVCache | None = None) -> tuple[Span, Tensor]:
