@@ -18,6 +18,18 @@ def test_logits_match_transformers(hf_model, tmp_path):
     assert_close(ours(ids).logits, hf_model(ids).logits)
 
 
+@pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-gqa"])
+@torch.no_grad()
+def test_long_prompts_match_transformers_with_queries_in_chunks(name, tmp_path):
+    """A prompt longer than CAUSAL_QUERY_CHUNK takes its attention a chunk of queries at a time (the last chunk
+    shorter): the logits are still transformers'."""
+    hf_model = hf_gpt_bigcode(n_positions=160) if name.startswith("gpt") else hf_starcoder2(max_position_embeddings=160)
+    ours = ours_from_hf(hf_model, tmp_path)
+    ids = random_ids(2, 150)
+    assert ids.shape[1] > 2 * model.CAUSAL_QUERY_CHUNK
+    assert_close(ours(ids).logits, hf_model(ids).logits)
+
+
 @pytest.mark.parametrize("length", [1, 2, 3, 5])
 @torch.no_grad()
 def test_short_prompts_match_transformers(hf_model, length, tmp_path):
