@@ -21,9 +21,11 @@ def test_logits_match_transformers(hf_model, tmp_path):
 @pytest.mark.parametrize("name", ["gpt_bigcode-mqa", "starcoder2-gqa"])
 @torch.no_grad()
 def test_long_prompts_match_transformers_with_queries_in_chunks(name, tmp_path):
-    """A prompt longer than CAUSAL_QUERY_CHUNK takes its attention a chunk of queries at a time (the last chunk
-    shorter): the logits are still transformers'."""
-    hf_model = hf_gpt_bigcode(n_positions=160) if name.startswith("gpt") else hf_starcoder2(max_position_embeddings=160)
+    """A prompt longer than CAUSAL_QUERY_CHUNK, on heads 1024 wide, takes its attention a chunk of queries at a time
+    (the last chunk shorter): the logits are still transformers'."""
+    width = dict(n_embd=1024, n_head=8) if name.startswith("gpt") else dict(hidden_size=1024, num_attention_heads=8)
+    hf_model = (hf_gpt_bigcode(n_positions=160, n_layer=1, **width) if name.startswith("gpt")
+                else hf_starcoder2(max_position_embeddings=160, num_hidden_layers=1, **width))
     ours = ours_from_hf(hf_model, tmp_path)
     ids = random_ids(2, 150)
     assert ids.shape[1] > 2 * model.CAUSAL_QUERY_CHUNK
