@@ -135,7 +135,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Tensor | str, scale: float)
     if isinstance(pattern, Tensor):
         mask = pattern[:, 0]
     elif pattern == CAUSAL and T > 1:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None]
+        mask = last_queries_causal(T, S, q.device)[None]
     y = _native_attention(q, k, v, mask, scale)
     if y is not None:
         return y
@@ -148,6 +148,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: Tensor | str, scale: float)
     return y.view(B, KV, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
+def last_queries_causal(T: int, S: int, device) -> Tensor:
+    """The causal mask (T, S) of the last T of S positions as queries over all S as keys (true: visible)."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
 def _causal_in_chunks(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Causal attention of q over k, v (B, H, T, hd), CAUSAL_QUERY_CHUNK queries at a time against the keys up to
     their end. PyTorch's CPU flash attention reads keys in blocks of 512, so up to 512 tokens it computes every score
@@ -157,9 +162,9 @@ def _causal_in_chunks(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     T, parts = q.shape[2], []
     for start in range(0, T, CAUSAL_QUERY_CHUNK):
         end = min(start + CAUSAL_QUERY_CHUNK, T)
-        visible = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(start)
         parts.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
-                                                    attn_mask=visible, scale=scale))
+                                                    attn_mask=last_queries_causal(end - start, end, q.device),
+                                                    scale=scale))
     return torch.cat(parts, 2)
 
 
