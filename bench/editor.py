@@ -112,14 +112,26 @@ async def head_of_line(url: str, short: list[int], long: list[int]) -> dict:
     return {"max_gap": max(gaps), "median_gap": statistics.median(gaps), "long_prompt_seconds": answered["seconds"]}
 
 
-def measure(side: str, model_dir: Path, gguf: Path, workloads: dict, extra: list[str]) -> dict:
+def drafts_taken(url: str) -> tuple[int, int]:
+    """Our server's speculation counters: tokens drafted, and kept."""
+    import httpx
+
+    values = dict(line.rsplit(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                  if line.startswith("starcoder_draft_tokens"))
+    return int(values["starcoder_draft_tokens_total"]), int(values["starcoder_draft_tokens_accepted_total"])
+
+
+def measure(side: str, model_dir: Path, gguf: Path, workloads: dict, extra: dict[str, list[str]]) -> dict:
     port = free_port()
-    server = (start_ours(model_dir, port, extra) if side == "starcoder"
-              else llamacpp.start_server(gguf, port, context=4096, extra=extra))
+    server = (start_ours(model_dir, port, extra[side]) if side == "starcoder"
+              else llamacpp.start_server(gguf, port, context=4096, extra=extra[side]))
     url = f"http://127.0.0.1:{port}"
     with running(server):
         asyncio.run(keystroke_replay(url, [workloads["warm"]]))
+        before = drafts_taken(url) if side == "starcoder" else (0, 0)
         result = {name: asyncio.run(keystroke_replay(url, prompts)) for name, prompts in workloads["files"].items()}
+        if side == "starcoder":  # during the keystrokes
+            result["drafts"] = [after - was for after, was in zip(drafts_taken(url), before, strict=True)]
         if "long" in workloads:
             result["head_of_line"] = asyncio.run(head_of_line(url, workloads["short"], workloads["long"]))
         return result
@@ -130,6 +142,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--keystrokes", type=int, default=20)
     parser.add_argument("--cache-reuse", type=int, default=0, metavar="N")
+    parser.add_argument("--speculate", choices=["none", "ngram"], default="none",
+                        help="ngram: our prompt lookup, and llama-server's ngram-mod (shared across requests)")
     parser.add_argument("--parts", nargs="+", choices=["keystrokes", "head-of-line"],
                         default=["keystrokes", "head-of-line"])
     args = parser.parse_args()
@@ -148,7 +162,12 @@ def main() -> None:
     if "head-of-line" in args.parts:
         workloads["short"] = tokenizer.encode(Path(textwrap.__file__).read_text()[:400])[:100]
         workloads["long"] = tokenizer.encode(Path(json.__file__).read_text() * 4)[:2000]
-    extra = ["--cache-reuse", str(args.cache_reuse)] if args.cache_reuse else []
+    reuse = ["--cache-reuse", str(args.cache_reuse)] if args.cache_reuse else []
+    extra = {side: list(reuse) for side in SIDES}
+    if args.speculate == "ngram":  # llama-server's defaults want 48-64-token drafts; a keystroke asks for 16
+        extra["starcoder"] += ["--speculate", "ngram"]
+        extra["llama.cpp"] += ["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "8",
+                               "--spec-ngram-mod-n-min", "2", "--spec-ngram-mod-n-max", "15"]
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for _ in range(args.rounds):
         for side in SIDES:
@@ -160,9 +179,10 @@ def main() -> None:
     def pct(values: list[float], q: float) -> float:
         return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
-    reuse = f"; --cache-reuse {args.cache_reuse} on both" if args.cache_reuse else ""
+    options = f"; --cache-reuse {args.cache_reuse} on both" if args.cache_reuse else ""
+    options += "; n-gram speculation on both" if args.speculate == "ngram" else ""
     print(f"{args.preset}, random, {args.dtype}; {args.keystrokes} keystrokes per file, 16 new tokens each; "
-          f"best of {args.rounds} alternating rounds{reuse}; {files.get('javascript', '')}")
+          f"best of {args.rounds} alternating rounds{options}; {files.get('javascript', '')}")
     print(f"{'keystroke latency (s)':34}{'ours':>10}{'llama.cpp':>11}{'ratio':>8}")
     summary = {}
     for name in files:
@@ -171,6 +191,12 @@ def main() -> None:
             a, b = pct(ours, q), pct(theirs, q)
             summary[f"{name} {label}"] = (a, b)
             print(f"{name + ' ' + label:34}{a:10.3f}{b:11.3f}{a / b:7.2f}x")
+    if args.speculate == "ngram" and files:
+        for i, r in enumerate(runs["starcoder"], 1):
+            drafted, kept = r["drafts"]
+            generated = 16 * sum(len(prompts) for prompts in workloads["files"].values())
+            print(f"round {i}, ours: {kept} of {drafted} drafted tokens kept ({kept / max(drafted, 1):.0%}); "
+                  f"{kept} of {generated} keystroke tokens came from drafts")
     if "long" in workloads:
         print(f"{'head-of-line (s)':34}{'ours':>10}{'llama.cpp':>11}")
         hol = {side: min((r["head_of_line"] for r in runs[side]), key=lambda h: h["max_gap"]) for side in SIDES}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -492,6 +493,25 @@ def test_a_draft_model_changes_nothing_but_speed(pair, sampling, tmp_path):
             assert generator.accepted_tokens < generator.drafted_tokens
 
 
+def test_prompt_lookup_drafts_from_finished_sequences(pair):
+    """Prompt lookup also searches what finished sequences wrote: asked the same again (as an editor asks after
+    each keystroke), the model's last answer is the draft, and it is taken; the tokens stay plain decoding's."""
+    from starcoder.generate import Generator
+
+    _, model, tokenizer = pair
+    prompts = [tokenizer.encode(CODE), tokenizer.encode("import os\n")]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    plain = run(Generator(model, tokenizer, max_batch=1), [*prompts, prompts[0]], params)
+    speculative = Generator(model, tokenizer, max_batch=1, speculate="ngram")
+    assert run(speculative, prompts, params) == plain[:2]
+    answer = plain[0]
+    assert speculative.drafter.draft(prompts[0] + answer[:1], 8) == answer[1:9]
+    drafted, accepted = speculative.drafted_tokens, speculative.accepted_tokens
+    assert run(speculative, prompts[:1], params) == plain[2:]
+    # every draft taken, and most of the 23 tokens after the first came from them
+    assert speculative.accepted_tokens - accepted == speculative.drafted_tokens - drafted >= 16
+
+
 def test_a_draft_model_must_share_the_tokenizer(tmp_path):
     from starcoder.speculate import DraftModel
 
@@ -505,6 +525,10 @@ def test_ngram_draft_and_back_off():
     history = [5, 6, 7, 8, 9, 1, 2, 5, 6, 7]
     assert ngram_draft(history, 3) == [8, 9, 1]  # the tokens after the earlier "5 6 7"
     assert ngram_draft([1, 2, 3, 4], 3) == [] and ngram_draft(history, 0) == []
+    earlier = [np.array([9, 3, 4]), np.array([2, 3, 4, 5, 6]), np.array([3, 4, 7])]  # newest first
+    assert ngram_draft([1, 2, 3, 4], 3, earlier) == [5, 6]  # the longest n-gram wins over the newest text
+    assert ngram_draft([8, 3, 4], 3, earlier) == [5, 6]  # the newest has "3 4" only at its end
+    assert ngram_draft(history, 3, earlier) == [8, 9, 1]  # the sequence's own text first
     length = DraftLength(4)
     length.update(4, 4)
     assert length.value == 8

@@ -315,11 +315,14 @@ class Generator:
         return Event(seq.request, seq.sample, info, text, seq.finish_reason, seq.completion() if done else None)
 
     def _retire_finished(self) -> None:
+        remember = getattr(self.drafter, "remember", None)  # prompt lookup also searches finished sequences
         i = 0
         while i < len(self.active):
             if self.active[i].finish_reason is None:
                 i += 1
                 continue
+            if remember is not None:
+                remember(self.active[i].prompt_ids + self.active[i].generated)
             last = len(self.active) - 1
             if i != last:  # keep the active slots contiguous: the last one moves into the hole
                 self.cache.move_row(last, i)

@@ -13,6 +13,8 @@ x is the same as drawing from p and comparing. So the output is exactly plain de
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
@@ -26,10 +28,12 @@ MAX_DRAFT = 8
 MAX_PAUSE = 64  # steps
 FREE_DRAFT = 0.02  # a drafted token costing less than this share of a decode step is free (prompt lookup)
 NGRAMS = (4, 3, 2)  # the longest match wins; single tokens match too often to predict anything
+REMEMBER_TOKENS = 32_768  # finished sequences' tokens prompt lookup also searches (a few editor requests' worth)
 
 
-def ngram_draft(history: list[int], k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of history's last n-gram, or []."""
+def ngram_draft(history: list[int], k: int, earlier: Iterable[np.ndarray] = ()) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of history's last n-gram, in history itself or
+    else in the `earlier` texts (newest first), or []. The longest n-gram found anywhere wins."""
     if k <= 0 or len(history) < 3:
         return []
     tokens = np.asarray(history, dtype=np.int64)
@@ -37,13 +41,25 @@ def ngram_draft(history: list[int], k: int) -> list[int]:
         if len(tokens) <= n:
             continue
         tail = tokens[-n:]
-        starts = np.flatnonzero(tokens[: len(tokens) - n] == tail[0])  # candidates ending before the tail
-        for start in starts[::-1]:
-            if np.array_equal(tokens[start : start + n], tail):
-                follow = tokens[start + n : start + n + k]
-                if len(follow):
-                    return follow.tolist()
+        for text, starts_before in ((tokens, len(tokens) - n), *((text, len(text)) for text in earlier)):
+            follow = _follow(text, tail, k, starts_before)
+            if follow:
+                return follow
     return []
+
+
+def _follow(text: np.ndarray, tail: np.ndarray, k: int, starts_before: int) -> list[int]:
+    """The (up to k) tokens after the latest occurrence of tail in text that starts before starts_before and
+    has any, or []."""
+    n = len(tail)
+    last = min(starts_before, len(text) - n)  # occurrences start below this, with a token after them
+    if last <= 0:
+        return []
+    found = text[:last] == tail[0]
+    for i in range(1, n):
+        found &= text[i : last + i] == tail[i]
+    starts = np.flatnonzero(found)
+    return text[starts[-1] + n : starts[-1] + n + k].tolist() if len(starts) else []
 
 
 class DraftLength:
@@ -94,12 +110,29 @@ class DraftLength:
 
 class Drafter(Protocol):
     def draft(self, history: list[int], k: int) -> list[int]:
-        """Up to k guesses of the tokens that follow history (prompt and generated tokens); [] for none."""
+        """Up to k guesses of the tokens that follow history (prompt and generated tokens); [] for none.
+        A drafter may also have remember(tokens), called with every finished sequence's prompt and tokens."""
 
 
 class PromptLookup:
+    """Looks up the sequence's own text first, then the texts of the latest finished sequences (bounded): an
+    editor sends the same context again after each keystroke, and what the model wrote last time is the best
+    guess of what it writes now (llama.cpp's ngram-mod shares its n-grams across requests for the same reason).
+    Drafts only make decoding faster or slower, never different, whoever's text they come from."""
+
+    def __init__(self, remember_tokens: int = REMEMBER_TOKENS):
+        self.budget = remember_tokens
+        self.earlier: deque[np.ndarray] = deque()  # newest first
+
+    def remember(self, tokens: list[int]) -> None:
+        text = np.asarray(tokens[-self.budget :], dtype=np.int64)
+        self.earlier.appendleft(text)
+        held = sum(len(t) for t in self.earlier)
+        while held > self.budget:
+            held -= len(self.earlier.pop())
+
     def draft(self, history: list[int], k: int) -> list[int]:
-        return ngram_draft(history, k)
+        return ngram_draft(history, k, self.earlier)
 
 
 class DraftModel:
