@@ -148,6 +148,32 @@ def test_decoding_attention_kernel_equals_exact_attention(B, KV, G, T, S, hd, dt
     assert torch.isnan(model.attend(q, k, v, model.ALL_KEYS, 0.3)[0, 0, :hd]).all()
 
 
+@pytest.mark.skipif(native.kernels("avx512") is None, reason="the prompt kernel needs AVX512-BF16 and a compiler")
+@pytest.mark.parametrize("B, KV, G, T, S, hd", [(1, 1, 16, 203, 1403, 128), (2, 2, 3, 37, 100, 64),
+                                               (1, 4, 2, 70, 70, 32), (3, 1, 1, 5, 130, 96)])
+@torch.no_grad()
+def test_prompt_attention_kernel_equals_exact_attention(B, KV, G, T, S, hd):
+    """A bfloat16 prompt's attention by our kernel (keys in blocks with a running maximum; blocks nobody sees
+    skipped) equals attention computed in float64 up to bfloat16 rounding: causal over the last T of S keys, a
+    sliding window, a random mask; a NaN query gives NaN in its own row only."""
+    q = torch.randn(B, T, KV * G, hd).bfloat16()
+    k, v = (torch.randn(B, KV, S + 5, hd).bfloat16()[:, :, :S] for _ in range(2))  # rows apart, like a cache
+    causal = model.last_queries_causal(T, S, "cpu")
+    positions = torch.arange(S)
+    window = causal & (positions[None, :] > positions[S - T :, None] - 17)
+    random = (torch.rand(B, 1, T, S) > 0.4) | (positions[None, :] == positions[S - T :, None])  # sees itself
+    for pattern in (causal[None, None], window[None, None], random):
+        got = model._native_prompt_attention(q, k, v, pattern, 0.3)
+        want = model.attend(q.double(), k.double(), v.double(), pattern, 0.3)
+        assert_close(got.double(), want, rtol=2**-7, atol=2**-7)
+    if T == S:  # the kernel's own causal pattern: no mask
+        assert_close(model._native_prompt_attention(q, k, v, model.CAUSAL, 0.3).double(),
+                     model.attend(q.double(), k.double(), v.double(), model.CAUSAL, 0.3), rtol=2**-7, atol=2**-7)
+    q[0, -1, 0, 0] = float("nan")
+    got = model.attend(q, k, v, causal[None, None], 0.3)
+    assert torch.isnan(got[0, -1, :hd]).all() and not torch.isnan(got[0, :-1]).any()
+
+
 @torch.no_grad()
 def test_cached_decoding_with_left_padding(tmp_path):
     ours = ours_from_hf(hf_starcoder2(sliding_window=6), tmp_path)

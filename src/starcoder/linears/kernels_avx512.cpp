@@ -436,7 +436,10 @@ torch::Tensor int8_matvec_i8(torch::Tensor x, torch::Tensor q8, torch::Tensor sc
   return y;
 }
 
+#include "attention_avx512.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("prompt_attention", &prompt_attention, "attention of many new tokens, bfloat16 (prompts)");
   m.def("int8_rows", &int8_rows, "symmetric per-row int8 of a bfloat16 matrix");
   m.def("int8_matvec_i8", &int8_matvec_i8, "int8 weights, int8 activations, integer dot products (decode)",
         py::arg("x"), py::arg("q8"), py::arg("scale"), py::arg("offset"), py::arg("bias"), py::arg("activation"),
