@@ -156,21 +156,10 @@ void attend_chunk(const float* q, int64_t R, const float* k, const float* v, int
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
                                double scale) {
-  TORCH_CHECK((q.dtype() == torch::kFloat32 || q.dtype() == torch::kBFloat16) && q.dim() == 4 && q.stride(3) == 1,
-              "q: f32 or bf16 [B, T, H, hd], rows contiguous");
+  TORCH_CHECK((q.dtype() == torch::kFloat32 || q.dtype() == torch::kBFloat16) &&
+              (k.dtype() == torch::kFloat32 || k.dtype() == torch::kBFloat16), "q, k, v: f32 or bf16");
+  const bool* mp = attention_inputs(q, k, v, mask, 8);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), hd = q.size(3), KV = k.size(1), S = k.size(2);
-  TORCH_CHECK(hd % 8 == 0 && KV > 0 && H % KV == 0, "head size: a multiple of 8; query heads: a multiple of KV's");
-  for (const auto* t : {&k, &v})
-    TORCH_CHECK((t->dtype() == torch::kFloat32 || t->dtype() == torch::kBFloat16) && t->dtype() == k.dtype() &&
-                t->dim() == 4 && t->size(0) == B && t->size(1) == KV && t->size(2) == S && t->size(3) == hd &&
-                t->stride(3) == 1, "k, v: f32 or bf16 [B, KV, S, hd], rows contiguous");
-  const bool* mp = nullptr;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->dtype() == torch::kBool && mask->is_contiguous() && mask->dim() == 3 &&
-                (mask->size(0) == 1 || mask->size(0) == B) && mask->size(1) == T && mask->size(2) == S,
-                "mask: contiguous bool [B or 1, T, S]");
-    mp = mask->data_ptr<bool>();
-  }
   const int64_t G = H / KV, R = G * T, heads = B * KV;
   // The query rows of each KV head side by side, as float32: row t * G + g is token t's query head kv * G + g.
   std::vector<float> queries(heads * R * hd);

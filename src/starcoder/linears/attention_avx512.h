@@ -65,20 +65,11 @@ __attribute__((noinline)) void value_tile(const uint16_t* weights, const uint16_
     for (int j = 0; j < C; ++j) _mm512_storeu_ps(out + r * hd + c + 16 * j, acc[r][j]);
 }
 
-// exp8 (kernels_common.h) for 16 floats.
+// exp8 (kernels_common.h) for 16 floats, a half at a time (AVX512F alone has no 256-bit halves of floats).
 inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x);  // NaN is the second operand: it passes through
-  x = _mm512_max_ps(_mm512_set1_ps(-88.3762626647949f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(c));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
+  const __m256 low = exp8(_mm512_castps512_ps256(x));
+  const __m256 high = exp8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(low)), _mm256_castps_pd(high), 1));
 }
 
 inline bool is_minus_inf(float x) { return std::isinf(x) && x < 0; }
@@ -123,19 +114,10 @@ void softmax_step(float* scores, int64_t j0, int64_t first, int64_t last, const 
 
 torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
                                double scale) {
-  TORCH_CHECK(q.dtype() == torch::kBFloat16 && q.dim() == 4 && q.stride(3) == 1, "q: bf16 [B, T, H, hd], rows contiguous");
+  TORCH_CHECK(q.dtype() == torch::kBFloat16 && k.dtype() == torch::kBFloat16, "q, k, v: bf16");
+  const bool* mp = attention_inputs(q, k, v, mask, 32);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), hd = q.size(3), KV = k.size(1), S = k.size(2);
-  TORCH_CHECK(hd % 32 == 0 && KV > 0 && H % KV == 0 && S >= T, "head size: a multiple of 32; query heads: a multiple of KV's");
-  for (const auto* t : {&k, &v})
-    TORCH_CHECK(t->dtype() == torch::kBFloat16 && t->dim() == 4 && t->size(0) == B && t->size(1) == KV &&
-                t->size(2) == S && t->size(3) == hd && t->stride(3) == 1, "k, v: bf16 [B, KV, S, hd], rows contiguous");
-  const bool* mp = nullptr;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->dtype() == torch::kBool && mask->is_contiguous() && mask->dim() == 3 &&
-                (mask->size(0) == 1 || mask->size(0) == B) && mask->size(1) == T && mask->size(2) == S,
-                "mask: contiguous bool [B or 1, T, S]");
-    mp = mask->data_ptr<bool>();
-  }
+  TORCH_CHECK(S >= T, "fewer keys than queries");
   const int64_t G = H / KV, R = G * T, heads = B * KV, blocks = (S + kKeys - 1) / kKeys, padded = blocks * kKeys;
   // Keys as [block][hd / 2][kKeys][2] and values as [S / 2][hd][2] per head, zero past S (a zero weight meets them).
   auto packed_keys = torch::zeros({heads, padded * hd}, torch::kBFloat16);
@@ -169,7 +151,8 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     }
     const bool* m = mp + i * S;
     first[i] = std::find(m, m + S, true) - m;
-    last[i] = first[i] == S ? -1 : std::find(std::make_reverse_iterator(m + S), std::make_reverse_iterator(m), true).base() - m - 1;
+    last[i] = first[i] == S ? -1 : S - 1;
+    while (last[i] > first[i] && !m[last[i]]) --last[i];
   }
   auto y = torch::empty({B, T, H * hd}, torch::kBFloat16);
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());

@@ -147,6 +147,24 @@ inline const float* optional_bias(const c10::optional<torch::Tensor>& bias, int6
   return bias->data_ptr<float>();
 }
 
+// Checks the shapes of attention's q [B, T, H, hd] and k, v [B, KV, S, hd] (rows contiguous, k's dtype; hd a multiple
+// of hd_multiple, H of KV) and of a mask [B or 1, T, S] bool (contiguous, true: visible); the mask's data or nullptr.
+inline const bool* attention_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                    const c10::optional<torch::Tensor>& mask, int64_t hd_multiple) {
+  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1 && k.dim() == 4, "q: [B, T, H, hd], k: [B, KV, S, hd]");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), hd = q.size(3), KV = k.size(1), S = k.size(2);
+  TORCH_CHECK(hd % hd_multiple == 0 && KV > 0 && H % KV == 0, "head size: a multiple of ", hd_multiple,
+              "; query heads: a multiple of KV's");
+  for (const auto* t : {&k, &v})
+    TORCH_CHECK(t->dtype() == k.dtype() && t->dim() == 4 && t->size(0) == B && t->size(1) == KV && t->size(2) == S &&
+                t->size(3) == hd && t->stride(3) == 1, "k, v: [B, KV, S, hd] of one dtype, rows contiguous");
+  if (!mask.has_value()) return nullptr;
+  TORCH_CHECK(mask->dtype() == torch::kBool && mask->is_contiguous() && mask->dim() == 3 &&
+              (mask->size(0) == 1 || mask->size(0) == B) && mask->size(1) == T && mask->size(2) == S,
+              "mask: contiguous bool [B or 1, T, S]");
+  return mask->data_ptr<bool>();
+}
+
 // Symmetric per-row int8 of a bfloat16 or float32 matrix (a model's head, for the int8 decode kernels):
 // q = round(w / s) with s = max|w| / 127 per row; (q8 [N, K], s [N]). No temporaries: a large vocabulary is big.
 inline std::vector<torch::Tensor> int8_rows(torch::Tensor w) {
