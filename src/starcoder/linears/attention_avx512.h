@@ -3,7 +3,7 @@
 //
 // PyTorch's CPU flash attention took a 1B model's keystroke (203 new tokens over 1,400) at about 135 GFLOP/s, 17 ms
 // per layer, while the layer's matmuls ran at about 400: it meets one KV head's keys once for each of its 16 query
-// heads, in float32 GEMM calls of a few rows. Here each KV head's keys and values are repacked once into
+// heads (broadcast to them), in small blocks of queries. Here each KV head's keys and values are repacked once into
 // vdpbf16ps's pairs, and its R = G * T query rows (row t * G + g: token t, query head kv * G + g) go through the keys
 // kKeys at a time with a running maximum and sum (flash attention), kRows rows per task, the tasks shared by the
 // threads. Blocks of keys that no row of a task can see are skipped. Scores, sums and outputs are float32; the
