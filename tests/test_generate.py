@@ -381,6 +381,25 @@ def test_requests_join_and_leave_while_a_long_prompt_is_chunked(pair, monkeypatc
     assert set(passes[steps_while_prefilling:]) == {"forward"}
 
 
+def test_a_prompt_chunk_grows_at_most_twofold(pair):
+    """Chunks sized by time (no fixed prefill_chunk) at most double from one to the next: a step measured faster than
+    the average made prompt tokens look free, and a whole long prompt went in one step, stalling the others."""
+    from starcoder.generate import Generator
+
+    _, model, tokenizer = pair
+    generator = Generator(model, tokenizer, max_batch=2)
+    generator.add(tokenizer.encode("import os\n"), SamplingParams(max_new_tokens=20, ignore_eos=True), request=1)
+    ids = tokenizer.encode(CODE * 8)[:120]
+    generator.submit(ids, SamplingParams(max_new_tokens=1), request=0)
+    sizes, job = [], generator.pending[0]
+    while generator.pending:
+        generator._step_seconds, generator._token_seconds = 0.1, 0.0  # a prompt token seen to cost nothing
+        done = job.done
+        generator.step()
+        sizes.append(job.done - done)
+    assert len(ids) > 64 and sizes == [64, len(ids) - 64]  # twice a first chunk's 32 tokens, then the rest
+
+
 def test_a_prompt_computed_beside_decoding_is_scored_and_fails_alone(pair, monkeypatch):
     """Prompt logprobs of a prompt computed in chunks beside a running sequence equal those computed alone; a
     pass that fails together is retried apart, so only the prompt that cannot be computed fails."""

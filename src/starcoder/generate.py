@@ -76,6 +76,7 @@ class Generator:
         self.cache_reuse = cache_reuse
         self._step_seconds: float | None = None  # moving averages: a decode step, and what a prompt token adds
         self._token_seconds: float | None = None
+        self._last_chunk = 32  # prompt tokens computed beside the last decode step
         self.pending: deque[Prefill] = deque()
         self.active: list[Sequence] = []  # active[i] lives in cache row i
         self.reused_tokens = 0  # prompt tokens taken from the prefix store instead of computed
@@ -134,6 +135,7 @@ class Generator:
         if job is not None:
             try:
                 chunk = self._next_chunk(job, self._chunk())
+                self._last_chunk = len(chunk)
             except Exception as e:  # noqa: BLE001 - handed to whoever asked for this prompt
                 events.append(self._fail(job, e))
         if chunk is not None:
@@ -216,7 +218,10 @@ class Generator:
             return self.prefill_chunk
         if self._step_seconds is None or self._token_seconds is None:
             return 32  # a first, small chunk to learn what a prompt token adds
-        return max(16, int(self._step_seconds / max(self._token_seconds, 1e-6)))
+        fits = int(self._step_seconds / max(self._token_seconds, 1e-6))
+        # At most twice the last chunk: a step that ran faster than the average (this machine's speed swings) reads
+        # as prompt tokens costing nothing, and once computed a 2,000-token prompt in one step (a 12 s gap).
+        return max(16, min(fits, 2 * self._last_chunk))
 
     def _prefill(self, budget: int | None) -> list[Event]:
         """Compute up to `budget` more tokens (None: all) of the oldest queued prompt on their own."""
