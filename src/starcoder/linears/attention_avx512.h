@@ -120,8 +120,8 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(S >= T, "fewer keys than queries");
   const int64_t G = H / KV, R = G * T, heads = B * KV, blocks = (S + kKeys - 1) / kKeys, padded = blocks * kKeys;
   // Keys as [block][hd / 2][kKeys][2] and values as [S / 2][hd][2] per head, zero past S (a zero weight meets them).
-  auto packed_keys = torch::zeros({heads, padded * hd}, torch::kBFloat16);
-  auto packed_values = torch::zeros({heads, padded * hd}, torch::kBFloat16);
+  auto packed_keys = torch::empty({heads, padded * hd}, torch::kBFloat16);
+  auto packed_values = torch::empty({heads, padded * hd}, torch::kBFloat16);
   uint16_t* pk = reinterpret_cast<uint16_t*>(packed_keys.data_ptr());
   uint16_t* pv = reinterpret_cast<uint16_t*>(packed_values.data_ptr());
   at::parallel_for(0, heads * blocks, 1, [&](int64_t u0, int64_t u1) {
@@ -131,12 +131,13 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       const auto* vs = reinterpret_cast<const uint16_t*>(v.data_ptr()) + b * v.stride(0) + kv * v.stride(1);
       uint16_t* kb = pk + head * padded * hd + block * kKeys * hd;
       uint16_t* vb = pv + head * padded * hd + block * kKeys * hd;
-      for (int64_t j = 0; j < kKeys && block * kKeys + j < S; ++j) {
+      for (int64_t j = 0; j < kKeys; ++j) {
+        const bool key = block * kKeys + j < S;
         const uint16_t* kr = ks + (block * kKeys + j) * k.stride(2);
         const uint16_t* vr = vs + (block * kKeys + j) * v.stride(2);
         for (int64_t d = 0; d < hd; ++d) {
-          kb[(d / 2 * kKeys + j) * 2 + d % 2] = kr[d];
-          vb[(j / 2 * hd + d) * 2 + j % 2] = vr[d];
+          kb[(d / 2 * kKeys + j) * 2 + d % 2] = key ? kr[d] : 0;
+          vb[(j / 2 * hd + d) * 2 + j % 2] = key ? vr[d] : 0;
         }
       }
     }
